@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Set-up and entry points with nothing but Python 3 and pip.
+
+    python3 dev.py run     # create .venv, install everything, run `odelora reproduce --quick`
+    python3 dev.py test    # same set-up, then the test suite
+
+torch is installed first, pinned to the version in constraints.txt, and every later install
+passes that constraints file, so no other torch build is ever pulled in.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / "bin" / "python"
+STAMP = VENV / ".odelora-installed"
+
+
+def sh(*cmd: str) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def setup() -> None:
+    files = [ROOT / "pyproject.toml", ROOT / "constraints.txt"]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    if not PY.exists():
+        sh(sys.executable, "-m", "venv", str(VENV))
+    pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    torch_pin = next(l.strip() for l in (ROOT / "constraints.txt").read_text().splitlines() if l.startswith("torch"))
+    sh(*pip, torch_pin)
+    sh(*pip, "-c", "constraints.txt", "-e", ".[all,dev]")
+    STAMP.write_text(digest)
+
+
+def main() -> int:
+    task = sys.argv[1] if len(sys.argv) > 1 else "help"
+    extra = sys.argv[2:]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DDE_BACKEND="pytorch")
+    if task == "setup":
+        setup()
+        return 0
+    if task == "run":
+        setup()
+        return subprocess.call([str(VENV / "bin" / "odelora"), "reproduce", "--quick", *extra], cwd=ROOT, env=env)
+    if task == "test":
+        setup()
+        return subprocess.call([str(PY), "-m", "pytest", "-q", *extra], cwd=ROOT, env=env)
+    print(__doc__)
+    return 0 if task == "help" else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

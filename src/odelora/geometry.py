@@ -1,0 +1,90 @@
+"""Geometry of LoRA factor pairs: working precision, QR bases, balancing, tangent projection.
+
+Shapes follow PEFT: ``B`` is (..., m, r), ``A`` is (..., r, n), the adaptation is ``s * B @ A``.
+Every function accepts leading batch dimensions (a stack of pairs of equal shape).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "work_dtype",
+    "balance",
+    "imbalance",
+    "tangent_project",
+    "full_rank",
+]
+
+
+def work_dtype(*tensors: Tensor) -> torch.dtype:
+    """Precision for Gram matrices and solves: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def full_rank(R: Tensor, rtol: float | None = None) -> Tensor:
+    """Whether the triangular QR factors ``R`` (..., r, r) are numerically nonsingular.
+
+    A factor counts as rank-deficient when its smallest |R_ii| is at most ``rtol`` times its
+    largest (default ``1e3 * eps`` of R's dtype), or when it is zero.
+    """
+    if rtol is None:
+        rtol = 1e3 * torch.finfo(R.dtype).eps
+    d = R.diagonal(dim1=-2, dim2=-1).abs()
+    big = d.amax(-1)
+    return (d.amin(-1) > rtol * big) & (big > 0)
+
+
+def _qr_pair(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``B = QB @ RB`` and ``A.T = QA @ RA`` (reduced QR), so ``A = RA.T @ QA.T``."""
+    QB, RB = torch.linalg.qr(B)
+    QA, RA = torch.linalg.qr(A.mT)
+    return QB, RB, QA, RA
+
+
+def balance(B: Tensor, A: Tensor, *, skip_deficient: bool = False) -> tuple[Tensor, Tensor]:
+    """Refactor ``B @ A`` so that ``B.T @ B == A @ A.T`` (both equal the singular values of BA).
+
+    QR of both factors, an r-by-r SVD of ``RB @ RA.T``, then ``B = QB U S^1/2`` and
+    ``A = S^1/2 V.T QA.T``. The product is unchanged up to rounding. Computed in the working
+    precision and returned in the input dtype.
+
+    For a rank-deficient product (PEFT's ``B = 0`` start) the balanced factors have zero columns
+    where the product has zero singular values, which would erase the other factor's information;
+    with ``skip_deficient=True`` such pairs are returned unchanged instead.
+    """
+    dtype = B.dtype
+    wd = work_dtype(B, A)
+    QB, RB, QA, RA = _qr_pair(B.to(wd), A.to(wd))
+    U, S, Vh = torch.linalg.svd(RB @ RA.mT)
+    root = S.sqrt()
+    Bn = ((QB @ U) * root.unsqueeze(-2)).to(dtype)
+    An = (root.unsqueeze(-1) * (Vh @ QA.mT)).to(dtype)
+    if skip_deficient:
+        tol = 1e3 * torch.finfo(wd).eps
+        ok = (S[..., -1] > tol * S[..., 0]) & (S[..., 0] > 0)
+        Bn = torch.where(ok[..., None, None], Bn, B)
+        An = torch.where(ok[..., None, None], An, A)
+    return Bn, An
+
+
+def imbalance(B: Tensor, A: Tensor) -> Tensor:
+    """``||B.T B - A A.T||_F / ||B.T B||_F`` per pair (0 when both factors are zero)."""
+    wd = work_dtype(B, A)
+    B, A = B.to(wd), A.to(wd)
+    MB = B.mT @ B
+    MA = A @ A.mT
+    num = torch.linalg.matrix_norm(MB - MA)
+    den = torch.maximum(torch.linalg.matrix_norm(MB), torch.linalg.matrix_norm(MA))
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(wd).tiny), torch.zeros_like(num))
+
+
+def tangent_project(G: Tensor, B: Tensor, A: Tensor) -> Tensor:
+    """Orthogonal projection of ``G`` (..., m, n) on the tangent space of the rank-r manifold at
+    ``X = B @ A``: ``PU G + G PV - PU G PV``, with orthonormal bases from QR (B, A full rank)."""
+    wd = work_dtype(G, B, A)
+    QB, _, QA, _ = _qr_pair(B.to(wd), A.to(wd))
+    G = G.to(wd)
+    UG = QB @ (QB.mT @ G)
+    return UG + (G - UG) @ QA @ QA.mT

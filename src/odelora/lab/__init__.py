@@ -1,0 +1,1 @@
+"""The lab: problems, experiments, a resumable runner, reports and the ``odelora`` CLI."""

@@ -1,0 +1,364 @@
+"""The ODELoRA optimizer: a ``torch.optim.Optimizer`` that integrates a LoRA factor flow with an
+explicit Runge-Kutta method, one closure call (forward + backward) per stage."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .flows import Flow, get_flow
+from .geometry import balance, imbalance, work_dtype
+from .integrators import StepController, get_tableau, rk_step
+from .pairs import LoRAPair, as_pairs
+
+__all__ = ["ODELoRA", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or velocity was NaN or infinite; the step was rejected."""
+
+
+@dataclass
+class _Bucket:
+    """Pairs of one param group with equal shapes, dtype and device, moved in one batched call."""
+
+    group: int
+    Bs: list[Tensor]
+    As: list[Tensor]
+    scales: Tensor  # (k,) in the working dtype
+    wd: torch.dtype
+
+
+def _param_groups(params: Any) -> list[dict]:
+    items = list(params) if not isinstance(params, (LoRAPair, dict)) else [params]
+    if not items:
+        raise ValueError("ODELoRA got no LoRA pairs to optimize")
+    if all(isinstance(x, dict) and "pairs" in x for x in items):
+        groups = items
+    elif any(isinstance(x, dict) and "pairs" in x for x in items):
+        raise ValueError("mix of param groups ({'pairs': ...}) and bare pairs; use one form")
+    else:
+        groups = [{"pairs": items}]
+    out = []
+    for g in groups:
+        pairs = as_pairs(g["pairs"])
+        if not pairs:
+            raise ValueError("a param group has no pairs")
+        rest = {k: v for k, v in g.items() if k != "pairs"}
+        if "params" in rest:
+            raise ValueError("ODELoRA param groups take 'pairs', not 'params'")
+        out.append(
+            dict(
+                params=[t for p in pairs for t in (p.B, p.A)],
+                scales=[float(p.scale) for p in pairs],
+                names=[p.name for p in pairs],
+                **rest,
+            )
+        )
+    return out
+
+
+class ODELoRA(torch.optim.Optimizer):
+    """Train LoRA pairs by integrating a factor flow (default: ODELoRA's balanced projected flow).
+
+    Args:
+        params: LoRA pairs (:class:`~odelora.LoRAPair`, ``(B, A[, scale])`` tuples or dicts with
+            ``B``, ``A``, ``scale``), or param groups ``{"pairs": [...], "lr": ...}``.
+        lr: the time step h. With the scaled and balanced flows it is a full fine-tuning learning
+            rate: one Euler step moves ``scale * B @ A`` by ``-lr * P(G)``. For adaptive methods
+            (``bs32``, ``dopri5``) it is the largest step; the controller shrinks it as needed.
+        method: ``"euler"``, ``"heun"``, ``"midpoint"``, ``"rk4"``, ``"bs32"`` or ``"dopri5"``.
+            A method with s stages calls the closure s times per step (on the same batch).
+        flow: ``"balanced"`` (ODELoRA), ``"scaled"``, ``"gradient"`` (plain LoRA), or a callable
+            with the flow signature.
+        rebalance: rebalance each pair after every accepted step (default: on for ``balanced``).
+            Pairs whose product is rank-deficient (``B = 0`` start) are left as they are.
+        rtol, atol, max_rejects: error control of adaptive methods; a step is retried with a
+            smaller h at most ``max_rejects`` times (reusing the first stage), then skipped.
+        on_nonfinite: ``"warn"`` (default) or ``"raise"``. A NaN/inf loss, gradient or velocity
+            rejects the step either way: parameters and optimizer state stay as they were, and
+            ``stats["nonfinite"]`` counts it.
+        preconditioner: ``None`` (plain ODE steps, SGD-like) or ``"adam"``: Adam moment estimates
+            of the velocity (not of the raw gradient), with ``betas``, ``eps`` and decoupled
+            ``weight_decay``. Fixed-step methods only.
+        flow_options: extra keyword arguments for the flow (e.g. ``damping``).
+        track_imbalance: log ``max ||B.T B - A A.T|| / ||B.T B||`` over pairs after each step.
+
+    After each ``step``, ``last_step`` holds that step's statistics (function evaluations,
+    accepted, rejected, h, t, imbalance, loss) and ``stats`` the running totals.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        method: str = "euler",
+        flow: str | Flow = "balanced",
+        *,
+        rebalance: bool | None = None,
+        rtol: float = 1e-3,
+        atol: float = 1e-6,
+        max_rejects: int = 10,
+        on_nonfinite: str = "warn",
+        preconditioner: str | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        flow_options: dict | None = None,
+        track_imbalance: bool = True,
+    ):
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        self.tableau = get_tableau(method)
+        self.flow = get_flow(flow)
+        if on_nonfinite not in ("warn", "raise"):
+            raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
+        if preconditioner not in (None, "adam"):
+            raise ValueError(f"preconditioner must be None or 'adam', got {preconditioner!r}")
+        if preconditioner and self.tableau.adaptive:
+            raise ValueError("preconditioner='adam' needs a fixed-step method (euler, heun, midpoint, rk4)")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        self.controller = StepController(rtol=rtol, atol=atol, h_max=1.0)
+        self.max_rejects = int(max_rejects)
+        self.on_nonfinite = on_nonfinite
+        self.preconditioner = preconditioner
+        self.rebalance = (flow == "balanced") if rebalance is None else bool(rebalance)
+        self.flow_options = dict(flow_options or {})
+        self.track_imbalance = track_imbalance
+        defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0, h=float(lr))
+        super().__init__(_param_groups(params), defaults)
+        self._rho = 1.0  # adaptive step as a fraction of each group's lr (1 for fixed steps)
+        self.stats = dict(steps=0, nfe=0, accepted=0, rejected=0, nonfinite=0)
+        self.last_step: dict[str, Any] = {}
+        self._bucket_cache: tuple[tuple, list[_Bucket]] | None = None
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[LoRAPair], **kw) -> "ODELoRA":
+        return cls(list(pairs), **kw)
+
+    @property
+    def pairs(self) -> list[LoRAPair]:
+        return [
+            LoRAPair(g["params"][2 * i], g["params"][2 * i + 1], g["scales"][i], g["names"][i])
+            for g in self.param_groups
+            for i in range(len(g["scales"]))
+        ]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "pairs" in param_group:
+            (param_group,) = _param_groups([param_group])
+        if "scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"]):
+            raise ValueError("ODELoRA param groups are built from pairs: pass {'pairs': [...], ...}")
+        super().add_param_group(param_group)
+        self._bucket_cache = None
+
+    def _buckets(self) -> list[_Bucket]:
+        key = tuple(id(p) for g in self.param_groups for p in g["params"]) + tuple(
+            s for g in self.param_groups for s in g["scales"]
+        )
+        if self._bucket_cache is not None and self._bucket_cache[0] == key:
+            return self._bucket_cache[1]
+        buckets = []
+        for gi, g in enumerate(self.param_groups):
+            by_shape: dict[tuple, list[int]] = {}
+            ps = g["params"]
+            for i in range(len(g["scales"])):
+                B, A = ps[2 * i], ps[2 * i + 1]
+                by_shape.setdefault((tuple(B.shape), tuple(A.shape), B.dtype, B.device), []).append(i)
+            for (_, _, dtype, device), idx in by_shape.items():
+                wd = work_dtype(ps[2 * idx[0]])
+                scales = torch.tensor([g["scales"][i] for i in idx], dtype=wd, device=device)
+                buckets.append(_Bucket(gi, [ps[2 * i] for i in idx], [ps[2 * i + 1] for i in idx], scales, wd))
+        self._bucket_cache = (key, buckets)
+        return buckets
+
+    # ------------------------------------------------------------------ stepping
+    def _gather(self, buckets: list[_Bucket]) -> list[Tensor]:
+        y = []
+        for b in buckets:
+            y.append(torch.stack(b.Bs).to(b.wd))
+            y.append(torch.stack(b.As).to(b.wd))
+        return y
+
+    def _write(self, buckets: list[_Bucket], y: list[Tensor]) -> None:
+        params, values = [], []
+        for i, b in enumerate(buckets):
+            params += b.Bs + b.As
+            values += list(y[2 * i].unbind(0)) + list(y[2 * i + 1].unbind(0))
+        torch._foreach_copy_(params, values)
+
+    def _grads(self, buckets: list[_Bucket]) -> list[Tensor]:
+        out = []
+        for b in buckets:
+            for ts in (b.Bs, b.As):
+                out.append(torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in ts]).to(b.wd))
+        return out
+
+    def _velocity(self, buckets, y, closure, at_params: bool, record: dict) -> list[Tensor]:
+        """Lr-weighted flow velocities at state ``y`` (written to the parameters first)."""
+        if not at_params:
+            self._write(buckets, y)
+        if closure is not None:
+            for b in buckets:
+                for p in b.Bs + b.As:
+                    p.grad = None
+            with torch.enable_grad():
+                loss = closure()
+            record["nfe"] += 1
+            if record.get("loss") is None:
+                record["loss"] = loss
+            if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+                raise NonFiniteError(f"loss is {float(torch.as_tensor(loss).detach())}")
+        g = self._grads(buckets)
+        v = []
+        for i, b in enumerate(buckets):
+            dB, dA = self.flow(y[2 * i], y[2 * i + 1], g[2 * i], g[2 * i + 1], scale=b.scales, **self.flow_options)
+            lr = self.param_groups[b.group]["lr"]
+            v += [dB.mul_(lr), dA.mul_(lr)]
+        if not all(bool(torch.isfinite(t).all()) for t in v):
+            raise NonFiniteError("gradient or velocity is not finite")
+        return v
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Advance every pair by one (accepted) step; returns the loss of the first closure call.
+
+        With ``closure=None`` only Euler can run, from the gradients already in ``.grad``.
+        """
+        tab = self.tableau
+        if closure is None and tab.stages > 1:
+            raise ValueError(
+                f"method {tab.name!r} evaluates the gradient {tab.stages} times per step: pass a "
+                "closure that zeroes gradients, computes the loss on the current batch, calls "
+                "backward() and returns the loss (optimizer.step(closure))"
+            )
+        buckets = self._buckets()
+        if closure is None and all(p.grad is None for b in buckets for p in b.Bs + b.As):
+            raise RuntimeError("no gradients on the LoRA pairs: call loss.backward() first or pass a closure")
+        y0 = self._gather(buckets)
+        record: dict[str, Any] = dict(nfe=0, rejected=0, loss=None, accepted=False)
+        first = [True]
+
+        def f(y):
+            at_params = first[0]
+            first[0] = False
+            return self._velocity(buckets, y, closure, at_params, record)
+
+        rho = self._rho if tab.adaptive else 1.0
+        k1 = None
+        try:
+            for _ in range(self.max_rejects + 1):
+                y_new, err, ks = rk_step(f, y0, rho, tab, k1)
+                if err is None:
+                    record["accepted"] = True
+                    break
+                en = self.controller.error_norm(y0, y_new, err)
+                rho_next = self.controller.next_step(rho, en, tab.order_low)
+                if en <= 1.0:
+                    record["accepted"] = True
+                    self._rho = rho_next
+                    break
+                record["rejected"] += 1
+                k1, rho = ks[0], rho_next
+            else:
+                self._rho = rho
+        except NonFiniteError as exc:
+            self._write(buckets, y0)
+            self.stats["nonfinite"] += 1
+            record["rejected"] += 1
+            msg = f"ODELoRA rejected a step: {exc}; parameters and state are unchanged"
+            if self.on_nonfinite == "raise":
+                self._finish(record, rho, None, buckets)
+                raise NonFiniteError(msg) from None
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            self._finish(record, rho, None, buckets)
+            return record["loss"]
+        if not record["accepted"]:
+            self._write(buckets, y0)
+            warnings.warn(
+                f"ODELoRA: no step met rtol={self.controller.rtol} after {self.max_rejects} retries; "
+                "parameters unchanged (loosen the tolerances or lower lr)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._finish(record, rho, None, buckets)
+            return record["loss"]
+        if self.preconditioner == "adam":
+            y_new = self._adam(buckets, y0, y_new)
+        if self.rebalance:
+            for i in range(len(buckets)):
+                y_new[2 * i], y_new[2 * i + 1] = balance(y_new[2 * i], y_new[2 * i + 1], skip_deficient=True)
+        self._write(buckets, y_new)
+        self._finish(record, rho, y_new, buckets)
+        return record["loss"]
+
+    def _adam(self, buckets, y0, y_new):
+        """Replace the RK increment by an Adam step on the mean velocity ``(y_new - y0) / lr``."""
+        out = []
+        for i, b in enumerate(buckets):
+            g = self.param_groups[b.group]
+            lr, (b1, b2), eps, wdecay = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+            for j, ps in enumerate((b.Bs, b.As)):
+                st = [self.state[p] for p in ps]
+                if "exp_avg" not in st[0]:
+                    for s, p in zip(st, ps):
+                        s["step"] = 0
+                        s["exp_avg"] = torch.zeros_like(p, dtype=b.wd)
+                        s["exp_avg_sq"] = torch.zeros_like(p, dtype=b.wd)
+                v = (y_new[2 * i + j] - y0[2 * i + j]) / lr
+                m = torch.stack([s["exp_avg"] for s in st]).mul_(b1).add_(v, alpha=1 - b1)
+                q = torch.stack([s["exp_avg_sq"] for s in st]).mul_(b2).addcmul_(v, v, value=1 - b2)
+                step = st[0]["step"] + 1
+                for k, s in enumerate(st):
+                    s["exp_avg"], s["exp_avg_sq"], s["step"] = m[k].clone(), q[k].clone(), step
+                mhat = m / (1 - b1**step)
+                denom = (q / (1 - b2**step)).sqrt_().add_(eps)
+                y = y0[2 * i + j] * (1 - lr * wdecay) if wdecay else y0[2 * i + j]
+                out.append(y + lr * mhat / denom)
+        return out
+
+    def _finish(self, record, rho, y_new, buckets) -> None:
+        accepted = y_new is not None
+        for g in self.param_groups:
+            if accepted:
+                g["t"] += rho * g["lr"]
+            g["h"] = (self._rho if self.tableau.adaptive else 1.0) * g["lr"]  # the next step
+        imb = None
+        if accepted and self.track_imbalance:
+            imb = max(float(imbalance(y_new[2 * i], y_new[2 * i + 1]).max()) for i in range(len(buckets)))
+        loss = record["loss"]
+        self.stats["steps"] += 1
+        self.stats["nfe"] += record["nfe"]
+        self.stats["accepted"] += int(accepted)
+        self.stats["rejected"] += record["rejected"]
+        self.last_step = dict(
+            nfe=record["nfe"],
+            accepted=accepted,
+            rejected=record["rejected"],
+            h=rho * self.param_groups[0]["lr"],
+            t=self.param_groups[0]["t"],
+            imbalance=imb,
+            loss=None if loss is None else float(torch.as_tensor(loss).detach()),
+        )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["odelora"] = dict(rho=self._rho, stats=dict(self.stats))
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("odelora", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._rho = float(extra["rho"])
+            self.stats.update(extra["stats"])
+        self._bucket_cache = None

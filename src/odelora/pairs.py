@@ -1,0 +1,67 @@
+"""LoRA pairs: the (B, A, scale) triples an optimizer moves, from plain tensors or PEFT models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["LoRAPair", "as_pair"]
+
+
+@dataclass(frozen=True, eq=False)
+class LoRAPair:
+    """One adapted weight ``W = W0 + scale * B @ A`` with ``B`` (m, r) and ``A`` (r, n)."""
+
+    B: Tensor
+    A: Tensor
+    scale: float = 1.0
+    name: str = ""
+
+    def __post_init__(self):
+        B, A = self.B, self.A
+        if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"pair {self.name or '?'}: expected B (m, r) and A (r, n), got B {tuple(B.shape)} "
+                f"and A {tuple(A.shape)}. PEFT's lora_B.weight is B and lora_A.weight is A"
+            )
+        if B.dtype != A.dtype or B.device != A.device:
+            raise ValueError(f"pair {self.name or '?'}: B and A must share dtype and device")
+        if not isinstance(self.scale, (int, float)) or not self.scale > 0:
+            raise ValueError(f"pair {self.name or '?'}: scale must be a positive number, got {self.scale!r}")
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def as_pair(item: Any, index: int = 0) -> LoRAPair:
+    """Accept a :class:`LoRAPair`, a ``(B, A)`` or ``(B, A, scale)`` tuple, or a mapping with keys
+    ``B``, ``A`` and optionally ``scale``, ``name``."""
+    if isinstance(item, LoRAPair):
+        return item
+    if isinstance(item, Mapping):
+        missing = {"B", "A"} - set(item)
+        if missing:
+            raise ValueError(f"pair #{index}: mapping lacks keys {sorted(missing)}")
+        return LoRAPair(item["B"], item["A"], float(item.get("scale", 1.0)), str(item.get("name", f"pair{index}")))
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3) and all(isinstance(t, Tensor) for t in item[:2]):
+        scale = float(item[2]) if len(item) == 3 else 1.0
+        return LoRAPair(item[0], item[1], scale, f"pair{index}")
+    raise TypeError(
+        f"pair #{index}: expected a LoRAPair, a (B, A[, scale]) tuple or a dict with B and A, "
+        f"got {type(item).__name__}"
+    )
+
+
+def as_pairs(items: Iterable[Any]) -> list[LoRAPair]:
+    pairs = [as_pair(x, i) for i, x in enumerate(items)]
+    seen: set[int] = set()
+    for p in pairs:
+        for t in (p.B, p.A):
+            if id(t) in seen:
+                raise ValueError(f"pair {p.name}: a tensor appears in more than one pair")
+            seen.add(id(t))
+    return pairs

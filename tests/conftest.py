@@ -1,0 +1,31 @@
+import os
+
+os.environ.setdefault("DDE_BACKEND", "pytorch")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def random_factor(rng: np.random.Generator, m: int, r: int, cond: float) -> np.ndarray:
+    """An (m, r) matrix with singular values log-spaced from 1 to 1/cond."""
+    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
+    V = np.linalg.qr(rng.standard_normal((r, r)))[0]
+    return (U * np.logspace(0, -np.log10(cond), r)) @ V.T
+
+
+def projection_reference(G: np.ndarray, B: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """Tangent projection at BA with orthonormal bases from numpy's SVD (independent of odelora)."""
+    U = np.linalg.svd(B, full_matrices=False)[0]
+    V = np.linalg.svd(A.T, full_matrices=False)[0]
+    PU, PV = U @ U.T, V @ V.T
+    return PU @ G + G @ PV - PU @ G @ PV
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+from odelora import flows
+from odelora.integrators import TABLEAUS, StepController, get_tableau, integrate
+
+M, N, R = 6, 5, 2
+
+
+def mf_problem(seed=0, flow="gradient"):
+    """Gradient flow of 1/2 ||B A - Y||^2 (a LoRA matrix-factorization flow) as numpy and torch."""
+    rng = np.random.default_rng(seed)
+    Y = rng.standard_normal((M, N))
+    B0, A0 = rng.standard_normal((M, R)) * 0.5, rng.standard_normal((R, N)) * 0.5
+
+    def torch_f(y):
+        B, A = y
+        G = B @ A - Y_t
+        return list(flows.get_flow(flow)(B, A, G @ A.T, B.T @ G))
+
+    def numpy_f(t, z):  # independent numpy implementation of the same gradient flow
+        B, A = z[: M * R].reshape(M, R), z[M * R :].reshape(R, N)
+        G = B @ A - Y
+        return np.concatenate([(-G @ A.T).ravel(), (-B.T @ G).ravel()])
+
+    Y_t = torch.from_numpy(Y)
+    return torch_f, numpy_f, [torch.from_numpy(B0), torch.from_numpy(A0)], np.concatenate([B0.ravel(), A0.ravel()])
+
+
+def flat(y):
+    return np.concatenate([t.numpy().ravel() for t in y])
+
+
+def test_tableaus_are_consistent():
+    for tab in TABLEAUS.values():
+        assert abs(sum(tab.b) - 1) < 1e-14
+        for ci, row in zip(tab.c, tab.a):
+            assert abs(ci - sum(row)) < 1e-14
+        if tab.adaptive:
+            assert abs(sum(tab.b_low) - 1) < 1e-14
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "midpoint", "rk4"])
+def test_fixed_step_convergence_order_against_scipy(method):
+    torch_f, numpy_f, y0, z0 = mf_problem()
+    T = 1.0
+    ref = solve_ivp(numpy_f, (0, T), z0, method="DOP853", rtol=1e-13, atol=1e-13).y[:, -1]
+    order = get_tableau(method).order
+    hs = [T / n for n in ((8, 16, 32, 64) if order == 4 else (32, 64, 128, 256))]
+    errs = []
+    for h in hs:
+        res = integrate(torch_f, y0, (0, T), method=method, h=h)
+        errs.append(np.linalg.norm(flat(res.y) - ref))
+        assert res.stats.nfe == get_tableau(method).stages * round(T / h)
+    slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+    assert abs(slope - order) < 0.2, (method, slope, errs)
+
+
+@pytest.mark.parametrize("method", ["bs32", "dopri5"])
+def test_adaptive_meets_tolerance_against_scipy(method):
+    torch_f, numpy_f, y0, z0 = mf_problem(seed=1)
+    T, rtol, atol = 2.0, 1e-7, 1e-9
+    ts = [0.5, 1.0, 2.0]
+    ref = solve_ivp(numpy_f, (0, T), z0, method="DOP853", rtol=1e-13, atol=1e-13, t_eval=ts).y
+    res = integrate(torch_f, y0, (0, T), method=method, rtol=rtol, atol=atol, t_eval=ts)
+    assert res.ts == ts
+    for i, y in enumerate(res.ys):
+        err = np.abs(flat(y) - ref[:, i]) / (atol + rtol * np.abs(ref[:, i]))
+        assert np.sqrt(np.mean(err**2)) < 50, (method, i)  # global error within a modest multiple
+    assert res.stats.accepted > 0 and res.stats.nfe < 5000
+
+
+def test_balanced_flow_rk4_order():
+    torch_f, _, y0, _ = mf_problem(seed=2, flow="balanced")
+    ref = integrate(torch_f, y0, (0, 1.0), method="dopri5", rtol=1e-12, atol=1e-14).y
+    hs = [1 / 8, 1 / 16, 1 / 32]
+    errs = [np.linalg.norm(flat(integrate(torch_f, y0, (0, 1.0), method="rk4", h=h).y) - flat(ref)) for h in hs]
+    slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+    assert abs(slope - 4) < 0.3, (slope, errs)
+
+
+def test_controller_rules():
+    c = StepController(rtol=1e-3, atol=1e-6)
+    assert c.next_step(1.0, 0.0, 2) == 5.0  # growth limit
+    assert c.next_step(1.0, 1e9, 2) == pytest.approx(0.2)  # shrink limit
+    assert c.next_step(1.0, 8.0, 2) == pytest.approx(0.9 * 8.0 ** (-1 / 3))
+    assert StepController(h_max=0.5).next_step(1.0, 0.0, 4) == 0.5
+    with pytest.raises(ValueError):
+        StepController(rtol=0, atol=0)
+
+
+def test_errors_are_clear():
+    f = lambda y: y
+    with pytest.raises(ValueError, match="unknown method"):
+        integrate(f, [torch.ones(2)], (0, 1), method="rk45")
+    with pytest.raises(ValueError, match="needs a positive step"):
+        integrate(f, [torch.ones(2)], (0, 1), method="rk4")
+    with pytest.raises(ValueError, match="t_eval"):
+        integrate(f, [torch.ones(2)], (0, 1), method="rk4", h=0.1, t_eval=[2.0])
+
+
+def test_exponential_closed_form():
+    res = integrate(lambda y: [-y[0]], [torch.ones(3, dtype=torch.float64)], (0, 1), method="dopri5", rtol=1e-10, atol=1e-12)
+    assert abs(float(res.y[0][0]) - np.exp(-1)) < 1e-9
