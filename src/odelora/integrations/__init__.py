@@ -1,0 +1,1 @@
+"""Integrations with PEFT, transformers, torch.distributed and DeepXDE (optional extras)."""
