@@ -123,6 +123,10 @@ def _balanced_full(B, A, hB, hA):
     return dB, dA
 
 
+def _is_zero(R: Tensor) -> Tensor:
+    return R.diagonal(dim1=-2, dim2=-1).abs().amax(-1) == 0
+
+
 def balanced(
     B: Tensor,
     A: Tensor,
@@ -138,11 +142,12 @@ def balanced(
     Pairs whose factors both have full rank follow the exact flow (product velocity ``-P(G)``,
     ``B.T B - A A.T`` constant). Rank-deficient pairs follow the documented fallbacks:
 
-    * ``B`` deficient (PEFT's ``B = 0`` start), ``A`` full: ``dB = -hB MA^-1``, ``dA = 0``, the
-      projected flow restricted to A's known row space (``dX = -G PV``, LoRA-Pro's first step);
-    * ``A`` deficient, ``B`` full: the mirror image, ``dX = -PU G``;
-    * both deficient: the damped scaled flow (``damping`` relative to ``trace(M)/r``), which is
-      zero when both factors are zero.
+    * ``B = 0`` (PEFT's start), ``A`` full rank: ``dB = -hB MA^-1``, ``dA = 0``, the projected
+      flow restricted to A's known row space (``dX = -G PV``, LoRA-Pro's first step);
+    * ``A = 0``, ``B`` full rank: the mirror image, ``dX = -PU G``;
+    * any other deficiency (a factor of rank between 0 and r, or both zero): the damped scaled
+      flow (``damping`` relative to ``trace(M)/r``), which moves both factors wherever the
+      gradient reaches them and is zero when both factors are zero.
 
     ``rtol`` sets the rank test on the QR diagonals (see :func:`odelora.geometry.full_rank`).
     """
@@ -153,6 +158,7 @@ def balanced(
     RB = torch.linalg.qr(Bf, mode="r")[1]
     RA = torch.linalg.qr(Af.mT, mode="r")[1]
     okB, okA = full_rank(RB, rtol), full_rank(RA, rtol)
+    zeroB, zeroA = _is_zero(RB), _is_zero(RA)
     both = okB & okA
     if bool(both.all()):
         dB, dA = _balanced_full(Bf, Af, hBf, hAf)
@@ -160,11 +166,11 @@ def balanced(
         dB, dA = torch.empty_like(Bf), torch.empty_like(Af)
         cases: list[tuple[Tensor, Callable]] = [
             (both, _balanced_full),
-            (~okB & okA, lambda b, a, hb, ha: (-_tri_right(hb, torch.linalg.qr(a.mT, mode="r")[1]),
+            (zeroB & okA, lambda b, a, hb, ha: (-_tri_right(hb, torch.linalg.qr(a.mT, mode="r")[1]),
                                                torch.zeros_like(a))),
-            (okB & ~okA, lambda b, a, hb, ha: (torch.zeros_like(b),
+            (okB & zeroA, lambda b, a, hb, ha: (torch.zeros_like(b),
                                                -_tri_right(ha.mT, torch.linalg.qr(b, mode="r")[1]).mT)),
-            (~okB & ~okA, lambda b, a, hb, ha: scaled(b, a, hb, ha, damping=damping)),
+            (~both & ~(zeroB & okA) & ~(okB & zeroA), lambda b, a, hb, ha: scaled(b, a, hb, ha, damping=damping)),
         ]
         for mask, rule in cases:
             if bool(mask.any()):

@@ -13,6 +13,7 @@ no row is lost and none is duplicated.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -54,7 +55,8 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 def case_id(case: dict) -> str:
     """A stable, file-safe name for a case from its parameters."""
     parts = [f"{k}={case[k]}" for k in sorted(case)]
-    return re.sub(r"[^A-Za-z0-9=._+-]", "_", "__".join(parts))
+    digest = hashlib.sha1(json.dumps(case, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9=._+-]", "_", "__".join(parts))[:150] + "-" + digest
 
 
 def _parse_value(text: str) -> Any:
