@@ -52,6 +52,9 @@ class Experiment:
     def quick_config(self) -> ExperimentConfig:
         return self.Config(**getattr(self, "QUICK", {}))
 
+    def prepare(self, cfg) -> None:
+        """Work shared by all cases (e.g. filling a cache), run once before the grid."""
+
     def cases(self, cfg) -> list[dict]:
         raise NotImplementedError
 

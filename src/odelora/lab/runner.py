@@ -31,25 +31,10 @@ import yaml
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
+from .._io import atomic_write
 from .core import Experiment, ExperimentConfig, get_experiment
 
 __all__ = ["load_config", "run_experiment", "read_results", "atomic_write", "case_id", "provenance"]
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def case_id(case: dict) -> str:
@@ -155,6 +140,8 @@ def run_experiment(
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{name}: duplicate case ids")
     todo = [c for c, i in zip(cases, ids) if not (out / "cases" / f"{i}.csv").exists()]
+    if todo:
+        exp.prepare(cfg)
     timings: dict[str, float] = {}
     bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc=name, unit="case", disable=not progress, leave=False, mininterval=2.0)
     cfg_data = cfg.model_dump()
