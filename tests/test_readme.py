@@ -1,0 +1,21 @@
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_opens_with_the_two_commands():
+    lines = [l for l in README.read_text().splitlines() if l.strip()]
+    block = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
+    assert block[0].startswith("python3 dev.py run") and block[1].startswith("python3 dev.py test")
+
+
+def test_usage_example_runs_as_written(capsys):
+    text = README.read_text()
+    code = re.search(r"## Usage\n\n```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README usage", "exec"), scope)
+    out = capsys.readouterr().out
+    loss = float(re.search(r"loss ([0-9.e+-]+)", out).group(1))
+    assert loss < 1e-8
+    assert scope["opt"].last_step["nfe"] == 4
