@@ -10,11 +10,20 @@ from .integrators import TABLEAUS, integrate
 from .optim import NonFiniteError, ODELoRA
 from .pairs import LoRAPair
 
+
+def lora_pairs(model, adapter=None):
+    """The trainable LoRA pairs of a PEFT model, found by module, each with its own scaling."""
+    from .integrations.peft import lora_pairs as _lora_pairs
+
+    return _lora_pairs(model, adapter)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ODELoRA",
     "LoRAPair",
+    "lora_pairs",
     "NonFiniteError",
     "flows",
     "geometry",

@@ -88,6 +88,10 @@ class ODELoRA(torch.optim.Optimizer):
             ``weight_decay``. Fixed-step methods only.
         flow_options: extra keyword arguments for the flow (e.g. ``damping``).
         track_imbalance: log ``max ||B.T B - A A.T|| / ||B.T B||`` over pairs after each step.
+        companion: other trainable parameters (heads, biases, DoRA magnitudes, ...), moved by
+            an AdamW with ``companion_lr`` and ``companion_kwargs`` once per accepted step, from
+            the gradients at the start of the step. Its groups appear in ``param_groups`` (with
+            ``companion=True``), so LR schedulers scale them too.
 
     After each ``step``, ``last_step`` holds that step's statistics (function evaluations,
     accepted, rejected, h, t, imbalance, loss) and ``stats`` the running totals.
@@ -111,6 +115,9 @@ class ODELoRA(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         flow_options: dict | None = None,
         track_imbalance: bool = True,
+        companion: Iterable[Tensor] | None = None,
+        companion_lr: float = 1e-3,
+        companion_kwargs: dict | None = None,
     ):
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
@@ -133,6 +140,14 @@ class ODELoRA(torch.optim.Optimizer):
         self.track_imbalance = track_imbalance
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0, h=float(lr))
         super().__init__(_param_groups(params), defaults)
+        self._companion = None
+        companion = [p for p in (companion or []) if p.requires_grad]
+        if companion:
+            self._companion = torch.optim.AdamW(companion, lr=companion_lr, **(companion_kwargs or {}))
+            for g in self._companion.param_groups:  # shared dicts: LR schedulers reach them too
+                g["companion"] = True
+                self.param_groups.append(g)
+        self._stage_closure: Callable | None = None
         self._rho = 1.0  # adaptive step as a fraction of each group's lr (1 for fixed steps)
         self.stats = dict(steps=0, nfe=0, accepted=0, rejected=0, nonfinite=0)
         self.last_step: dict[str, Any] = {}
@@ -140,16 +155,35 @@ class ODELoRA(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_pairs(cls, pairs: Iterable[LoRAPair], **kw) -> "ODELoRA":
-        return cls(list(pairs), **kw)
+    def from_model(cls, model: torch.nn.Module, lr: float = 1e-3, *, adapter: str | list[str] | None = None, **kw) -> "ODELoRA":
+        """An optimizer for every trainable parameter of a PEFT model: LoRA pairs (found by module,
+        each with its own scaling) follow the flow, everything else goes to the AdamW companion
+        (see :func:`odelora.integrations.peft.partition`)."""
+        from .integrations.peft import partition
+
+        part = partition(model, adapter)
+        if not part.pairs:
+            raise ValueError("the model has no trainable LoRA pairs; wrap it with peft.get_peft_model first")
+        opt = cls(part.pairs, lr=lr, companion=[p for _, p, _ in part.others], **kw)
+        opt.partition = part
+        return opt
+
+    def _pair_groups(self) -> list[dict]:
+        return [g for g in self.param_groups if not g.get("companion")]
 
     @property
     def pairs(self) -> list[LoRAPair]:
         return [
             LoRAPair(g["params"][2 * i], g["params"][2 * i + 1], g["scales"][i], g["names"][i])
-            for g in self.param_groups
+            for g in self._pair_groups()
             for i in range(len(g["scales"]))
         ]
+
+    def set_stage_closure(self, closure: Callable[[], Any] | None) -> None:
+        """For loops that backpropagate before calling ``step()`` (transformers' Trainer): the next
+        ``step()`` without a closure takes its first stage from ``.grad`` and calls ``closure``
+        for the remaining stages on the same batch."""
+        self._stage_closure = closure
 
     def add_param_group(self, param_group: dict) -> None:
         if "pairs" in param_group:
@@ -160,13 +194,14 @@ class ODELoRA(torch.optim.Optimizer):
         self._bucket_cache = None
 
     def _buckets(self) -> list[_Bucket]:
-        key = tuple(id(p) for g in self.param_groups for p in g["params"]) + tuple(
-            s for g in self.param_groups for s in g["scales"]
-        )
+        groups = self._pair_groups()
+        key = tuple(id(p) for g in groups for p in g["params"]) + tuple(s for g in groups for s in g["scales"])
         if self._bucket_cache is not None and self._bucket_cache[0] == key:
             return self._bucket_cache[1]
         buckets = []
         for gi, g in enumerate(self.param_groups):
+            if g.get("companion"):
+                continue
             by_shape: dict[tuple, list[int]] = {}
             ps = g["params"]
             for i in range(len(g["scales"])):
@@ -216,6 +251,8 @@ class ODELoRA(torch.optim.Optimizer):
                 record["loss"] = loss
             if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
                 raise NonFiniteError(f"loss is {float(torch.as_tensor(loss).detach())}")
+        else:  # the gradient already in .grad counts as this stage's evaluation
+            record["nfe"] += 1
         g = self._grads(buckets)
         v = []
         for i, b in enumerate(buckets):
@@ -233,6 +270,10 @@ class ODELoRA(torch.optim.Optimizer):
         With ``closure=None`` only Euler can run, from the gradients already in ``.grad``.
         """
         tab = self.tableau
+        stage_closure, self._stage_closure = self._stage_closure, None
+        first_from_grad = closure is None and stage_closure is not None
+        if first_from_grad:
+            closure = stage_closure
         if closure is None and tab.stages > 1:
             raise ValueError(
                 f"method {tab.name!r} evaluates the gradient {tab.stages} times per step: pass a "
@@ -240,7 +281,7 @@ class ODELoRA(torch.optim.Optimizer):
                 "backward() and returns the loss (optimizer.step(closure))"
             )
         buckets = self._buckets()
-        if closure is None and all(p.grad is None for b in buckets for p in b.Bs + b.As):
+        if (closure is None or first_from_grad) and all(p.grad is None for b in buckets for p in b.Bs + b.As):
             raise RuntimeError("no gradients on the LoRA pairs: call loss.backward() first or pass a closure")
         y0 = self._gather(buckets)
         record: dict[str, Any] = dict(nfe=0, rejected=0, loss=None, accepted=False)
@@ -249,7 +290,12 @@ class ODELoRA(torch.optim.Optimizer):
         def f(y):
             at_params = first[0]
             first[0] = False
-            return self._velocity(buckets, y, closure, at_params, record)
+            v = self._velocity(buckets, y, None if (at_params and first_from_grad) else closure, at_params, record)
+            if at_params and self._companion is not None:  # companion steps from the start point's gradients
+                record["companion_grads"] = [
+                    None if p.grad is None else p.grad.clone() for g in self._companion.param_groups for p in g["params"]
+                ]
+            return v
 
         rho = self._rho if tab.adaptive else 1.0
         k1 = None
@@ -296,6 +342,11 @@ class ODELoRA(torch.optim.Optimizer):
             for i in range(len(buckets)):
                 y_new[2 * i], y_new[2 * i + 1] = balance(y_new[2 * i], y_new[2 * i + 1], skip_deficient=True)
         self._write(buckets, y_new)
+        if self._companion is not None:
+            cps = [p for g in self._companion.param_groups for p in g["params"]]
+            for p, g in zip(cps, record["companion_grads"]):
+                p.grad = g
+            self._companion.step()
         self._finish(record, rho, y_new, buckets)
         return record["loss"]
 
@@ -326,7 +377,7 @@ class ODELoRA(torch.optim.Optimizer):
 
     def _finish(self, record, rho, y_new, buckets) -> None:
         accepted = y_new is not None
-        for g in self.param_groups:
+        for g in self._pair_groups():
             if accepted:
                 g["t"] += rho * g["lr"]
             g["h"] = (self._rho if self.tableau.adaptive else 1.0) * g["lr"]  # the next step
@@ -342,8 +393,8 @@ class ODELoRA(torch.optim.Optimizer):
             nfe=record["nfe"],
             accepted=accepted,
             rejected=record["rejected"],
-            h=rho * self.param_groups[0]["lr"],
-            t=self.param_groups[0]["t"],
+            h=rho * self._pair_groups()[0]["lr"],
+            t=self._pair_groups()[0]["t"],
             imbalance=imb,
             loss=None if loss is None else float(torch.as_tensor(loss).detach()),
         )
@@ -352,6 +403,8 @@ class ODELoRA(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["odelora"] = dict(rho=self._rho, stats=dict(self.stats))
+        if self._companion is not None:
+            sd["odelora"]["companion"] = self._companion.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -361,4 +414,13 @@ class ODELoRA(torch.optim.Optimizer):
         if extra is not None:
             self._rho = float(extra["rho"])
             self.stats.update(extra["stats"])
+            if self._companion is not None and "companion" in extra:
+                self._companion.load_state_dict(extra["companion"])
+        if self._companion is not None:  # re-share the companion's group dicts after the reload
+            groups = iter(self._companion.param_groups)
+            for i, g in enumerate(self.param_groups):
+                if g.get("companion"):
+                    mine = next(groups)
+                    mine.update({k: v for k, v in g.items() if k != "params"})
+                    self.param_groups[i] = mine
         self._bucket_cache = None

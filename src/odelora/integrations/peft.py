@@ -1,0 +1,92 @@
+"""Find LoRA pairs in PEFT models, by module, with each layer's own scaling.
+
+Rule for everything else that is trainable (documented in ``partition``): it is returned in
+``others`` with the reason, and ``ODELoRA.from_model`` moves it with an AdamW companion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..pairs import LoRAPair
+
+__all__ = ["lora_pairs", "partition", "Partition"]
+
+
+@dataclass
+class Partition:
+    pairs: list[LoRAPair] = field(default_factory=list)
+    others: list[tuple[str, torch.Tensor, str]] = field(default_factory=list)  # (name, param, reason)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.pairs)} LoRA pairs follow the flow"]
+        if self.others:
+            lines.append(f"{len(self.others)} other trainable tensors go to the AdamW companion:")
+            lines += [f"  {n} {tuple(p.shape)}: {why}" for n, p, why in self.others]
+        return "\n".join(lines)
+
+
+def _adapters(adapter) -> set[str] | None:
+    if adapter is None:
+        return None
+    return {adapter} if isinstance(adapter, str) else set(adapter)
+
+
+def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) -> Partition:
+    """Split the trainable parameters of a PEFT model into LoRA pairs and the rest.
+
+    A pair is the ``lora_B``/``lora_A`` weights of one adapter in one ``LoraLayer`` whose factors
+    are matrices (Linear layers, also under DoRA), with that layer's ``scaling[adapter]`` (which
+    already reflects rsLoRA, ``rank_pattern`` and ``alpha_pattern``). Everything else that is
+    trainable goes to ``others``: DoRA magnitude vectors, embedding LoRA (``lora_embedding_*``),
+    convolution LoRA (4-D factors), biases, heads and ``modules_to_save``. Adapters outside
+    ``adapter`` (a name or list of names; default all) keep their trainable flags but are not
+    moved as pairs.
+    """
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError as err:  # pragma: no cover
+        raise SystemExit("odelora.integrations.peft needs peft: pip install 'odelora[hf]'") from err
+    wanted = _adapters(adapter)
+    part = Partition()
+    in_pair: set[int] = set()
+    reasons: dict[int, str] = {}
+    for mname, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for ad in module.lora_A.keys():
+            if wanted is not None and ad not in wanted:
+                continue
+            A = module.lora_A[ad].weight
+            B = module.lora_B[ad].weight
+            if not (A.requires_grad and B.requires_grad):
+                continue
+            if A.ndim != 2 or B.ndim != 2:
+                reasons[id(A)] = reasons[id(B)] = f"{type(module.lora_A[ad]).__name__} LoRA factors are not matrices"
+                continue
+            part.pairs.append(LoRAPair(B, A, float(module.scaling[ad]), f"{mname}[{ad}]"))
+            in_pair.update((id(A), id(B)))
+        for ad, p in getattr(module, "lora_embedding_A", {}).items():
+            reasons[id(p)] = "embedding LoRA"
+        for ad, p in getattr(module, "lora_embedding_B", {}).items():
+            reasons[id(p)] = "embedding LoRA"
+        for ad, mag in getattr(module, "lora_magnitude_vector", {}).items():
+            for p in mag.parameters():
+                reasons[id(p)] = "DoRA magnitude vector"
+    if wanted is not None:
+        found = {p.name.rsplit("[", 1)[1].rstrip("]") for p in part.pairs}
+        missing = wanted - found
+        if missing:
+            raise ValueError(f"no trainable LoRA pairs for adapter(s) {sorted(missing)}")
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in in_pair:
+            why = reasons.get(id(p)) or ("bias" if name.endswith("bias") else "not a LoRA factor (head, modules_to_save, ...)")
+            part.others.append((name, p, why))
+    return part
+
+
+def lora_pairs(model: torch.nn.Module, adapter: str | list[str] | None = None) -> list[LoRAPair]:
+    """The trainable LoRA pairs of a PEFT model (see :func:`partition`)."""
+    return partition(model, adapter).pairs

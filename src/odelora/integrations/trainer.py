@@ -1,0 +1,105 @@
+"""transformers Trainer with ODELoRA, multi-stage methods included, and its statistics in the logs.
+
+    trainer = ODELoRATrainer(model=peft_model, args=args, train_dataset=ds,
+                             odelora_kwargs=dict(method="rk4", companion_lr=1e-3))
+
+``args.learning_rate`` is the ODELoRA step h. The Trainer backpropagates one batch before calling
+``optimizer.step()`` without a closure; ``training_step`` therefore hands the optimizer a closure
+that recomputes the loss on the same batch, which the remaining RK stages call (gradient clipping
+at ``args.max_grad_norm`` is applied to every stage alike).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..optim import ODELoRA
+
+__all__ = ["ODELoRATrainer", "ODELoRACallback"]
+
+
+def _unwrap(optimizer) -> ODELoRA | None:
+    while optimizer is not None and not isinstance(optimizer, ODELoRA):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class ODELoRACallback(TrainerCallback):
+    """Adds ODELoRA's statistics to every Trainer log entry: gradient evaluations per step, the
+    step h, integration time t, imbalance, and rejected / non-finite step counts."""
+
+    def __init__(self):
+        self._nfe = 0
+        self._steps = 0
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        opt = _unwrap(optimizer)
+        if opt is not None and opt.last_step:
+            self._nfe += opt.last_step["nfe"]
+            self._steps += 1
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        opt = _unwrap(optimizer)
+        if opt is None or logs is None or "loss" not in logs:
+            return
+        last = opt.last_step
+        stats = {
+            "odelora_nfe_per_step": self._nfe / max(self._steps, 1),
+            "odelora_nfe_total": opt.stats["nfe"],
+            "odelora_h": last.get("h"),
+            "odelora_t": last.get("t"),
+            "odelora_imbalance": last.get("imbalance"),
+            "odelora_rejected": opt.stats["rejected"],
+            "odelora_nonfinite": opt.stats["nonfinite"],
+        }
+        stats = {k: v for k, v in stats.items() if v is not None}
+        logs.update(stats)
+        if state.log_history:
+            state.log_history[-1].update(stats)
+        self._nfe = self._steps = 0
+
+
+class ODELoRATrainer(Trainer):
+    """A ``Trainer`` whose optimizer is ``ODELoRA.from_model(model, lr=args.learning_rate,
+    **odelora_kwargs)`` (LoRA pairs follow the flow, other trainable tensors an AdamW companion)."""
+
+    def __init__(self, *args, odelora_kwargs: dict[str, Any] | None = None, **kwargs):
+        self.odelora_kwargs = dict(odelora_kwargs or {})
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not any(isinstance(c, ODELoRACallback) for c in callbacks):
+            callbacks.append(ODELoRACallback())
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        from ..integrators import get_tableau
+
+        self._stages = get_tableau(self.odelora_kwargs.get("method", "euler")).stages
+        if self._stages > 1 and self.args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "multi-stage ODELoRA methods re-evaluate the loss on the step's batch; use "
+                "gradient_accumulation_steps=1 (raise the batch size instead) or method='euler'"
+            )
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = ODELoRA.from_model(model if model is not None else self.model, lr=self.args.learning_rate, **self.odelora_kwargs)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        prepared = self._prepare_inputs(inputs)
+        loss = super().training_step(model, prepared, num_items_in_batch)
+        if self._stages > 1:
+            opt = _unwrap(self.optimizer)
+
+            def closure():
+                model.zero_grad(set_to_none=True)
+                with self.compute_loss_context_manager():
+                    stage_loss = self.compute_loss(model, prepared, num_items_in_batch=num_items_in_batch)
+                self.accelerator.backward(stage_loss)
+                if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+                return stage_loss.detach()
+
+            opt.set_stage_closure(closure)
+        return loss

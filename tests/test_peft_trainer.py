@@ -1,0 +1,207 @@
+"""PEFT pair discovery, from_model, resume with PEFT adapters, and the transformers Trainer."""
+
+import io
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+from odelora import ODELoRA, lora_pairs  # noqa: E402
+from odelora.integrations.peft import partition  # noqa: E402
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, 3)
+        self.calls = 0
+
+    def forward(self, ids=None, labels=None):
+        self.calls += 1
+        h = self.emb(ids).mean(1)
+        logits = self.head(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (n, 6), generator=g)
+    return ids, ids[:, 0] % 3
+
+
+def test_scalings_and_rules_from_modules():
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2", "emb"], rank_pattern={"fc2": 2},
+                     alpha_pattern={"fc2": 6}, modules_to_save=["head"])
+    model = get_peft_model(Net(), cfg)
+    part = partition(model)
+    scales = {p.name.split(".")[-1].split("[")[0]: (p.scale, p.rank) for p in part.pairs}
+    assert scales == {"fc1": (8 / 4, 4), "fc2": (6 / 2, 2)}
+    reasons = {n.split(".")[-2] if "lora_embedding" in n else n: why for n, _, why in part.others}
+    assert any("embedding LoRA" == why for why in reasons.values())
+    assert any("head" in n for n, _, _ in part.others)
+    # rsLoRA: alpha / sqrt(r)
+    m2 = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"], use_rslora=True))
+    assert lora_pairs(m2)[0].scale == pytest.approx(8 / 2)
+    # pairs are found by module: every B multiplies its own A inside one layer
+    for p in part.pairs:
+        assert p.B.shape[1] == p.A.shape[0]
+
+
+def test_multiple_adapters_and_dora():
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=4, target_modules=["fc1"]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+    names = sorted(p.name for p in lora_pairs(model))
+    assert len(names) == 3 and sum("[b]" in n for n in names) == 2
+    assert [p.name for p in lora_pairs(model, adapter="a")] == ["base_model.model.fc1[a]"]
+    with pytest.raises(ValueError, match="no trainable LoRA pairs"):
+        partition(model, adapter="zzz")
+    dora = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=4, target_modules=["fc1"], use_dora=True))
+    part = partition(dora)
+    assert len(part.pairs) == 1 and any(why == "DoRA magnitude vector" for _, _, why in part.others)
+
+
+def test_from_model_trains_everything_trainable_and_resumes():
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = ODELoRA.from_model(model, lr=0.5, method="heun", companion_lr=1e-2)
+    ids, y = data()
+
+    def closure():
+        opt.zero_grad()
+        loss = model(ids=ids, labels=y)["loss"]
+        loss.backward()
+        return loss
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+    l0 = float(opt.step(closure).detach())
+    sched.step()
+    for _ in range(4):
+        opt.step(closure)
+        sched.step()
+    assert opt.param_groups[-1]["lr"] == pytest.approx(1e-2 / 6)  # the scheduler reaches the companion
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(after[n].detach(), v) for n, v in trainable.items() if "lora_B" in n or "modules_to_save" in n)
+    assert all(torch.equal(after[n].detach(), v) for n, v in frozen.items())
+    # save adapter + optimizer state mid-run, reload into a fresh model, continue identically
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(),
+                "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}, buf)
+    for _ in range(3):
+        opt.step(closure)
+        sched.step()
+    expect = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    torch.manual_seed(0)
+    model2 = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    with torch.no_grad():
+        for n, p in model2.named_parameters():
+            if n in ck["weights"]:
+                p.copy_(ck["weights"][n])
+    opt2 = ODELoRA.from_model(model2, lr=0.5, method="heun", companion_lr=1e-2)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda k: 1.0 / (1 + k))  # torch's order: scheduler, then states
+    opt2.load_state_dict(ck["opt"])
+    sched2.load_state_dict(ck["sched"])
+
+    def closure2():
+        opt2.zero_grad()
+        loss = model2(ids=ids, labels=y)["loss"]
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt2.step(closure2)
+        sched2.step()
+    for n, p in model2.named_parameters():
+        assert torch.equal(p.detach(), expect[n]), n
+    assert float(closure().detach()) < l0
+
+
+def test_peft_save_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"])
+    model = get_peft_model(Net(), cfg)
+    opt = ODELoRA.from_model(model, lr=0.3)
+    ids, y = data()
+    for _ in range(3):
+        opt.zero_grad()
+        model(ids=ids, labels=y)["loss"].backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids=ids, labels=y)["loss"].backward()
+        opt.step()
+    expect = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    torch.manual_seed(0)
+    from peft import PeftModel
+
+    model2 = PeftModel.from_pretrained(Net(), tmp_path / "adapter", is_trainable=True)
+    opt2 = ODELoRA.from_model(model2, lr=0.3)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for _ in range(2):
+        opt2.zero_grad()
+        model2(ids=ids, labels=y)["loss"].backward()
+        opt2.step()
+    got = {n: p.detach() for n, p in model2.named_parameters() if "lora_" in n}
+    assert got.keys() == expect.keys() and all(torch.equal(got[n], expect[n]) for n in got)
+
+
+def test_fsdp_flat_parameters_get_a_clear_error():
+    B = torch.nn.Parameter(torch.zeros(8))
+    B._is_flat_param = True
+    with pytest.raises(NotImplementedError, match="FSDP"):
+        ODELoRA([(B, torch.nn.Parameter(torch.zeros(2, 4)))])
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, ids, y):
+        self.ids, self.y = ids, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"ids": self.ids[i], "labels": self.y[i]}
+
+
+@pytest.mark.parametrize("method,stages", [("euler", 1), ("rk4", 4)])
+def test_trainer_trains_with_odelora_and_logs_statistics(method, stages, tmp_path):
+    from transformers import TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    torch.manual_seed(0)
+    net = Net()
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    ids, y = data(96)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=12, learning_rate=0.5,
+                             logging_steps=4, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             lr_scheduler_type="constant")
+    trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y),
+                             odelora_kwargs=dict(method=method, companion_lr=1e-2))
+    net.calls = 0
+    trainer.train()
+    assert net.calls == 12 * stages  # one forward per RK stage
+    logs = [h for h in trainer.state.log_history if "odelora_nfe_per_step" in h]
+    assert len(logs) == 3 and all(h["odelora_nfe_per_step"] == stages for h in logs)
+    assert all(h["odelora_h"] == 0.5 and h["odelora_imbalance"] < 1e-4 for h in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert trainer.optimizer is not None and trainer.optimizer.optimizer.stats["nfe"] == 12 * stages
