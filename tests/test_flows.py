@@ -145,3 +145,17 @@ def test_public_signatures_and_errors():
         flows.balanced(torch.zeros(4, 2), torch.zeros(3, 5), torch.zeros(4, 2), torch.zeros(3, 5))
     with pytest.raises(ValueError, match="unknown flow"):
         flows.get_flow("nope")
+
+
+def test_rank_above_a_dimension_is_deficient_not_an_error(rng):
+    """A layer with one input and r = 2 (PINN first layers): A is (2, 1) and can never have rank 2."""
+    B, A = rng.standard_normal((6, 2)), rng.standard_normal((2, 1))
+    G = rng.standard_normal((6, 1))
+    dB, dA = flows.balanced(*(torch.from_numpy(x) for x in (B, A, *grads(G, B, A, 1.0))))
+    assert torch.isfinite(dB).all() and torch.isfinite(dA).all()
+    step = (dB.numpy() @ A + B @ dA.numpy())
+    assert np.sum(step * G) < 0  # still a descent direction for the product
+    Bt, At = torch.from_numpy(B), torch.from_numpy(A)
+    assert balance(Bt, At, skip_deficient=True)[0] is Bt
+    with pytest.raises(ValueError, match="r > min"):
+        balance(Bt, At)

@@ -62,11 +62,13 @@ def gradient(B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale=1.0) -> tupl
 
 
 def _damped_solve_right(Y: Tensor, M: Tensor, damping: float) -> Tensor:
-    """``Y @ (M + d I)^-1`` with ``d = damping * trace(M) / r``. Where M = 0 (a zero factor) the
-    matching Y is exactly zero too, and d = 1 keeps the solve defined."""
+    """``Y @ (M + d I)^-1`` with ``d = damping * trace(M) / r`` (a positive damping is raised to
+    10 eps of the working precision). Where M = 0 (a zero factor) the matching Y is exactly zero
+    too, and d = 1 keeps the solve defined."""
     r = M.shape[-1]
     tr = M.diagonal(dim1=-2, dim2=-1).sum(-1)
-    d = torch.where(tr > 0, damping * tr / r, torch.ones_like(tr))
+    rel = max(damping, 10 * torch.finfo(M.dtype).eps) if damping > 0 else 0.0  # stay above rounding
+    d = torch.where(tr > 0, rel * tr / r, torch.ones_like(tr))
     eye = torch.eye(r, dtype=M.dtype, device=M.device)
     L, info = torch.linalg.cholesky_ex(M + d[..., None, None] * eye)
     if bool((info != 0).any()):

@@ -31,6 +31,8 @@ def full_rank(R: Tensor, rtol: float | None = None) -> Tensor:
     """
     if rtol is None:
         rtol = 1e3 * torch.finfo(R.dtype).eps
+    if R.shape[-2] < R.shape[-1]:  # a factor with fewer rows than r (e.g. A of a 1-input layer)
+        return torch.zeros(R.shape[:-2], dtype=torch.bool, device=R.device)
     d = R.diagonal(dim1=-2, dim2=-1).abs()
     big = d.amax(-1)
     return (d.amin(-1) > rtol * big) & (big > 0)
@@ -54,6 +56,11 @@ def balance(B: Tensor, A: Tensor, *, skip_deficient: bool = False) -> tuple[Tens
     where the product has zero singular values, which would erase the other factor's information;
     with ``skip_deficient=True`` such pairs are returned unchanged instead.
     """
+    r = A.shape[-2]
+    if r > min(B.shape[-2], A.shape[-1]):
+        if skip_deficient:  # the product can never have rank r
+            return B, A
+        raise ValueError(f"cannot balance rank {r} factors of a {B.shape[-2]}x{A.shape[-1]} product: r > min(m, n)")
     dtype = B.dtype
     wd = work_dtype(B, A)
     QB, RB, QA, RA = _qr_pair(B.to(wd), A.to(wd))

@@ -1,0 +1,33 @@
+"""DeepXDE (pytorch backend): LoRA on a PINN's network, trained by DeepXDE's own loop.
+
+    net = odelora.integrations.deepxde.add_lora(model.net, r=4)     # base weights frozen
+    opt = ODELoRA(lora_pairs(net), lr=1e-2, method="rk4")
+    model = dde.Model(data, net); model.compile(opt); model.train(iterations=500)
+
+DeepXDE's pytorch ``train_step`` already calls ``optimizer.step(closure)``, so every RK stage
+re-evaluates the PDE residual on the same collocation points. Set ``DDE_BACKEND=pytorch`` before
+importing deepxde (this module does it when it is imported first).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DDE_BACKEND", "pytorch")
+
+import torch
+
+__all__ = ["add_lora"]
+
+
+def add_lora(net: torch.nn.Module, r: int = 4, alpha: float | None = None, target: str = r"linears\.\d+") -> torch.nn.Module:
+    """Inject PEFT LoRA adapters (rank ``r``, ``lora_alpha = alpha or r``) into the Linear layers
+    of a DeepXDE network in place (its class and ``forward`` are kept, as DeepXDE needs) and
+    freeze everything else."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha or r, target_modules=target, lora_dropout=0.0)
+    inject_adapter_in_model(cfg, net)
+    for name, p in net.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return net

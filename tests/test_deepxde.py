@@ -1,0 +1,63 @@
+"""ODELoRA-RK4 inside DeepXDE's own compile/train loop on a PEFT-LoRA-wrapped PINN."""
+
+import os
+
+os.environ["DDE_BACKEND"] = "pytorch"
+
+import numpy as np
+import pytest
+import torch
+
+dde = pytest.importorskip("deepxde")
+
+from odelora import ODELoRA, lora_pairs  # noqa: E402
+from odelora.integrations.deepxde import add_lora  # noqa: E402
+
+
+def poisson(a):
+    """-u'' = a pi^2 sin(pi x) on [-1, 1], u(+-1) = 0; exact u = a sin(pi x)."""
+    geom = dde.geometry.Interval(-1, 1)
+
+    def pde(x, u):
+        return -dde.grad.hessian(u, x) - a * np.pi**2 * torch.sin(np.pi * x)
+
+    bc = dde.icbc.DirichletBC(geom, lambda x: 0 * x, lambda x, on: on)
+    return dde.data.PDE(geom, pde, bc, num_domain=40, num_boundary=2, solution=lambda x: a * np.sin(np.pi * x), num_test=100)
+
+
+def l2_error(model, a):
+    x = np.linspace(-1, 1, 201)[:, None]
+    return float(np.linalg.norm(model.predict(x) - a * np.sin(np.pi * x)) / np.linalg.norm(a * np.sin(np.pi * x)))
+
+
+def test_odelora_rk4_finetunes_a_pinn_through_deepxde():
+    dde.config.set_random_seed(0)
+    net = dde.nn.FNN([1, 20, 20, 1], "tanh", "Glorot normal")
+    pre = dde.Model(poisson(1.0), net)
+    pre.compile("adam", lr=1e-2)
+    pre.train(iterations=1500, display_every=10**6, verbose=0)
+    assert l2_error(pre, 1.0) < 0.05
+    add_lora(net, r=2)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    model = dde.Model(poisson(1.5), net)
+    err0 = l2_error(pre, 1.5)  # same network; LoRA starts at B = 0
+    opt = ODELoRA(lora_pairs(net), lr=2e-3, method="rk4")  # lr is a full fine-tuning rate for SGD-like steps
+    calls = {"n": 0}
+    original = opt.step
+
+    def counting_step(closure=None):
+        def wrapped():
+            calls["n"] += 1
+            return closure()
+
+        return original(wrapped)
+
+    opt.step = counting_step
+    model.compile(opt)
+    model.train(iterations=150, display_every=10**6, verbose=0)
+    err1 = l2_error(model, 1.5)
+    assert calls["n"] == 4 * 150  # DeepXDE's closure, four stages per step
+    assert err1 < 0.4 * err0 and opt.stats["nonfinite"] == 0, (err0, err1, opt.stats)
+    for n, p in net.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == ("lora_B" in n or "lora_A" in n), n
