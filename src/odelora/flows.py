@@ -92,23 +92,22 @@ def scaled(
     return dB, dA
 
 
-def _tri_right(Y: Tensor, R: Tensor) -> Tensor:
-    """``Y @ (R.T R)^-1`` for upper-triangular R, with two triangular solves."""
-    Z = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-    return torch.linalg.solve_triangular(R.mT, Z, upper=False, left=False)
+def _tri_inv(R: Tensor) -> Tensor:
+    """Inverse of upper-triangular R (r x r); applying it by matmul costs one batched GEMM."""
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    return torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True)
 
 
-def _balanced_full(B, A, hB, hA):
+def _balanced_full(B, A, hB, hA, QB, RB, QA, RA):
     """The balanced projected flow where both factors have full rank (MATH.md section 2.3),
     written with QR factors instead of Gram inverses so that it stays accurate for
-    ill-conditioned factors: ``MB^-1 B.T = RB^-1 QB.T`` and ``PU = QB QB.T``."""
-    QB, RB = torch.linalg.qr(B)
-    QA, RA = torch.linalg.qr(A.mT)
+    ill-conditioned factors: ``MB^-1 B.T = RB^-1 QB.T``, ``PU = QB QB.T``, ``MA^-1 = RA^-1 RA^-T``."""
+    iB, iA = _tri_inv(RB), _tri_inv(RA)
     tB = QB.mT @ hB  # (r, r): B.T hB = RB.T tB
     tA = hA @ QA  # (r, r): hA A.T = tA RA
     perpB = hB - QB @ tB  # (I - PU) hB
     perpA = hA - tA @ QA.mT  # hA (I - PV)
-    C = torch.linalg.solve_triangular(RB, _tri_right(tB, RA), upper=True)  # MB^-1 B.T hB MA^-1
+    C = iB @ (tB @ iA) @ iA.mT  # MB^-1 B.T hB MA^-1
     # Gauge term D keeps B.T B - A A.T constant: Lyapunov equation in the eigenbasis of M.
     M = 0.5 * (RA.mT @ RA + RB.mT @ RB)
     lam, Q = torch.linalg.eigh(M)
@@ -117,11 +116,8 @@ def _balanced_full(B, A, hB, hA):
     E = Om * (lj - li) / (2.0 * (li + lj))
     D = 0.5 * (Q @ E @ Q.mT)
     Ch = 0.5 * C
-    dB = -_tri_right(perpB, RA) - B @ (Ch + D)
-    # MB^-1 perpA = RB^-1 RB^-T perpA
-    dA = -torch.linalg.solve_triangular(
-        RB, torch.linalg.solve_triangular(RB.mT, perpA, upper=False), upper=True
-    ) - (Ch - D) @ A
+    dB = -((perpB @ iA) @ iA.mT) - B @ (Ch + D)
+    dA = -(iB @ (iB.mT @ perpA)) - (Ch - D) @ A
     return dB, dA
 
 
@@ -157,26 +153,25 @@ def balanced(
     batch = B.shape[:-2]
     Bf, Af = B.reshape(-1, *B.shape[-2:]), A.reshape(-1, *A.shape[-2:])
     hBf, hAf = hB.reshape(Bf.shape), hA.reshape(Af.shape)
-    RB = torch.linalg.qr(Bf, mode="r")[1]
-    RA = torch.linalg.qr(Af.mT, mode="r")[1]
+    QB, RB = torch.linalg.qr(Bf)
+    QA, RA = torch.linalg.qr(Af.mT)
     okB, okA = full_rank(RB, rtol), full_rank(RA, rtol)
     zeroB, zeroA = _is_zero(RB), _is_zero(RA)
     both = okB & okA
     if bool(both.all()):
-        dB, dA = _balanced_full(Bf, Af, hBf, hAf)
+        dB, dA = _balanced_full(Bf, Af, hBf, hAf, QB, RB, QA, RA)
     else:
         dB, dA = torch.empty_like(Bf), torch.empty_like(Af)
+        right = lambda Y, R: (Y @ _tri_inv(R)) @ _tri_inv(R).mT  # Y (R.T R)^-1
         cases: list[tuple[Tensor, Callable]] = [
-            (both, _balanced_full),
-            (zeroB & okA, lambda b, a, hb, ha: (-_tri_right(hb, torch.linalg.qr(a.mT, mode="r")[1]),
-                                               torch.zeros_like(a))),
-            (okB & zeroA, lambda b, a, hb, ha: (torch.zeros_like(b),
-                                               -_tri_right(ha.mT, torch.linalg.qr(b, mode="r")[1]).mT)),
-            (~both & ~(zeroB & okA) & ~(okB & zeroA), lambda b, a, hb, ha: scaled(b, a, hb, ha, damping=damping)),
+            (both, lambda i: _balanced_full(Bf[i], Af[i], hBf[i], hAf[i], QB[i], RB[i], QA[i], RA[i])),
+            (zeroB & okA, lambda i: (-right(hBf[i], RA[i]), torch.zeros_like(Af[i]))),
+            (okB & zeroA, lambda i: (torch.zeros_like(Bf[i]), -right(hAf[i].mT, RB[i]).mT)),
+            (~both & ~(zeroB & okA) & ~(okB & zeroA), lambda i: scaled(Bf[i], Af[i], hBf[i], hAf[i], damping=damping)),
         ]
         for mask, rule in cases:
             if bool(mask.any()):
-                dB[mask], dA[mask] = rule(Bf[mask], Af[mask], hBf[mask], hAf[mask])
+                dB[mask], dA[mask] = rule(mask)
     return dB.reshape(*batch, *dB.shape[-2:]), dA.reshape(*batch, *dA.shape[-2:])
 
 

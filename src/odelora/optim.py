@@ -259,7 +259,7 @@ class ODELoRA(torch.optim.Optimizer):
             dB, dA = self.flow(y[2 * i], y[2 * i + 1], g[2 * i], g[2 * i + 1], scale=b.scales, **self.flow_options)
             lr = self.param_groups[b.group]["lr"]
             v += [dB.mul_(lr), dA.mul_(lr)]
-        if not all(bool(torch.isfinite(t).all()) for t in v):
+        if not bool(torch.stack([t.isfinite().all() for t in v]).all()):  # one sync for all pairs
             raise NonFiniteError("gradient or velocity is not finite")
         return v
 
