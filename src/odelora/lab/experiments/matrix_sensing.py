@@ -100,8 +100,11 @@ class MatrixSensing(Experiment):
             b = best[best.start == start]
             tab = b.pivot(index="method", columns="kappa", values="iters").reindex(cfg.methods)
             lrs = b.pivot(index="method", columns="kappa", values="lr").reindex(cfg.methods)
+            nfe = b.pivot(index="method", columns="kappa", values="nfe").reindex(cfg.methods)
             text = "; ".join(
-                f"{m}: " + ", ".join(f"k={k:g}: {fmt_count(tab.loc[m, k], cap)} (lr {lrs.loc[m, k]:g})" for k in tab.columns)
+                f"{m}: " + ", ".join(
+                    f"k={k:g}: {fmt_count(tab.loc[m, k], cap)} it / {fmt_count(nfe.loc[m, k], '?')} evals (lr {lrs.loc[m, k]:g})"
+                    for k in tab.columns)
                 for m in tab.index
             )
             if start == "spectral" and {"odelora-euler", "scaled-gd"} <= set(tab.index):
@@ -128,7 +131,7 @@ class MatrixSensing(Experiment):
                         f"{'>= ' if not np.isfinite(gd) else ''}{lower / ode[100.0]:.1f}x",
                         bool(lower >= 10 * ode[100.0]), "Gao & Tan 2026; Mu & Klabjan"))
             claims.append(Claim(
-                f"{start} start: iterations to relative error {cfg.tol:g}, best lr from the grid",
+                f"{start} start: iterations and gradient evaluations to relative error {cfg.tol:g}, best lr from the grid",
                 "reported (no threshold)", text, None))
         # figure: iterations vs kappa per method and start
         fig, axes = plt.subplots(1, len(cfg.starts), figsize=(5.5 * len(cfg.starts), 4), squeeze=False)
