@@ -191,6 +191,7 @@ class LoraGDRate(Experiment):
             fig, ax = plt.subplots(1, 3, figsize=(16, 4))
             for (rule, c), g in df[df.problem == p].groupby(["rule", "c"]):
                 lab = f"{rule} c={c:g}"
+                g = g[np.isfinite(g.loss) & (g.loss < 1e3 * g.loss.iloc[0])]  # a diverged run stops where it blew up
                 ax[0].loglog(g.t + 1, g.loss, label=lab)
                 ax[1].loglog(g.t + 1, g.min_g2, label=lab)
                 ax[2].loglog(g.t + 1, g.V2, label=lab)
