@@ -134,6 +134,7 @@ def balanced(
     scale=1.0,
     rtol: float | None = None,
     damping: float = 1e-8,
+    qr: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ODELoRA: the projected full fine-tuning flow ``d(sBA)/dt = -P(G)`` on the balanced set.
 
@@ -147,14 +148,19 @@ def balanced(
       flow (``damping`` relative to ``trace(M)/r``), which moves both factors wherever the
       gradient reaches them and is zero when both factors are zero.
 
-    ``rtol`` sets the rank test on the QR diagonals (see :func:`odelora.geometry.full_rank`).
+    ``rtol`` sets the rank test on the QR diagonals (see :func:`odelora.geometry.full_rank`);
+    ``qr = (QB, RB, QA, RA)`` with ``B = QB RB`` and ``A.T = QA RA`` skips the factorization
+    (the optimizer passes the factors its balancing retraction just produced).
     """
     B, A, hB, hA = _prepare(B, A, gB, gA, scale)
     batch = B.shape[:-2]
     Bf, Af = B.reshape(-1, *B.shape[-2:]), A.reshape(-1, *A.shape[-2:])
     hBf, hAf = hB.reshape(Bf.shape), hA.reshape(Af.shape)
-    QB, RB = torch.linalg.qr(Bf)
-    QA, RA = torch.linalg.qr(Af.mT)
+    if qr is None:
+        QB, RB = torch.linalg.qr(Bf)
+        QA, RA = torch.linalg.qr(Af.mT)
+    else:
+        QB, RB, QA, RA = (t.reshape(-1, *t.shape[-2:]) for t in qr)
     okB, okA = full_rank(RB, rtol), full_rank(RA, rtol)
     zeroB, zeroA = _is_zero(RB), _is_zero(RA)
     both = okB & okA

@@ -12,6 +12,7 @@ from torch import Tensor
 __all__ = [
     "work_dtype",
     "balance",
+    "balance_with_qr",
     "imbalance",
     "tangent_project",
     "full_rank",
@@ -56,24 +57,41 @@ def balance(B: Tensor, A: Tensor, *, skip_deficient: bool = False) -> tuple[Tens
     where the product has zero singular values, which would erase the other factor's information;
     with ``skip_deficient=True`` such pairs are returned unchanged instead.
     """
+    Bn, An, _, _ = balance_with_qr(B, A, skip_deficient=skip_deficient)
+    return Bn, An
+
+
+def balance_with_qr(B: Tensor, A: Tensor, *, skip_deficient: bool = False):
+    """:func:`balance`, plus what the retraction learns on the way: the QR factors of the result
+    when every pair was balanced, ``(QB U, diag(S^1/2), QA V, diag(S^1/2))`` in the working
+    precision (else None), which a flow evaluated right after can reuse, and the imbalance of the
+    input per pair (from its R factors, r x r work only)."""
     r = A.shape[-2]
     if r > min(B.shape[-2], A.shape[-1]):
         if skip_deficient:  # the product can never have rank r
-            return B, A
+            return B, A, None, imbalance(B, A)
         raise ValueError(f"cannot balance rank {r} factors of a {B.shape[-2]}x{A.shape[-1]} product: r > min(m, n)")
     dtype = B.dtype
     wd = work_dtype(B, A)
     QB, RB, QA, RA = _qr_pair(B.to(wd), A.to(wd))
+    MB, MA = RB.mT @ RB, RA.mT @ RA  # B.T B and A A.T
+    den = torch.linalg.matrix_norm(MB).clamp_min(torch.finfo(wd).tiny)
+    drift = torch.linalg.matrix_norm(MB - MA) / den
     U, S, Vh = torch.linalg.svd(RB @ RA.mT)
     root = S.sqrt()
-    Bn = ((QB @ U) * root.unsqueeze(-2)).to(dtype)
-    An = (root.unsqueeze(-1) * (Vh @ QA.mT)).to(dtype)
+    QBn, QAn = QB @ U, QA @ Vh.mT
+    Bn = (QBn * root.unsqueeze(-2)).to(dtype)
+    An = (root.unsqueeze(-1) * QAn.mT).to(dtype)
+    R = torch.diag_embed(root)
+    qr = (QBn, R, QAn, R)
     if skip_deficient:
         tol = 1e3 * torch.finfo(wd).eps
         ok = (S[..., -1] > tol * S[..., 0]) & (S[..., 0] > 0)
-        Bn = torch.where(ok[..., None, None], Bn, B)
-        An = torch.where(ok[..., None, None], An, A)
-    return Bn, An
+        if not bool(ok.all()):
+            Bn = torch.where(ok[..., None, None], Bn, B)
+            An = torch.where(ok[..., None, None], An, A)
+            qr = None
+    return Bn, An, qr, drift
 
 
 def imbalance(B: Tensor, A: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from .flows import Flow, get_flow
-from .geometry import balance, imbalance, work_dtype
+from .flows import balanced as balanced_flow
+from .geometry import balance_with_qr, imbalance, work_dtype
 from .integrators import StepController, get_tableau, rk_step
 from .pairs import LoRAPair, as_pairs
 
@@ -87,7 +88,9 @@ class ODELoRA(torch.optim.Optimizer):
             of the velocity (not of the raw gradient), with ``betas``, ``eps`` and decoupled
             ``weight_decay``. Fixed-step methods only.
         flow_options: extra keyword arguments for the flow (e.g. ``damping``).
-        track_imbalance: log ``max ||B.T B - A A.T|| / ||B.T B||`` over pairs after each step.
+        track_imbalance: log ``max ||B.T B - A A.T|| / ||B.T B||`` over pairs after each step:
+            with rebalancing, of the step's result before the retraction (the drift of the
+            discrete step, O(h^2), which the retraction then removes); without, of the factors.
         companion: other trainable parameters (heads, biases, DoRA magnitudes, ...), moved by
             an AdamW with ``companion_lr`` and ``companion_kwargs`` once per accepted step, from
             the gradients at the start of the step. Its groups appear in ``param_groups`` (with
@@ -148,6 +151,7 @@ class ODELoRA(torch.optim.Optimizer):
                 g["companion"] = True
                 self.param_groups.append(g)
         self._stage_closure: Callable | None = None
+        self._qr_cache: tuple | None = None  # QR factors left by the last retraction, keyed by param versions
         self._rho = 1.0  # adaptive step as a fraction of each group's lr (1 for fixed steps)
         self.stats = dict(steps=0, nfe=0, accepted=0, rejected=0, nonfinite=0)
         self.last_step: dict[str, Any] = {}
@@ -229,6 +233,25 @@ class ODELoRA(torch.optim.Optimizer):
             values += list(y[2 * i].unbind(0)) + list(y[2 * i + 1].unbind(0))
         torch._foreach_copy_(params, values)
 
+    @staticmethod
+    def _qr_matches(qrs, y) -> bool:
+        for i, qr in enumerate(qrs):
+            if qr is None:
+                continue
+            QB, RB, QA, RA = qr
+            B, A = y[2 * i], y[2 * i + 1]
+            tol = 100 * torch.finfo(B.dtype).eps
+            if QB.shape[:-1] != B.shape[:-1] or not (
+                torch.allclose(QB @ RB, B, rtol=tol, atol=tol * float(B.abs().max()))
+                and torch.allclose(QA @ RA, A.mT, rtol=tol, atol=tol * float(A.abs().max()))
+            ):
+                return False
+        return True
+
+    @staticmethod
+    def _versions(buckets: list[_Bucket]) -> tuple[int, ...]:
+        return tuple(p._version for b in buckets for p in b.Bs + b.As)
+
     def _grads(self, buckets: list[_Bucket]) -> list[Tensor]:
         out = []
         for b in buckets:
@@ -254,9 +277,18 @@ class ODELoRA(torch.optim.Optimizer):
         else:  # the gradient already in .grad counts as this stage's evaluation
             record["nfe"] += 1
         g = self._grads(buckets)
+        cached = None
+        if at_params and self._qr_cache is not None and self.flow is balanced_flow:
+            versions, qrs, trusted = self._qr_cache
+            if trusted and versions == self._versions(buckets):  # still what the retraction wrote
+                cached = qrs
+            elif not trusted and self._qr_matches(qrs, y):  # restored from a checkpoint: check once
+                cached = qrs
+            self._qr_cache = (self._versions(buckets), qrs, True) if cached is not None else None
         v = []
         for i, b in enumerate(buckets):
-            dB, dA = self.flow(y[2 * i], y[2 * i + 1], g[2 * i], g[2 * i + 1], scale=b.scales, **self.flow_options)
+            extra = {"qr": cached[i]} if cached is not None and cached[i] is not None else {}
+            dB, dA = self.flow(y[2 * i], y[2 * i + 1], g[2 * i], g[2 * i + 1], scale=b.scales, **extra, **self.flow_options)
             lr = self.param_groups[b.group]["lr"]
             v += [dB.mul_(lr), dA.mul_(lr)]
         if not bool(torch.stack([t.isfinite().all() for t in v]).all()):  # one sync for all pairs
@@ -338,10 +370,17 @@ class ODELoRA(torch.optim.Optimizer):
             return record["loss"]
         if self.preconditioner == "adam":
             y_new = self._adam(buckets, y0, y_new)
+        qr_cache, drift = [], []
         if self.rebalance:
-            for i in range(len(buckets)):
-                y_new[2 * i], y_new[2 * i + 1] = balance(y_new[2 * i], y_new[2 * i + 1], skip_deficient=True)
+            for i, b in enumerate(buckets):
+                y_new[2 * i], y_new[2 * i + 1], qr, d = balance_with_qr(y_new[2 * i], y_new[2 * i + 1], skip_deficient=True)
+                qr_cache.append(qr if b.Bs[0].dtype == b.wd else None)  # rounding to half precision voids it
+                drift.append(d)
+        elif self.track_imbalance:
+            drift = [imbalance(y_new[2 * i], y_new[2 * i + 1]) for i in range(len(buckets))]
+        record["imbalance"] = drift
         self._write(buckets, y_new)
+        self._qr_cache = (self._versions(buckets), qr_cache, True) if any(q is not None for q in qr_cache) else None
         if self._companion is not None:
             cps = [p for g in self._companion.param_groups for p in g["params"]]
             for p, g in zip(cps, record["companion_grads"]):
@@ -382,8 +421,8 @@ class ODELoRA(torch.optim.Optimizer):
                 g["t"] += rho * g["lr"]
             g["h"] = (self._rho if self.tableau.adaptive else 1.0) * g["lr"]  # the next step
         imb = None
-        if accepted and self.track_imbalance:
-            imb = max(float(imbalance(y_new[2 * i], y_new[2 * i + 1]).max()) for i in range(len(buckets)))
+        if accepted and self.track_imbalance and record.get("imbalance"):
+            imb = float(torch.stack([d.max() for d in record["imbalance"]]).max())
         loss = record["loss"]
         self.stats["steps"] += 1
         self.stats["nfe"] += record["nfe"]
@@ -403,6 +442,8 @@ class ODELoRA(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["odelora"] = dict(rho=self._rho, stats=dict(self.stats))
+        if self._qr_cache is not None:  # derived, but resuming must reproduce the same arithmetic
+            sd["odelora"]["qr_cache"] = [None if q is None else [t.clone() for t in q] for q in self._qr_cache[1]]
         if self._companion is not None:
             sd["odelora"]["companion"] = self._companion.state_dict()
         return sd
@@ -414,6 +455,8 @@ class ODELoRA(torch.optim.Optimizer):
         if extra is not None:
             self._rho = float(extra["rho"])
             self.stats.update(extra["stats"])
+            qrs = extra.get("qr_cache")
+            self._qr_cache = None if qrs is None else ((), [None if q is None else tuple(q) for q in qrs], False)
             if self._companion is not None and "companion" in extra:
                 self._companion.load_state_dict(extra["companion"])
         if self._companion is not None:  # re-share the companion's group dicts after the reload
