@@ -63,9 +63,9 @@ def balance(B: Tensor, A: Tensor, *, skip_deficient: bool = False) -> tuple[Tens
 
 def balance_with_qr(B: Tensor, A: Tensor, *, skip_deficient: bool = False):
     """:func:`balance`, plus what the retraction learns on the way: the QR factors of the result
-    when every pair was balanced, ``(QB U, diag(S^1/2), QA V, diag(S^1/2))`` in the working
-    precision (else None), which a flow evaluated right after can reuse, and the imbalance of the
-    input per pair (from its R factors, r x r work only)."""
+    (``(QB U, diag(S^1/2), QA V, diag(S^1/2))`` for balanced pairs, the input's own for skipped
+    ones, in the working precision; None if r > min(m, n)), which a flow evaluated right after
+    can reuse, and the imbalance of the input per pair (from its R factors, r x r work only)."""
     r = A.shape[-2]
     if r > min(B.shape[-2], A.shape[-1]):
         if skip_deficient:  # the product can never have rank r
@@ -85,12 +85,12 @@ def balance_with_qr(B: Tensor, A: Tensor, *, skip_deficient: bool = False):
     R = torch.diag_embed(root)
     qr = (QBn, R, QAn, R)
     if skip_deficient:
-        tol = 1e3 * torch.finfo(wd).eps
+        tol = 10 * r * torch.finfo(wd).eps
         ok = (S[..., -1] > tol * S[..., 0]) & (S[..., 0] > 0)
-        if not bool(ok.all()):
-            Bn = torch.where(ok[..., None, None], Bn, B)
-            An = torch.where(ok[..., None, None], An, A)
-            qr = None
+        if not bool(ok.all()):  # unchanged pairs keep the QR of their input
+            keep = ok[..., None, None]
+            Bn, An = torch.where(keep, Bn, B), torch.where(keep, An, A)
+            qr = tuple(torch.where(keep, new, old) for new, old in zip(qr, (QB, RB, QA, RA)))
     return Bn, An, qr, drift
 
 

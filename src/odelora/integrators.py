@@ -108,11 +108,14 @@ def get_tableau(method: str | Tableau) -> Tableau:
 
 def _combine(y: State, h: float, coeffs: Sequence[float], ks: Sequence[State]) -> State:
     """``y + h * sum_j coeffs[j] * ks[j]`` (zero coefficients skipped)."""
-    out = [t.clone() for t in y]
+    out = None
     for cj, kj in zip(coeffs, ks):
         if cj != 0.0:
-            torch._foreach_add_(out, kj, alpha=h * cj)
-    return out
+            if out is None:
+                out = torch._foreach_add(y, kj, alpha=h * cj)
+            else:
+                torch._foreach_add_(out, kj, alpha=h * cj)
+    return [t.clone() for t in y] if out is None else list(out)
 
 
 def rk_step(
