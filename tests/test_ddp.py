@@ -1,6 +1,7 @@
 """ODELoRA under DDP (torchrun, 2 processes, gloo) equals one process on the same global batch."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,16 @@ def test_ddp_matches_single_process(method, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).parent / "ddp_worker.py"), str(out), method, str(steps)]
     for attempt in range(2):  # one retry: a rendezvous on a loaded 2-core machine can stall
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+            out_text, err_text = proc.communicate(timeout=120)
             break
-        except subprocess.TimeoutExpired as err:
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+            out_text, err_text = proc.communicate()
             if attempt == 1:
-                raise AssertionError(f"torchrun timed out twice:\n{err.stdout}\n{err.stderr}") from None
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                raise AssertionError(f"torchrun timed out twice:\n{out_text[-3000:]}\n{err_text[-3000:]}") from None
+    assert proc.returncode == 0, out_text[-3000:] + err_text[-3000:]
     ddp = torch.load(out, weights_only=True)
     model = ddp_worker.build()
     X, Y = ddp_worker.batches(steps)

@@ -121,8 +121,10 @@ def _balanced_full(B, A, hB, hA, QB, RB, QA, RA):
     return dB, dA
 
 
-def _is_zero(R: Tensor) -> Tensor:
-    return R.diagonal(dim1=-2, dim2=-1).abs().amax(-1) == 0
+def _rank_flags(R: Tensor, rtol: float | None) -> tuple[Tensor, Tensor]:
+    """(full rank, zero) per factor from its triangular QR factor (see ``full_rank``)."""
+    big = R.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+    return full_rank(R, rtol), big == 0
 
 
 def balanced(
@@ -161,8 +163,8 @@ def balanced(
         QA, RA = torch.linalg.qr(Af.mT)
     else:
         QB, RB, QA, RA = (t.reshape(-1, *t.shape[-2:]) for t in qr)
-    okB, okA = full_rank(RB, rtol), full_rank(RA, rtol)
-    zeroB, zeroA = _is_zero(RB), _is_zero(RA)
+    okB, zeroB = _rank_flags(RB, rtol)
+    okA, zeroA = _rank_flags(RA, rtol)
     both = okB & okA
     if bool(both.all()):
         dB, dA = _balanced_full(Bf, Af, hBf, hAf, QB, RB, QA, RA)

@@ -291,7 +291,7 @@ class ODELoRA(torch.optim.Optimizer):
             dB, dA = self.flow(y[2 * i], y[2 * i + 1], g[2 * i], g[2 * i + 1], scale=b.scales, **extra, **self.flow_options)
             lr = self.param_groups[b.group]["lr"]
             v += [dB.mul_(lr), dA.mul_(lr)]
-        if not bool(torch.stack([t.isfinite().all() for t in v]).all()):  # one sync for all pairs
+        if not bool(torch.isfinite(sum(t.sum() for t in v))):  # NaN/inf anywhere makes the sum so; one sync
             raise NonFiniteError("gradient or velocity is not finite")
         return v
 
