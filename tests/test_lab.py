@@ -1,7 +1,6 @@
 """Each experiment at a tiny scale checks its own claim; the runner resumes; reports rebuild."""
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-import torch
 from torch import Tensor
 
 __all__ = ["LoRAPair", "as_pair"]

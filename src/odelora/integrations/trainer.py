@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import Trainer, TrainerCallback
 
 from ..optim import ODELoRA

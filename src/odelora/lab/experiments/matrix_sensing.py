@@ -6,8 +6,6 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
-import torch
 
 from ..core import Claim, Experiment, ExperimentConfig, register
 from ..methods import METHODS, make_optimizer, train
