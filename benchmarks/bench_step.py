@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from odelora import ODELoRA
+from odelora.integrations.peft import create_odelora_optimizer
 from odelora.integrations.finetune import build_model
 
 
@@ -35,7 +35,7 @@ def main() -> None:
         m.train()
         models[name] = m
         if name == "odelora":
-            opts[name] = ODELoRA.from_model(m, lr=0.05, method="euler", companion_lr=1e-3, companion_kwargs={"foreach": True})
+            opts[name] = create_odelora_optimizer(m, lr=0.05, method="euler", companion_lr=1e-3, companion_kwargs={"foreach": True})
         else:
             opts[name] = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3, foreach=True)
     n_pairs = len(opts["odelora"].pairs)

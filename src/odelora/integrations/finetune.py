@@ -80,14 +80,14 @@ def build_model(rank: int, alpha: float, seed: int):
 
 
 def make_optimizer(method: str, model, lr: float, head_lr: float):
-    from ..optim import ODELoRA
+    from .peft import create_odelora_optimizer
 
     if method == "odelora-euler":
-        return ODELoRA.from_model(model, lr=lr, method="euler", companion_lr=head_lr)
+        return create_odelora_optimizer(model, lr=lr, method="euler", companion_lr=head_lr)
     if method == "odelora-rk4":
-        return ODELoRA.from_model(model, lr=lr, method="rk4", companion_lr=head_lr)
+        return create_odelora_optimizer(model, lr=lr, method="rk4", companion_lr=head_lr)
     if method == "odelora-adam":
-        return ODELoRA.from_model(model, lr=lr, method="euler", preconditioner="adam", companion_lr=head_lr)
+        return create_odelora_optimizer(model, lr=lr, method="euler", preconditioner="adam", companion_lr=head_lr)
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "adamw":
         return torch.optim.AdamW(params, lr=lr, foreach=True)
@@ -99,7 +99,7 @@ def make_optimizer(method: str, model, lr: float, head_lr: float):
         try:
             from peft.optimizers import create_riemannian_optimizer
         except ImportError:  # older PEFT: the scaled flow is the same preconditioning
-            return ODELoRA.from_model(model, lr=lr, method="euler", flow="scaled", companion_lr=head_lr)
+            return create_odelora_optimizer(model, lr=lr, method="euler", flow="scaled", companion_lr=head_lr)
         return create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
@@ -150,7 +150,7 @@ def run_one(method, lr, args, enc, labels, tr, ev, progress=None) -> list[dict]:
 
         if isinstance(opt, ODELoRA):
             loss = opt.step(closure)
-            nfe += opt.last_step["nfe"]
+            nfe += opt.last_step.nfe
         else:
             loss = closure()
             opt.step()

@@ -62,7 +62,7 @@ def train(
         except NonFiniteError:
             summary["diverged"] = True
             break
-        nfe += opt.last_step["nfe"] if isinstance(opt, ODELoRA) else 1
+        nfe += opt.last_step.nfe if isinstance(opt, ODELoRA) else 1
         m = metric()
         if not math.isfinite(m) or m > blowup * max(m0, 1e-300):
             summary["diverged"] = True

@@ -72,7 +72,7 @@ class FeatureLearning(Experiment):
                              rms_z=float((B @ (A @ x)).norm()) / np.sqrt(n), lr_A=lr_A, lr_B=lr_B))
             B, A = B + dB, A + dA
             if rebalance:
-                B, A = balance(B, A, skip_deficient=True)
+                B, A = balance(B, A)
         return rows
 
     def report(self, df, cfg, out: Path):
