@@ -94,7 +94,9 @@ def test_truncate_is_the_best_rank_r_approximation(m, n, a, p, rng):
         R = rng.standard_normal((n, p))
         M = rng.standard_normal((UL.shape[1] + p, b + p))
         k = min(a, m, n)
-        U, S, V = (t.numpy() for t in truncate(*(torch.from_numpy(x) for x in (UL, UR, M, L, R)), k))
+        U, S, V, UtUL, VtUR = (t.numpy() for t in truncate(*(torch.from_numpy(x) for x in (UL, UR, M, L, R)), k))
+        np.testing.assert_allclose(UtUL, U.T @ UL, atol=1e-12)
+        np.testing.assert_allclose(VtUR, V.T @ UR, atol=1e-12)
         Y = np.hstack([UL, L]) @ M @ np.hstack([UR, R]).T
         u, s, vt = np.linalg.svd(Y)
         np.testing.assert_allclose(S, s[:k], rtol=1e-10, atol=1e-12 * s[0])

@@ -143,7 +143,7 @@ def test_rank_one_gradients_from_peft_start_never_blow_up(method, dtype):
             opt.zero_grad()
             W = W0 + s * B.double() @ A.double()
             r_ = x @ W.T - y
-            gnorms.append(float((r_.T @ x).norm()))  # |dL/dW| at this stage
+            gnorms.append(float((r_.T @ x).detach().norm()))  # |dL/dW| at this stage
             loss = 0.5 * (r_**2).sum()
             loss.backward()
             return loss

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .geometry import Frame, compute_dtype, damped_inverse, default_damping, factor_frame
+from .geometry import Frame, Tangent, compute_dtype, damped_inverse, default_damping, factor_frame
 
 __all__ = ["Flow", "gradient", "scaled", "balanced", "FLOWS", "get_flow"]
 
@@ -40,14 +40,17 @@ class Flow:
 
     ``uses_frame``: the function accepts ``frame=`` (the factors' thin SVDs) and then skips
     computing it. ``has_gauge``: it accepts ``gauge=False``, dropping a term that moves only the
-    factorization, not the product (retractions that rebuild the factors from the product pass
-    it). ``retraction``: the optimizer's default way of stepping with this flow.
+    factorization, not the product. ``tangent``: a function with the same arguments (``frame``
+    required) returning the product velocity as a :class:`~odelora.geometry.Tangent`, which
+    retractions that rebuild the factors from the product take directly. ``retraction``: the
+    optimizer's default way of stepping with this flow.
     """
 
     name: str
     fn: Callable[..., tuple[Tensor, Tensor]]
     uses_frame: bool = False
     has_gauge: bool = False
+    tangent: Callable[..., Tangent] | None = None
     retraction: str = "none"
 
     def __call__(self, B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale=1.0, **options):
@@ -125,6 +128,25 @@ def _gauge(C: Tensor, fr: Frame) -> Tensor:
     return 0.5 * C + 0.5 * (Q @ (Om * ratio) @ Q.mT)
 
 
+def _balanced_parts(B, A, gB, gA, scale, frame, damping):
+    """The pieces both forms of the balanced flow share (see :func:`_balanced`)."""
+    B, A, hB, hA, fr, d = _prepare(B, A, gB, gA, scale, frame, damping)
+    invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
+    tA = invB.unsqueeze(-1) * (fr.PB.mT @ hA)  # (MB + lam)^-1 hA in PB's coordinates, (k, n)
+    hBi = (hB @ fr.PA) * invA.unsqueeze(-2)  # hB (MA + lam)^-1 in PA's coordinates, (m, k')
+    core = fr.UB.mT @ hBi  # (k, k')
+    return B, A, fr, invB, tA, hBi, core
+
+
+def _balanced_tangent(B, A, gB, gA, *, scale=1.0, frame: Frame, damping: float | None = None) -> Tangent:
+    """The balanced flow's product velocity ``-P(G)/s`` as a :class:`Tangent` at ``frame``:
+    ``L = -hB (MA + lam)^-1 A.T``, ``R.T = -B.T (MB + lam)^-1 hA``, ``C = PU-weights * core``."""
+    B, A, fr, invB, tA, hBi, core = _balanced_parts(B, A, gB, gA, scale, frame, damping)
+    phiB = fr.sB * fr.sB * invB
+    sA = fr.sA.unsqueeze(-2)
+    return Tangent(-hBi * sA, -(fr.sB.unsqueeze(-1) * tA).mT, (phiB.unsqueeze(-1) * core) * sA)
+
+
 def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: float | None = None, gauge: bool = True):
     """ODELoRA: the projected full fine-tuning flow ``d(sBA)/dt = -P(G)`` with balanced factors.
 
@@ -133,14 +155,11 @@ def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: f
     flow (``s (dB A + B dA) = -P(G)``, and with ``gauge=True`` ``B.T B - A A.T`` stays constant);
     at ``B = 0`` it reduces to ``dX = -G PV`` (LoRA-Pro's first step), at ``A = 0`` to ``-PU G``,
     and directions whose singular values vanish drop out continuously."""
-    B, A, hB, hA, fr, d = _prepare(B, A, gB, gA, scale, frame, damping)
-    invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
+    B, A, fr, invB, tA, hBi, core = _balanced_parts(B, A, gB, gA, scale, frame, damping)
     phiB = fr.sB * fr.sB * invB  # damped projector weights on B's column space, in [0, 1)
     # Orthogonal gauge: dA = -(MB + lam)^-1 hA, dB = -(I - PU) hB (MA + lam)^-1, so that
     # dB A + B dA = -(PU G + G PV - PU G PV) / s with the damped projectors PU, PV.
-    dA = -fr.PB @ (invB.unsqueeze(-1) * (fr.PB.mT @ hA))
-    hBi = (hB @ fr.PA) * invA.unsqueeze(-2)  # hB PA diag(invA), (m, k')
-    core = fr.UB.mT @ hBi  # UB.T hB PA diag(invA), (k, k')
+    dA = -fr.PB @ tA
     dB = -(hBi - fr.UB @ (phiB.unsqueeze(-1) * core)) @ fr.PA.mT
     if gauge:
         C = fr.PB @ ((fr.sB * invB).unsqueeze(-1) * core) @ fr.PA.mT  # (MB+lam)^-1 B.T hB (MA+lam)^-1
@@ -152,7 +171,7 @@ def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: f
 
 gradient = Flow("gradient", _gradient)
 scaled = Flow("scaled", _scaled, uses_frame=True)
-balanced = Flow("balanced", _balanced, uses_frame=True, has_gauge=True, retraction="truncate")
+balanced = Flow("balanced", _balanced, uses_frame=True, has_gauge=True, tangent=_balanced_tangent, retraction="truncate")
 
 FLOWS: dict[str, Flow] = {f.name: f for f in (gradient, scaled, balanced)}
 

@@ -23,8 +23,11 @@ __all__ = [
     "Frame",
     "factor_frame",
     "damped_inverse",
+    "Tangent",
+    "tangent_of",
     "truncate",
     "balanced_factors",
+    "balance_frame",
     "balance",
     "imbalance",
     "tangent_project",
@@ -61,6 +64,24 @@ class Frame(NamedTuple):
     balanced: bool = False
 
 
+class Tangent(NamedTuple):
+    """A tangent vector at a pair's frame, ``dX/s = UB C UA.T + UB R.T + L UA.T`` with ``L``
+    (..., m, k'), ``R`` (..., n, k) and ``C`` (..., k, k'): the form the truncation retraction
+    consumes without converting factor velocities."""
+
+    L: Tensor
+    R: Tensor
+    C: Tensor
+
+
+def tangent_of(fr: Frame, dB: Tensor, dA: Tensor) -> Tangent:
+    """The :class:`Tangent` of factor velocities: ``dB A + B dA`` at ``B = UB sB PB.T``,
+    ``A.T = UA sA PA.T``."""
+    L = (dB @ fr.PA) * fr.sA.unsqueeze(-2)
+    R = ((fr.sB.unsqueeze(-1) * (fr.PB.mT @ dA))).mT
+    return Tangent(L, R, L.new_zeros(*L.shape[:-2], fr.sB.shape[-1], fr.sA.shape[-1]))
+
+
 def _thin_svd(F: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``F = U diag(s) P.T`` for a tall or wide (..., p, r) matrix: QR first when p > r (cheaper
     than an SVD of the tall matrix), then an SVD of the small triangular factor."""
@@ -94,13 +115,14 @@ def _polar(N: Tensor) -> Tensor:
     return W @ Zh
 
 
-def truncate(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def truncate(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int):
     """Best rank-``rank`` approximation of ``Y = [UL, L] @ M @ [UR, R].T`` (the metric projection
     on the rank-``rank`` matrices), without forming Y.
 
     ``UL`` (..., m, a) and ``UR`` (..., n, b) have orthonormal columns; ``L`` (..., m, p) and
-    ``R`` (..., n, q) are arbitrary; ``M`` is (..., a + p, b + q). Returns ``(U, S, V)`` with
-    ``Y_rank = U diag(S) V.T`` and orthonormal U, V.
+    ``R`` (..., n, q) are arbitrary; ``M`` is (..., a + p, b + q). Returns ``(U, S, V, U.T UL,
+    V.T UR)`` with ``Y_rank = U diag(S) V.T``, orthonormal U and V, and their overlaps with the
+    anchors (small matrices, free here, which spare the caller products with the tall bases).
 
     Householder QR of ``[UL, L]`` (not of L alone) keeps the new basis orthonormal and orthogonal
     to UL even when L is rank-deficient (a rank-1 gradient), and gives ``min(m, a + p)`` columns
@@ -109,28 +131,43 @@ def truncate(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int)
     Ql, Tl = torch.linalg.qr(torch.cat([UL, L], -1))
     Qr, Tr = torch.linalg.qr(torch.cat([UR, R], -1))
     W, S, Zh = torch.linalg.svd(Tl @ M @ Tr.mT)
-    return Ql @ W[..., :rank], S[..., :rank], Qr @ Zh[..., :rank, :].mT
+    W, Z = W[..., :rank], Zh[..., :rank, :].mT
+    a, b = UL.shape[-1], UR.shape[-1]
+    return Ql @ W, S[..., :rank], Qr @ Z, W.mT @ Tl[..., :a], Z.mT @ Tr[..., :b]
 
 
-def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor, Tensor] | None = None):
+def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor, Tensor] | None = None, overlaps=None):
     """Balanced factors of ``U diag(S) V.T`` with r columns: ``B = U diag(S^1/2) Q``,
     ``A = Q.T diag(S^1/2) V.T`` with ``Q`` (k, r) of orthonormal rows, and their :class:`Frame`.
 
     Balanced factorizations differ by such Q; with ``near = (B0, A0)`` the one closest to
-    ``(B0, A0)`` in Frobenius norm is returned (a Procrustes problem), so that the factors move
-    continuously from step to step: no column sign flips or permutations, which would scramble any
-    per-coordinate state such as Adam moments. Without it, ``Q = [I, 0]``.
+    ``(B0, A0)`` in Frobenius norm is returned (an orthogonal Procrustes problem), so that factors
+    move continuously from step to step: no column sign flips or permutations, which would
+    scramble per-coordinate state such as Adam moments. ``overlaps = (U.T B0, V.T A0.T)`` may be
+    passed instead of computing them. Without ``near``, ``Q = [I, 0]``.
     """
     root = S.clamp_min(0).sqrt()
     k = S.shape[-1]
     if near is None:
         Q = torch.eye(k, r, dtype=U.dtype, device=U.device).expand(*S.shape[:-1], k, r)
     else:
-        B0, A0 = near
-        Q = _polar(root.unsqueeze(-1) * (U.mT @ B0 + V.mT @ A0.mT))
+        UB0, VA0 = overlaps if overlaps is not None else (U.mT @ near[0], V.mT @ near[1].mT)
+        Q = _polar(root.unsqueeze(-1) * (UB0 + VA0))
     B = (U * root.unsqueeze(-2)) @ Q
     A = Q.mT @ (root.unsqueeze(-1) * V.mT)
     return B, A, Frame(U, root, Q.mT, V, root, Q.mT, balanced=True)
+
+
+def balance_frame(B: Tensor, A: Tensor, fr: Frame | None = None) -> tuple[Tensor, Tensor, Frame]:
+    """Balanced factors of ``B @ A`` closest to ``(B, A)``, with their frame (``fr``: the input's
+    frame, if known)."""
+    fr = fr if fr is not None else factor_frame(B, A)
+    core = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+    W, S, Zh = torch.linalg.svd(core, full_matrices=False)
+    Z = Zh.mT
+    # overlaps with the input: U.T B = W.T diag(sB) PB.T, V.T A.T = Z.T diag(sA) PA.T
+    over = (W.mT @ (fr.sB.unsqueeze(-1) * fr.PB.mT), Z.mT @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
+    return balanced_factors(fr.UB @ W, S, fr.UA @ Z, B.shape[-1], near=(B, A), overlaps=over)
 
 
 def balance(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,10 +177,7 @@ def balance(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     product gives factors with matching zero directions (``B = 0`` balances to ``(0, 0)``)."""
     dtype, wd = B.dtype, compute_dtype(B, A)
     B0, A0 = B.to(wd), A.to(wd)
-    fr = factor_frame(B0, A0)
-    core = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
-    W, S, Zh = torch.linalg.svd(core, full_matrices=False)
-    Bn, An, _ = balanced_factors(fr.UB @ W, S, fr.UA @ Zh.mT, B.shape[-1], near=(B0, A0))
+    Bn, An, _ = balance_frame(B0, A0)
     return Bn.to(dtype), An.to(dtype)
 
 

@@ -204,12 +204,13 @@ def rk_step(
     """
     stages = [first] if first is not None else []
     for i in range(len(stages), tableau.stages):
-        yi = y0 if i == 0 else space.combine(y0, h, tableau.a[i], stages)
         try:
+            yi = y0 if i == 0 else space.combine(y0, h, tableau.a[i], stages)
             k = f(yi)
-        except NonFiniteError as exc:
-            exc.stage, exc.stages = i, stages
-            raise
+        except (NonFiniteError, torch.linalg.LinAlgError) as exc:
+            err = exc if isinstance(exc, NonFiniteError) else NonFiniteError(f"linear algebra failed ({exc})")
+            err.stage, err.stages = i, stages
+            raise err from None
         stages.append(Stage(yi, k))
     if tableau.fsal:  # the last stage was evaluated at the new state
         return stages[-1].y, stages

@@ -91,12 +91,13 @@ class _Field:
         self.loss: Tensor | None = None
         self.companion_grads: list | None = None
         self.calls = 0
-        opts = dict(opt.flow_options)
-        if opt.flow.has_gauge and not (opt.retraction.needs_gauge or opt.preconditioner.per_coordinate):
-            opts.setdefault("gauge", False)  # only the product of the velocity matters
-        self.options = opts
+        product_only = opt.retraction.velocity == "tangent" and not opt.preconditioner.per_coordinate
+        self.tangent = opt.flow.tangent if product_only else None
+        self.options = dict(opt.flow_options)
+        if product_only and opt.flow.has_gauge:
+            self.options.setdefault("gauge", False)  # only the product of the velocity matters
 
-    def __call__(self, y: list[Factors]) -> list[tuple[Tensor, Tensor]]:
+    def __call__(self, y: list[Factors]) -> list:
         opt, store = self.opt, self.opt.store
         first = self.calls == 0
         self.calls += 1
@@ -111,17 +112,21 @@ class _Field:
             self.loss = loss
             if opt._companion is not None:
                 self.companion_grads = [None if p.grad is None else p.grad.clone() for p in opt._companion_params()]
-        v = []
-        for x, (gB, gA) in zip(y, store.grads()):
-            frame = x.ensure_frame() if opt.flow.uses_frame else None
-            extra = {"frame": frame} if frame is not None else {}
-            v.append(opt.flow(x.B, x.A, gB, gA, scale=x.scale, **extra, **self.options))
-        total = sum(dB.sum() + dA.sum() for dB, dA in v)
+        v = [self._velocity(x, gB, gA) for x, (gB, gA) in zip(y, store.grads())]
+        total = sum(t.sum() for k in v for t in k)
         if loss is not None:  # inf * 0 is NaN: a non-finite loss poisons the sum too
             total = total + torch.as_tensor(loss).detach().to(total).sum() * 0
         if not bool(torch.isfinite(total)):  # one sync: NaN/inf anywhere makes the sum so
             raise NonFiniteError(self._describe(loss, v))
         return v
+
+    def _velocity(self, x: Factors, gB: Tensor, gA: Tensor):
+        flow = self.opt.flow
+        if self.tangent is not None:
+            opts = {k: v for k, v in self.options.items() if k != "gauge"}
+            return self.tangent(x.B, x.A, gB, gA, scale=x.scale, frame=x.ensure_frame(), **opts)
+        extra = {"frame": x.ensure_frame()} if flow.uses_frame else {}
+        return flow(x.B, x.A, gB, gA, scale=x.scale, **extra, **self.options)
 
     def _describe(self, loss, v) -> str:
         if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
@@ -130,7 +135,7 @@ class _Field:
         bad_g = store.names_where([~(torch.isfinite(gB).flatten(1).all(1) & torch.isfinite(gA).flatten(1).all(1)) for gB, gA in store.grads()])
         if bad_g:
             return f"non-finite gradient in {_short(bad_g)}"
-        bad_v = store.names_where([~(torch.isfinite(dB).flatten(1).all(1) & torch.isfinite(dA).flatten(1).all(1)) for dB, dA in v])
+        bad_v = store.names_where([torch.stack([~torch.isfinite(t).flatten(1).all(1) for t in k]).any(0) for k in v])
         return f"non-finite velocity in {_short(bad_v)}"
 
 
@@ -298,6 +303,9 @@ class ODELoRA(torch.optim.Optimizer):
                 self._rho = res.h_next
             return self._skip(fld, y0, self._tolerance_failure(res), nfe=res.nfe, rejected=res.rejected, nonfinite=res.nonfinite)
         y = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
+        overflow = self._overflow(y)
+        if overflow:
+            return self._skip(fld, y0, f"the step overflows the {overflow} parameters", nfe=res.nfe, rejected=res.rejected + 1, nonfinite=res.nonfinite + 1)
         self._commit(y, fld, res)
         return fld.loss
 
@@ -326,6 +334,15 @@ class ODELoRA(torch.optim.Optimizer):
                 return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
         self._last = None
         return store.pack()
+
+    def _overflow(self, y: list[Factors]) -> str | None:
+        """The dtype of half-precision parameters that the new factors would overflow, if any."""
+        for b, x in zip(self.store.buckets, y):
+            if not b.exact:
+                big = torch.finfo(b.Bs[0].dtype).max
+                if not bool(((x.B.abs().amax() <= big) & (x.A.abs().amax() <= big))):
+                    return str(b.Bs[0].dtype).replace("torch.", "")
+        return None
 
     def _commit(self, y: list[Factors], fld: _Field, res: Attempt) -> None:
         store = self.store

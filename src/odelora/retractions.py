@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .geometry import Frame, balanced_factors, factor_frame, truncate
+from .geometry import Frame, Tangent, balance_frame, balanced_factors, factor_frame, tangent_of, truncate
 from .integrators import Stage, axpy
 
 __all__ = ["Factors", "Retraction", "FactorSteps", "BalanceSteps", "TruncateSteps", "RETRACTIONS", "get_retraction"]
@@ -74,11 +74,12 @@ def _factor_ratios(y0, y1, h, coeffs, stages, atol, rtol) -> Tensor:
 
 
 class Retraction:
-    """Base of the spaces in ``RETRACTIONS``. ``needs_gauge`` is False where only the product of a
-    velocity matters (flows may then skip their gauge term)."""
+    """Base of the spaces in ``RETRACTIONS``. ``velocity`` is the form stage velocities may take:
+    ``"factors"`` (``(dB, dA)``) or ``"tangent"`` (also :class:`~odelora.geometry.Tangent`, where
+    only the product of a velocity matters)."""
 
     name = "base"
-    needs_gauge = True
+    velocity = "factors"
 
     def combine(self, y0: list[Factors], h: Sequence[float], coeffs: Sequence[float], stages: Sequence[Stage]) -> list[Factors]:
         raise NotImplementedError
@@ -104,16 +105,9 @@ class FactorSteps(Retraction):
         return out
 
 
-def _balance(B: Tensor, A: Tensor, near: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Frame]:
-    """Balanced factors of ``B @ A`` closest to ``near``, with their frame."""
-    fr = factor_frame(B, A)
-    core = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
-    W, S, Zh = torch.linalg.svd(core, full_matrices=False)
-    return balanced_factors(fr.UB @ W, S, fr.UA @ Zh.mT, B.shape[-1], near=near)
-
-
 def _balanced_state(x: Factors) -> Factors:
-    B, A, fr = _balance(x.B, x.A, near=(x.B, x.A))
+    """The balanced factors of ``x``'s product closest to ``x``'s factors."""
+    B, A, fr = balance_frame(x.B, x.A, x.frame)
     return Factors(B, A, x.scale, fr)
 
 
@@ -139,57 +133,73 @@ def _product_norm(x: Factors) -> Tensor:
 
 
 class TruncateSteps(Retraction):
-    """``"truncate"``: projected Runge-Kutta on the rank-r matrices (see the module docstring)."""
+    """``"truncate"``: projected Runge-Kutta on the rank-r matrices (see the module docstring).
+    Stage velocities may be factor velocities or :class:`~odelora.geometry.Tangent` vectors at
+    the stage's frame (``velocity = "tangent"``: flows that can, return those)."""
 
     name = "truncate"
-    needs_gauge = False
+    velocity = "tangent"
 
     def combine(self, y0, h, coeffs, stages):
         return [self._combine_bucket(b, x0, h[b], coeffs, stages) for b, x0 in enumerate(y0)]
 
-    def _combine_bucket(self, b: int, x0: Factors, h: float, coeffs, stages) -> Factors:
+    @staticmethod
+    def _tangent(x: Factors, k) -> Tangent:
+        return k if isinstance(k, Tangent) else tangent_of(x.ensure_frame(), *k)
+
+    def _blocks(self, b: int, x0: Factors, h: float, coeffs, stages):
+        """``X/s = [UB, L] M [UA, R].T`` for ``X0 + h sum_j c_j s t_j``: stages at X0 share its
+        bases; a stage elsewhere adds ``[UB_j, L_j] [[C_j, I], [I, 0]] [UA_j, R_j].T``."""
         fr = x0.ensure_frame()
-        # X0 / s = UB core0 UA.T
-        core0 = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
-        dB0 = dA0 = None  # summed velocities of the stages evaluated at X0 itself
-        Ls, Rs = [], []  # other stages: h c (dB A + B dA) = [h c dB, h c B] [A.T, dA.T].T
+        C0 = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+        L0 = R0 = None
+        Ls, Rs, Ms = [], [], []
         for cj, st in zip(coeffs, stages):
             if cj == 0.0:
                 continue
-            dB, dA = st.k[b]
+            w = h * cj
+            t = self._tangent(st.y[b], st.k[b])
             if st.y[b] is x0:
-                dB0 = dB * (h * cj) if dB0 is None else dB0.add_(dB, alpha=h * cj)
-                dA0 = dA * (h * cj) if dA0 is None else dA0.add_(dA, alpha=h * cj)
+                C0 = C0 + w * t.C
+                L0 = t.L * w if L0 is None else L0.add_(t.L, alpha=w)
+                R0 = t.R * w if R0 is None else R0.add_(t.R, alpha=w)
             else:
-                Ls += [dB * (h * cj), st.y[b].B * (h * cj)]
-                Rs += [st.y[b].A.mT, dA.mT]
-        # The moves at X0 in its own bases: UB (sB PB.T dA0) + (dB0 PA sA) UA.T
-        kB, kA = fr.UB.shape[-1], fr.UA.shape[-1]
-        blocks_L, blocks_R = [], []
-        if dB0 is not None:
-            blocks_L.append((dB0 @ fr.PA) * fr.sA.unsqueeze(-2))  # pairs with UA: M[kB + 0, 0] = I
-            blocks_R.append(((fr.sB.unsqueeze(-1) * (fr.PB.mT @ dA0))).mT)  # pairs with UB
-        L = torch.cat(blocks_L[:1] + Ls, -1) if (blocks_L or Ls) else None
-        R = torch.cat(blocks_R[:1] + Rs, -1) if (blocks_R or Rs) else None
-        if L is None:  # nothing moved
+                frj = st.y[b].ensure_frame()
+                Ls += [frj.UB, t.L * w]
+                Rs += [frj.UA, t.R]
+                kB, kA = frj.UB.shape[-1], frj.UA.shape[-1]
+                Mj = C0.new_zeros(*C0.shape[:-2], kB + kA, kA + kB)
+                Mj[..., :kB, :kA] = w * t.C
+                Mj[..., :kB, kA:] = w * torch.eye(kB, dtype=C0.dtype, device=C0.device)
+                Mj[..., kB:, :kA] = torch.eye(kA, dtype=C0.dtype, device=C0.device)
+                Ms.append(Mj)
+        if L0 is not None:  # X0's own moves: L0 pairs with UA, R0 with UB
+            Ls.insert(0, L0)
+            Rs.insert(0, R0)
+        return fr, C0, Ls, Rs, Ms, L0 is not None
+
+    def _combine_bucket(self, b: int, x0: Factors, h: float, coeffs, stages) -> Factors:
+        fr, C0, Ls, Rs, Ms, at_x0 = self._blocks(b, x0, h, coeffs, stages)
+        if not Ls:  # nothing moved
             return x0
-        # Coupling of [UB, L] and [UA, R]: X/s = [UB, L] M [UA, R].T
-        pL, pR = L.shape[-1], R.shape[-1]
-        M = core0.new_zeros(*core0.shape[:-2], kB + pL, kA + pR)
-        M[..., :kB, :kA] = core0
-        off_l, off_r = kB, kA
-        if dB0 is not None:
-            eyeA = torch.eye(kA, dtype=M.dtype, device=M.device)
-            eyeB = torch.eye(kB, dtype=M.dtype, device=M.device)
-            M[..., kB : kB + kA, :kA] = eyeA  # (dB0 PA sA) UA.T
-            M[..., :kB, kA : kA + kB] = eyeB  # UB (sB PB.T dA0)
-            off_l, off_r = kB + kA, kA + kB
-        n_extra = pL - (off_l - kB)
-        if n_extra:
-            M[..., off_l:, off_r:] = torch.eye(n_extra, dtype=M.dtype, device=M.device)
+        kB, kA = fr.UB.shape[-1], fr.UA.shape[-1]
+        L, R = torch.cat(Ls, -1), torch.cat(Rs, -1)
+        M = C0.new_zeros(*C0.shape[:-2], kB + L.shape[-1], kA + R.shape[-1])
+        M[..., :kB, :kA] = C0
+        i, j = kB, kA
+        if at_x0:
+            kL0, kR0 = Ls[0].shape[-1], Rs[0].shape[-1]
+            M[..., i : i + kL0, :kA] = torch.eye(kL0, dtype=M.dtype, device=M.device)  # L0 UA.T
+            M[..., :kB, j : j + kR0] = torch.eye(kR0, dtype=M.dtype, device=M.device)  # UB R0.T
+            i, j = i + kL0, j + kR0
+        for Mj in Ms:
+            M[..., i : i + Mj.shape[-2], j : j + Mj.shape[-1]] = Mj
+            i, j = i + Mj.shape[-2], j + Mj.shape[-1]
         k_out = min(x0.rank, x0.B.shape[-2], x0.A.shape[-1])
-        U, S, V = truncate(fr.UB, fr.UA, M, L, R, k_out)
-        B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A))
+        U, S, V, UtUB, VtUA = truncate(fr.UB, fr.UA, M, L, R, k_out)
+        # overlaps with the start's factors, for the closest balanced factorization
+        over = (UtUB @ (fr.sB.unsqueeze(-1) * fr.PB.mT), VtUA @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
+        B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A), overlaps=over)
         return Factors(B, A, x0.scale, frame)
 
     def retract(self, y):
@@ -197,23 +207,44 @@ class TruncateSteps(Retraction):
 
     def error_ratios(self, y0, y1, h, coeffs, stages, atol, rtol):
         """Per pair: ``|E|_F / (atol sqrt(mn) + rtol max(|X0|_F, |X1|_F))`` with ``E`` the error
-        estimate of the product, ``s h sum_j c_j (dB_j A_j + B_j dA_j)``, from Gram matrices of
-        its factors (never formed)."""
+        estimate of the product, ``s h sum_j c_j t_j``, from Gram matrices of its factors."""
         out = []
         for b, (x0, x1) in enumerate(zip(y0, y1)):
-            Ls, Rs = [], []
+            Ls, Rs, Ms = [], [], []
             for cj, st in zip(coeffs, stages):
                 if cj != 0.0:
-                    dB, dA = st.k[b]
-                    Ls += [dB * (h[b] * cj), st.y[b].B * (h[b] * cj)]
-                    Rs += [st.y[b].A.mT, dA.mT]
-            L, R = torch.cat(Ls, -1), torch.cat(Rs, -1)
-            e2 = ((L.mT @ L) * (R.mT @ R)).sum((-2, -1)).clamp_min(0)
+                    frj = st.y[b].ensure_frame()
+                    t = self._tangent(st.y[b], st.k[b])
+                    w = h[b] * cj
+                    Ls += [frj.UB, t.L]
+                    Rs += [frj.UA, t.R]
+                    kB, kA = frj.UB.shape[-1], frj.UA.shape[-1]
+                    Mj = t.C.new_zeros(*t.C.shape[:-2], kB + kA, kA + kB)
+                    Mj[..., :kB, :kA] = w * t.C
+                    Mj[..., :kB, kA:] = w * torch.eye(kB, dtype=t.C.dtype, device=t.C.device)
+                    Mj[..., kB:, :kA] = w * torch.eye(kA, dtype=t.C.dtype, device=t.C.device)
+                    Ms.append(Mj)
+            e2 = _frob2(torch.cat(Ls, -1), _block_diag(Ms), torch.cat(Rs, -1))
             n0, n1 = _product_norm(x0), _product_norm(x1)
             m, n = x0.B.shape[-2], x0.A.shape[-1]
             s = x0.scale
             out.append(s * e2.sqrt() / (atol * math.sqrt(m * n) + rtol * s * torch.maximum(n0, n1)))
         return torch.cat(out)
+
+
+def _block_diag(Ms: list[Tensor]) -> Tensor:
+    rows, cols = sum(M.shape[-2] for M in Ms), sum(M.shape[-1] for M in Ms)
+    out = Ms[0].new_zeros(*Ms[0].shape[:-2], rows, cols)
+    i = j = 0
+    for M in Ms:
+        out[..., i : i + M.shape[-2], j : j + M.shape[-1]] = M
+        i, j = i + M.shape[-2], j + M.shape[-1]
+    return out
+
+
+def _frob2(L: Tensor, M: Tensor, R: Tensor) -> Tensor:
+    """``|L M R.T|_F^2 = trace(L.T L M R.T R M.T)`` per pair, without forming the product."""
+    return ((L.mT @ L) @ M * (M @ (R.mT @ R))).sum((-2, -1)).clamp_min(0)
 
 
 RETRACTIONS: dict[str, type[Retraction]] = {c.name: c for c in (FactorSteps, BalanceSteps, TruncateSteps)}
