@@ -157,11 +157,11 @@ def pinn(retraction, widths=(20, 64, 128, 256), iterations=200):
                 n2.load_state_dict(base)
                 add_lora(n2, r=4)
                 model = dde.Model(problem(1.5), n2)
-                err0 = l2(model, 1.5)
                 pairs = lora_pairs(n2)
                 a0 = max(float(p.A.norm()) for p in pairs)
                 opt = make(pairs, retraction, lr=2e-3, method=method)
                 model.compile(opt)
+                err0 = l2(model, 1.5)
                 t0 = time.perf_counter()
                 model.train(iterations=iterations, display_every=10**6, verbose=0)
                 growth = max(max(float(p.B.norm()), float(p.A.norm())) for p in pairs) / a0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -91,11 +91,15 @@ class _Field:
         self.loss: Tensor | None = None
         self.companion_grads: list | None = None
         self.calls = 0
+        # Where only the product of a velocity matters, ask the flow for a tangent vector (or, failing
+        # that, for factor velocities without the gauge term, which moves only the factorization).
         product_only = opt.retraction.velocity == "tangent" and not opt.preconditioner.per_coordinate
         self.tangent = opt.flow.tangent if product_only else None
         self.options = dict(opt.flow_options)
-        if product_only and opt.flow.has_gauge:
-            self.options.setdefault("gauge", False)  # only the product of the velocity matters
+        if self.tangent is not None:
+            self.options.pop("gauge", None)
+        elif product_only and opt.flow.has_gauge:
+            self.options.setdefault("gauge", False)
 
     def __call__(self, y: list[Factors]) -> list:
         opt, store = self.opt, self.opt.store
@@ -123,8 +127,7 @@ class _Field:
     def _velocity(self, x: Factors, gB: Tensor, gA: Tensor):
         flow = self.opt.flow
         if self.tangent is not None:
-            opts = {k: v for k, v in self.options.items() if k != "gauge"}
-            return self.tangent(x.B, x.A, gB, gA, scale=x.scale, frame=x.ensure_frame(), **opts)
+            return self.tangent(x.B, x.A, gB, gA, scale=x.scale, frame=x.ensure_frame(), **self.options)
         extra = {"frame": x.ensure_frame()} if flow.uses_frame else {}
         return flow(x.B, x.A, gB, gA, scale=x.scale, **extra, **self.options)
 
