@@ -247,18 +247,17 @@ class ODELoRA(torch.optim.Optimizer):
         self._rho = 1.0  # adaptive step as a fraction of each group's lr (1 for fixed steps)
         self._skips = 0  # consecutive skipped steps
         self._last: tuple[tuple, list[Factors], bool] | None = None  # (versions, state, trusted)
-        self._store: tuple[tuple, PairStore] | None = None
+        self._store: PairStore | None = None
         self.stats = dict(steps=0, nfe=0, accepted=0, rejected=0, nonfinite=0, skipped=0)
         self.last_step = StepRecord()
 
     # ------------------------------------------------------------------ pairs
     @property
     def store(self) -> PairStore:
-        groups = [g for g in self.param_groups if not g.get("companion")]
-        key = tuple(id(p) for g in groups for p in g["params"]) + tuple(s for g in groups for s in g["scales"])
-        if self._store is None or self._store[0] != key:
-            self._store = (key, PairStore(self.param_groups))
-        return self._store[1]
+        """The pairs packed by shape; rebuilt when param groups are added or loaded."""
+        if self._store is None:
+            self._store = PairStore(self.param_groups)
+        return self._store
 
     @property
     def pairs(self) -> list[LoRAPair]:
@@ -283,6 +282,7 @@ class ODELoRA(torch.optim.Optimizer):
         if not param_group.get("companion") and ("scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"])):
             raise ValueError("ODELoRA param groups are built from pairs: pass {'pairs': [...], ...}")
         super().add_param_group(param_group)
+        self._store = None
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -417,6 +417,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._validate(state_dict)
         extra = state_dict.pop("odelora", None)
         super().load_state_dict(state_dict)
+        self._store = None
         for b in self.store.buckets:  # torch casts state to the parameter dtype; moments live in the compute dtype
             for p in b.params:
                 for key in ("exp_avg", "exp_avg_sq"):

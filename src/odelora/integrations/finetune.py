@@ -63,7 +63,7 @@ class Classifier(torch.nn.Module):
         return loss, logits
 
 
-def build_model(rank: int, alpha: float, seed: int):
+def build_model(rank: int, alpha: float, seed: int, targets: str = TARGETS):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
@@ -75,7 +75,7 @@ def build_model(rank: int, alpha: float, seed: int):
     torch.manual_seed(seed)
     enc = AutoModel.from_pretrained(minilm_path(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = Classifier(enc, 5)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, modules_to_save=["head"])
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, modules_to_save=["head"])
     return get_peft_model(model, cfg)
 
 
