@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # seconds of a fixed workload on one core of the machine the cost models were measured on
-REFERENCE_SPEED = 0.25
+REFERENCE_SPEED = 0.18
 
 
 def _type_name(ann) -> str:

@@ -60,6 +60,10 @@ class Method:
     description: str
     build: Callable[[list[tuple[Tensor, Tensor, float]]], torch.optim.Optimizer]
     batchable: bool = True
+    # Steps that follow the gradient field (no momentum): a run that oscillates without progress
+    # or falls far behind stays so. Adam's runs often make long excursions and then converge, so
+    # they are stopped only when they converge, diverge, stop moving or reach the cap.
+    steady: bool = True
 
 
 METHODS: dict[str, Method] = {
@@ -70,8 +74,8 @@ METHODS: dict[str, Method] = {
                                _odelora(method="bs32", rtol=1e-3, atol=1e-12), batchable=False),
     "lora-gd": Method("LoRA gradient descent", _torch(torch.optim.SGD)),
     "scaled-gd": Method("scaled GD (Riemannian preconditioned)", _odelora(method="euler", flow="scaled")),
-    "adam": Method("Adam on the factors", _torch(torch.optim.Adam)),
-    "lora-plus": Method("LoRA+ (Adam, B's rate x16)", _torch(torch.optim.Adam, ratio=16.0)),
+    "adam": Method("Adam on the factors", _torch(torch.optim.Adam), steady=False),
+    "lora-plus": Method("LoRA+ (Adam, B's rate x16)", _torch(torch.optim.Adam, ratio=16.0), steady=False),
 }
 
 
@@ -129,7 +133,8 @@ def train(
     also stalls at any time when, over a window of ``flat_window`` steps, the metric stopped moving
     (total variation below 1e-6 of the best metric: a floor) or oscillated without a new best
     (total variation above the best metric). A saddle plateau, where the error drifts slowly and
-    smoothly before the next escape, meets neither test.
+    smoothly before the next escape, meets neither test. Methods that are not ``steady`` (Adam)
+    are only stopped by the floor test.
     """
     def _nfe(opt) -> int:  # gradient evaluations of the last step: the one read of ODELoRA's step record
         return opt.last_step["nfe"] if isinstance(opt, ODELoRA) else 1
@@ -239,11 +244,11 @@ def train(
                 status = "converged"
             elif it == iters:
                 status = "cap"
-            elif target is not None and it % flat_window == 0 and it - improved[k] >= flat_window and tv[k] >= float(best[k]):
+            elif spec.steady and target is not None and it % flat_window == 0 and it - improved[k] >= flat_window and tv[k] >= float(best[k]):
                 status, o.projected, o.reason = "stalled", math.inf, "oscillating: no new best and an error moving by more than its own size"
             elif target is not None and it % flat_window == 0 and tv[k] < 1e-6 * float(best[k]):
                 status, o.projected, o.reason = "stalled", math.inf, "stopped moving: the error changed by less than 1e-6 of itself"
-            elif target is not None and it >= stall_after and it % stall_window == 0:
+            elif spec.steady and target is not None and it >= stall_after and it % stall_window == 0:
                 b, bp = float(best[k]), float(best_prev[k])
                 rate = math.log(b / bp) / stall_window if 0 < b < bp else 0.0
                 o.projected = it + math.log(target / b) / rate if rate < 0 else math.inf

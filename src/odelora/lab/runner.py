@@ -262,7 +262,8 @@ def run_experiment(
             pool.join()
         bar.close()
     meta.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cases=len(cases), ran=len(todo),
-                case_seconds=round(sum(timings.values()), 2), wall_seconds=round(time.perf_counter() - t0, 2), jobs=jobs)
+                case_seconds=round(sum(timings.values()), 2), wall_seconds=round(time.perf_counter() - t0, 2), jobs=jobs,
+                case_times={cid: round(dt, 2) for cid, dt in sorted(timings.items())})
     try:  # earlier (interrupted or partial) runs of this folder stay on record
         before = json.loads((out / "meta.json").read_text())
         meta["earlier_runs"] = before.pop("earlier_runs", []) + [

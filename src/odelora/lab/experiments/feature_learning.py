@@ -103,7 +103,8 @@ class FeatureLearning(Experiment):
         return [dict(rule=m) for m in cfg.rules]
 
     def case_cost(self, cfg, case):
-        return 0.05 * cfg.seeds * len(cfg.constants) * sum(w / 1000 + 0.05 for w in cfg.widths) * cfg.steps / 10
+        base = {"odelora": 3.7, "scaled-gd": 2.0, "adam": 3.9, "adam-ratio-16": 3.9}.get(case["rule"], 0.9)  # full preset
+        return base * cfg.seeds / 8 * len(cfg.constants) / 3 * sum(w + 500 for w in cfg.widths) / 11600 * cfg.steps / 10
 
     def run_case(self, cfg, case):
         return [dict(row, seed=s) for s in range(cfg.seeds) for c in cfg.constants for n in cfg.widths

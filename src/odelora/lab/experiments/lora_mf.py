@@ -165,7 +165,7 @@ class LoraMF(Experiment):
     name = "lora-mf"
     summary = "alignment then local phase of LoRA gradient flow in matrix factorization (Xu et al.)"
     Config = Config
-    QUICK = dict(seeds=30, points=160)
+    QUICK = dict(seeds=20, points=160, alphas=[1e-3, 1e-4, 1e-5])
 
     def cases(self, cfg):
         # the std alpha^2 start only serves the talk's statement, made for the setting dw<1
@@ -173,8 +173,7 @@ class LoraMF(Experiment):
                 if i != "random-sq" or s == "dw<1"]
 
     def case_cost(self, cfg, case):
-        base = 1.5 * SETTINGS[case["setting"]]["local"] / 40.0
-        return base * cfg.seeds / 30 * (1 + math.log10(1 / case["alpha"]) / 10)
+        return 10.0 * (0.6 + 0.4 * cfg.seeds / 30) * (0.5 + 0.5 * cfg.points / 240)  # full preset: about 10 s a case
 
     def run_case(self, cfg, case):
         setting, alpha, init = case["setting"], case["alpha"], case["init"]
@@ -397,10 +396,11 @@ class LoraMF(Experiment):
             sub = curves[curves.setting == setting]
             if sub.empty:
                 continue
-            fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+            fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
+            alphas = sorted(sub.alpha.unique())
             for (a, init), g in sub.groupby(["alpha", "init"]):
                 g = g.sort_values("t")
-                color = f"C{sorted(sub.alpha.unique()).index(a)}"
+                color = f"C{alphas.index(a)}"
                 lab = f"alpha={a:g}, {init}"
                 axes[0].plot(g.t, g.loss, styles[init], color=color, label=lab)
                 axes[1].plot(g.t, g.misalign.clip(lower=1e-17), styles[init], color=color, label=lab)
@@ -414,7 +414,10 @@ class LoraMF(Experiment):
             sw = SETTINGS[setting]
             axes[0].set_title(f"{setting}: sigma_W1={sw['sigma_W1']}, sigma_W2={sw['sigma_W2']}, spread {sw['spread']}")
             axes[2].set_title("thin lines: T1 per alpha")
-            axes[0].legend(ncol=2, fontsize=6)
-            axes[3].legend(fontsize=6)
+            from matplotlib.lines import Line2D
+
+            axes[0].legend(handles=[Line2D([], [], color=f"C{i}", label=f"alpha = {a:g}") for i, a in enumerate(alphas)]
+                           + [Line2D([], [], color="k", ls=styles[i], label=i) for i in sorted(sub.init.unique())], fontsize=7)
+            axes[3].legend(fontsize=7)
             figs.append(save_fig(fig, out, f"dynamics_{setting.replace('<', 'lt').replace('>', 'gt')}.png"))
         return figs

@@ -60,7 +60,9 @@ class StronglyConvex(Experiment):
         return [dict(method=m, seed=s) for s in range(cfg.seeds) for m in cfg.methods]
 
     def case_cost(self, cfg, case):
-        return (1.5 if case["method"] == "odelora-adaptive" else 0.5) * len(cfg.steps_times_L) * cfg.max_iters / 4000
+        # seconds per case on one core of the reference machine (full preset: 10 steps, cap 4000)
+        base = {"odelora-adaptive": 24.0, "odelora-rk4": 16.0, "odelora-heun": 4.0}.get(case["method"], 2.5)
+        return base * len(cfg.steps_times_L) / 10 * cfg.max_iters / 4000
 
     def run_case(self, cfg, case):
         q = strongly_convex(cfg.m, cfg.n, cfg.rank, cfg.cond, case["seed"])

@@ -72,7 +72,10 @@ class TrajectoryFidelity(Experiment):
         return [dict(method=m, seed=s) for s in range(cfg.seeds) for m in cfg.methods]
 
     def case_cost(self, cfg, case):
-        return 1.0 + 0.004 * TABLEAUS[case["method"]].stages * sum(cfg.steps)
+        tab = TABLEAUS[case["method"]]
+        if tab.adaptive:
+            return 0.3 + 0.2 * len(cfg.adaptive_rtols)
+        return 0.3 + 0.0015 * tab.stages * sum(cfg.steps) * (2 if tab.stages >= 4 else 1)
 
     def run_case(self, cfg, case):
         q, (B0, A0) = _problem(cfg, case["seed"])
