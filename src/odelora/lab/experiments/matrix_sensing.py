@@ -74,7 +74,7 @@ class MatrixSensing(Experiment):
         m=20, n=20, rank=3, seeds=1, max_iters=2000, log_every=20,
         grids={"odelora-euler": [0.6, 0.7, 0.8, 0.9, 1.0], "scaled-gd": [0.4, 0.5, 0.6, 0.7, 0.8],
                "odelora-rk4": [1.0, 1.25, 1.5], "odelora-adaptive": [0.5, 1.0, 1.5], "lora-gd": [0.3, 0.5, 0.7, 0.9, 1.1],
-               "adam": [0.003, 0.01, 0.03, 0.1], "lora-plus": [0.001, 0.003, 0.01, 0.03]},
+               "adam": [0.003, 0.01, 0.03, 0.1], "lora-plus": [0.001, 0.003, 0.01, 0.03, 0.1]},
     )
 
     def cases(self, cfg):
