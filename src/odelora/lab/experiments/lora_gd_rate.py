@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
-from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt
+from ..core import Claim, Experiment, ExperimentConfig, NonEmpty
 from ._common import save_fig
 
 RULES = {

@@ -20,7 +20,6 @@ from typing import Annotated, Literal
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt
-from ..methods import METHODS, MethodName, Run, train
+from ..core import Claim, Experiment, ExperimentConfig, NonEmpty
+from ..methods import MethodName, Run, train
 from ..problems import quadratic_fns, sensing_family, small_random_start
 from ._common import best_by_method, edge_note, final_rows, save_fig, stall_text, status_text
 
