@@ -412,9 +412,13 @@ class LoraMF(Experiment):
                 if init == "random":
                     axes[3].plot(g.t, g.logratio / math.log(10), styles[init], color=color, label=lab)
                     axes[2].axvline(g.T1.iloc[0], color=color, lw=0.6, alpha=0.5)
+            long = sub.t.max() > 6 * sub.T1.max()  # a long local phase: linear time up to 2 T1, logarithmic after
             for ax, yl, ys in zip(axes, ["loss (median over seeds)", "1 - cos(F's top pair, (u, v))", "||F||_2",
                                          "log10 ||B1A1||^2 / ||B2A2||^2 (random start)"], ["log", "log", "log", "linear"]):
-                ax.set(xlabel="t", ylabel=yl, yscale=ys)
+                ax.set(xlabel="t (linear up to 2 T1, then log)" if long else "t", ylabel=yl, yscale=ys)
+                if long:
+                    ax.set_xscale("symlog", linthresh=2 * float(sub.T1.max()), linscale=2)
+                    ax.set_xlim(left=0)
             sw = SETTINGS[setting]
             axes[0].set_title(f"{setting}: sigma_W1={sw['sigma_W1']}, sigma_W2={sw['sigma_W2']}, spread {sw['spread']}")
             axes[2].set_title("thin lines: T1 per alpha")
