@@ -32,20 +32,22 @@ TARGETS = r".*\.(query|key|value|attention\.output\.dense)$"
 
 
 def add_arguments(p) -> None:
+    from ..lab.argtypes import nonnegative_int, out_dir, positive_float, positive_int
+
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD",
                    help=f"methods to compare (default all: {', '.join(METHODS)})")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]", help="learning-rate grid for a method")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64, help="tokens per article (title and first lines)")
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--head-lr", type=float, default=2e-3, help="AdamW rate of the head for the ODELoRA methods")
-    p.add_argument("--train-docs", type=int, default=None, help="use only this many training articles")
-    p.add_argument("--eval-docs", type=int, default=400, help="size of the fixed held-out split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/finetune")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, default=64, help="tokens per article (title and first lines)")
+    p.add_argument("--eval-every", type=positive_int, default=25)
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--alpha", type=positive_float, default=16.0)
+    p.add_argument("--head-lr", type=positive_float, default=2e-3, help="AdamW rate of the head for the ODELoRA methods")
+    p.add_argument("--train-docs", type=positive_int, default=None, help="use only this many training articles")
+    p.add_argument("--eval-docs", type=positive_int, default=400, help="size of the fixed held-out split")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--out", type=out_dir, default="runs/finetune")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -173,8 +175,13 @@ def _grid(args) -> dict[str, list[float]]:
             raise SystemExit(f"--lr expects METHOD=LR[,LR...], got {item!r}")
         m, vals = item.split("=", 1)
         if m not in METHODS:
-            raise SystemExit(f"--lr: unknown method {m!r}; choose from {METHODS}")
-        grid[m] = [float(v) for v in vals.split(",")]
+            raise SystemExit(f"--lr: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        try:
+            grid[m] = [float(v) for v in vals.split(",")]
+        except ValueError:
+            raise SystemExit(f"--lr {item}: learning rates must be numbers, e.g. {m}=1e-3,2e-3") from None
+        if not all(0 < v < float("inf") for v in grid[m]):
+            raise SystemExit(f"--lr {item}: learning rates must be positive")
     return {m: grid[m] for m in args.methods}
 
 
@@ -212,18 +219,21 @@ def summarize(rows: list[dict], out: Path) -> dict:
 
 
 def main(args) -> int:
+    grid = _grid(args)  # bad input fails here, before anything heavy is imported or loaded
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from ..data import minilm_path
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
     texts, labels, tr, ev = split(args.eval_docs, args.train_docs)
     tok = AutoTokenizer.from_pretrained(minilm_path())
     enc = tok(texts, padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt")
     labels = torch.as_tensor(labels)
-    grid = _grid(args)
     runs_dir = out / "runs"
     rows: list[dict] = []
     total = sum(len(v) for v in grid.values()) * args.steps

@@ -1,4 +1,8 @@
-"""The ``odelora`` command: run experiments, build reports, reproduce everything."""
+"""The ``odelora`` command: run experiments, build reports, reproduce everything.
+
+Every error caused by the input is one line on stderr and a non-zero exit; Ctrl-C says what is
+saved and that rerunning the same command resumes.
+"""
 
 from __future__ import annotations
 
@@ -6,87 +10,189 @@ import argparse
 import os
 import sys
 import time
+import typing
 from pathlib import Path
+
+from .argtypes import OneLineParser, out_dir, positive_int
 
 os.environ.setdefault("DDE_BACKEND", "pytorch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-
-def _cmd_list(args) -> int:
-    from .core import EXPERIMENTS, get_experiment
-
-    get_experiment.__call__  # registry import happens in get_experiment
-    from . import experiments  # noqa: F401
-
-    for name, exp in sorted(EXPERIMENTS.items()):
-        print(f"{name:22s} {exp.summary}")
-    return 0
+# seconds of a fixed workload on one core of the machine the cost models were measured on
+REFERENCE_SPEED = 0.18
 
 
-def _cmd_run(args) -> int:
-    from .core import get_experiment
-    from .report import build_report
-    from .runner import load_config, run_experiment
+def _type_name(ann) -> str:
+    """A short, readable form of a config field's type."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        inner = _type_name(args[0])
+        for meta in args[1:]:
+            for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+                v = getattr(meta, attr, None)
+                if v is not None:
+                    inner += f" {sym} {v}"
+            for m in getattr(meta, "metadata", []):
+                for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "min length")):
+                    v = getattr(m, attr, None)
+                    if v is not None:
+                        inner += f", {sym} {v}" if attr == "min_length" else f" {sym} {v}"
+        return inner
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of ({_type_name(args[0])})" if args else "list"
+    if origin is dict:
+        key = "name" if typing.get_origin(args[0]) is typing.Literal else _type_name(args[0])
+        return f"mapping {key} -> {_type_name(args[1])}"
+    return getattr(ann, "__name__", str(ann))
 
-    exp = get_experiment(args.experiment)
-    cfg = load_config(exp, args.config, args.set, quick=args.quick)
-    out = Path(args.out or Path("runs") / exp.name)
-    t0 = time.time()
-    run_experiment(exp.name, cfg, out, jobs=args.jobs, progress=not args.no_progress)
-    claims, report = build_report(out)
-    _print_claims(exp.name, claims)
-    print(f"{exp.name}: {time.time() - t0:.0f}s, report {report}")
-    return 0
+
+def experiment_help(name: str) -> str:
+    from .registry import get_experiment
+
+    exp = get_experiment(name)
+    cfg, quick = exp.Config(), exp.quick_config()
+    lines = [f"odelora run {name}: {exp.summary}", "",
+             "config keys (set with --set KEY=VALUE or a YAML/JSON --config file):", ""]
+    for key, field in exp.Config.model_fields.items():
+        default = getattr(cfg, key)
+        q = getattr(quick, key)
+        lines.append(f"  {key} ({_type_name(field.rebuild_annotation())}): default {default!r}"
+                     + (f"; --quick {q!r}" if q != default else ""))
+        if field.description:
+            lines.append(f"      {field.description}")
+    lines += ["", "options: --quick (start from the quick preset), --out DIR, --jobs N, --config FILE, --set KEY=VALUE,",
+              "         --no-progress"]
+    return "\n".join(lines)
 
 
-def _cmd_report(args) -> int:
-    from .report import build_report
+class _RunHelp(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, help="show this help, or an experiment's config keys with defaults")
 
-    claims, report = build_report(Path(args.dir))
-    _print_claims(Path(args.dir).name, claims)
-    print(f"report: {report}")
-    return 0
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .registry import EXPERIMENTS
+
+        name = getattr(namespace, "experiment", None)
+        if name in EXPERIMENTS:
+            print(experiment_help(name))
+        else:
+            parser.print_help()
+            print("\nexperiments: " + ", ".join(EXPERIMENTS) + " (odelora run EXPERIMENT --help lists its config keys)")
+        parser.exit(0)
 
 
-def _print_claims(name, claims) -> None:
+def _print_claims(claims) -> None:
     for c in claims:
         print(f"  [{c.verdict}] {c.claim}: {c.measured}")
 
 
-def _cmd_reproduce(args) -> int:
-    from . import experiments  # noqa: F401
-    from .core import EXPERIMENTS
-    from .report import build_report, claims_markdown
-    from .runner import atomic_write, load_config, run_experiment
+def _cmd_list(args) -> int:
+    from .registry import EXPERIMENTS
 
-    root = Path(args.out or ("runs/quick" if args.quick else "runs/full"))
-    names = args.only or sorted(EXPERIMENTS)
-    sections, total = [], {"PASS": 0, "FAIL": 0, "REPORTED": 0}
-    t_all = time.time()
+    for name, cls in EXPERIMENTS.items():
+        print(f"{name:22s} {cls.summary}")
+    return 0
+
+
+def machine_speed() -> float:
+    """This machine's time for a fixed single-core workload over the reference machine's."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(400, 400, dtype=torch.float64)
+        t0 = time.perf_counter()
+        for _ in range(40):
+            a = torch.tanh(a @ a * 1e-2)
+        return max(0.25, (time.perf_counter() - t0) / REFERENCE_SPEED)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _minutes(s: float) -> str:
+    return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def _cmd_run(args) -> int:
+    from .registry import get_experiment
+    from .report import build_report
+    from .runner import check_out_dir, estimate_seconds, load_config, run_experiment
+
+    exp = get_experiment(args.experiment)
+    cfg = load_config(exp, args.config, args.set, quick=args.quick)
+    out = check_out_dir(Path(args.out or Path("runs") / exp.name))
+    t0 = time.time()
+    est = estimate_seconds(exp, cfg, exp.cases(cfg), args.jobs, machine_speed())
+    print(f"{exp.name}: {len(exp.cases(cfg))} cases, expected about {_minutes(est)} with {args.jobs} job(s) "
+          "(less if some are already saved)", flush=True)
+    run_experiment(exp, cfg, out, jobs=args.jobs, progress=not args.no_progress)
+    claims, report = build_report(out)
+    _print_claims(claims)
+    print(f"{exp.name}: {time.time() - t0:.0f} s, report {report}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import build_overview, build_report
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise SystemExit(f"{folder}: no such folder")
+    if (folder / "config.yaml").exists():
+        claims, report = build_report(folder)
+        _print_claims(claims)
+    else:  # a reproduction root: rebuild each experiment's report, then the overview
+        from .registry import EXPERIMENTS
+
+        names = [n for n in EXPERIMENTS if (folder / n / "config.yaml").exists()]
+        for n in names:
+            build_report(folder / n)
+        _, report = build_overview(folder, names)
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from .registry import EXPERIMENTS, get_experiment
+    from .report import build_overview, build_report
+    from .runner import check_out_dir, estimate_seconds, load_config, run_experiment
+
+    root = check_out_dir(Path(args.out or ("runs/quick" if args.quick else "runs/full")))
+    names = args.only or list(EXPERIMENTS)
+    bad = [n for n in names if n not in EXPERIMENTS]
+    if bad:
+        raise SystemExit(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from: {', '.join(EXPERIMENTS)}")
+    plan = []
+    speed = machine_speed()
     for name in names:
-        exp = EXPERIMENTS.get(name)
-        if exp is None:
-            raise SystemExit(f"unknown experiment {name!r}; choose one of: {', '.join(sorted(EXPERIMENTS))}")
+        exp = get_experiment(name)
         cfg = load_config(exp, None, None, quick=args.quick)
+        plan.append((exp, cfg, estimate_seconds(exp, cfg, exp.cases(cfg), args.jobs, speed)))
+    total = sum(e for *_, e in plan)
+    print(f"odelora reproduce{' --quick' if args.quick else ''}: {len(plan)} experiments into {root}, {args.jobs} job(s); "
+          f"expected about {_minutes(total)} (" + ", ".join(f"{e.name} {_minutes(s)}" for e, _, s in plan)
+          + "; finished cases are not rerun)", flush=True)
+    import json
+
+    timing, cpu = {}, {}
+    for exp, cfg, est in plan:
         t0 = time.time()
-        print(f"== {name}", flush=True)
-        run_experiment(name, cfg, root / name, jobs=args.jobs, progress=not args.no_progress)
-        claims, _ = build_report(root / name)
-        _print_claims(name, claims)
-        print(f"   {time.time() - t0:.0f}s", flush=True)
-        for c in claims:
-            total[c.verdict] += 1
-        sections += [f"## [{name}]({name}/report.md): {exp.summary}", "", claims_markdown(claims), ""]
-    head = [
-        f"# odelora lab report ({'quick' if args.quick else 'full'})",
-        "",
-        f"{total['PASS']} PASS, {total['FAIL']} FAIL, {total['REPORTED']} reported without threshold; "
-        f"{time.time() - t_all:.0f}s. Plots and configs are in each experiment's folder.",
-        "",
-    ]
-    atomic_write(root / "report.md", "\n".join(head + sections) + "\n")
-    print(f"\n{total['PASS']} PASS, {total['FAIL']} FAIL, {total['REPORTED']} reported; report: {root / 'report.md'}")
+        print(f"== {exp.name} (expected {_minutes(est)})", flush=True)
+        run_experiment(exp, cfg, root / exp.name, jobs=args.jobs, progress=not args.no_progress)
+        claims, _ = build_report(root / exp.name)
+        _print_claims(claims)
+        timing[exp.name] = time.time() - t0
+        meta = json.loads((root / exp.name / "meta.json").read_text())
+        cpu[exp.name] = meta.get("case_cpu_seconds", 0.0) + meta.get("prepare_seconds", 0.0)
+        print(f"   {timing[exp.name]:.0f} s ({cpu[exp.name]:.0f} s of CPU time)", flush=True)
+    counts, report = build_overview(root, [e.name for e, *_ in plan], timing=timing, cpu=cpu,
+                                    title=f"odelora lab report ({'quick' if args.quick else 'full'} sizes)")
+    print(f"\n{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['FINDING']} findings, {counts['REPORTED']} reported; "
+          f"{sum(timing.values()):.0f} s wall, {sum(cpu.values()):.0f} s of CPU time; report: {report}")
     return 0
 
 
@@ -97,28 +203,32 @@ def _cmd_finetune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="odelora", description="LoRA training as solving an ODE: the lab.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    from .registry import EXPERIMENTS
+
+    p = OneLineParser(prog="odelora", description="LoRA training as solving an ODE: the lab.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     s = sub.add_parser("list", help="list the experiments")
     s.set_defaults(func=_cmd_list)
-    s = sub.add_parser("run", help="run one experiment and write its report")
-    s.add_argument("experiment")
+    s = sub.add_parser("run", help="run one experiment and write its report", add_help=False,
+                       description="Run one experiment; `odelora run EXPERIMENT --help` lists its config keys.")
+    s.add_argument("-h", "--help", action=_RunHelp)
+    s.add_argument("experiment", choices=list(EXPERIMENTS), metavar="EXPERIMENT", help=", ".join(EXPERIMENTS))
     s.add_argument("--config", help="YAML or JSON file with config keys")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (YAML value)")
-    s.add_argument("--out", help="output folder (default runs/EXPERIMENT)")
-    s.add_argument("--jobs", type=int, default=1, help="parallel processes")
+    s.add_argument("--out", type=out_dir, help="output folder (default runs/EXPERIMENT)")
+    s.add_argument("--jobs", type=positive_int, default=1, help="parallel processes (default 1)")
     s.add_argument("--quick", action="store_true", help="start from the quick preset")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_run)
-    s = sub.add_parser("report", help="rebuild a report from an output folder")
+    s = sub.add_parser("report", help="rebuild reports from saved files (an experiment folder or a reproduction root)")
     s.add_argument("dir")
     s.set_defaults(func=_cmd_report)
     s = sub.add_parser("reproduce", help="run every experiment and write one report")
     s.add_argument("--quick", action="store_true", help="reduced sizes (minutes on 2 cores)")
-    s.add_argument("--out", help="output root (default runs/quick or runs/full)")
-    s.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    s.add_argument("--out", type=out_dir, help="output root (default runs/quick or runs/full)")
+    s.add_argument("--jobs", type=positive_int, default=max(1, min(2, os.cpu_count() or 1)), help="parallel processes (default: up to 2)")
     s.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="a subset of experiments")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_reproduce)
     from ..integrations.finetune import add_arguments
 
@@ -130,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as exc:
+        msg = str(exc) or "interrupted; finished work is saved: rerun the same command to resume"
+        print(f"\nodelora: {msg}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,62 +1,102 @@
-"""Experiment interface, registry, and the claim record a report is made of."""
+"""What an experiment is: a typed config, a grid of cases, and the claims a report is made of.
+
+Nothing here knows any particular experiment; the table of experiments is ``registry.py``.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-__all__ = ["ExperimentConfig", "Experiment", "Claim", "EXPERIMENTS", "register", "get_experiment"]
+__all__ = ["ExperimentConfig", "Experiment", "Claim", "NonEmpty", "fmt", "VERDICTS"]
+
+
+def NonEmpty(item):  # noqa: N802  (a type constructor)
+    """``list[item]`` with at least one element."""
+    return Annotated[list[item], Field(min_length=1)]
 
 
 class ExperimentConfig(BaseModel):
     """Base of every experiment config: typed, validated, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    seeds: int = 3
+    seeds: PositiveInt = Field(3, description="number of random seeds (0, 1, ...)")
+
+
+VERDICTS = ("PASS", "FAIL", "FINDING", "REPORTED")
 
 
 @dataclass
 class Claim:
-    """One checked statement: what the theory predicts, what was measured, PASS or FAIL."""
+    """One statement with what predicts it, what was measured, and a verdict.
+
+    ``passed`` is True/False for a claim with a pass criterion, None for a measurement reported
+    without one. A *finding* (``finding=True``) is a statement from the sources examined against
+    the measurements: it is reported, with ``note`` saying what it would take to hold.
+    ``note`` explains a FAIL (or a finding) in words built from the measured numbers.
+    """
 
     claim: str
     prediction: str
     measured: str
-    passed: bool | None  # None: reported only, no pass criterion
+    passed: bool | None
     source: str = ""
+    note: str = ""
+    finding: bool = False
+    table: str = ""  # an optional markdown table with the measured values in full
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
+        if self.finding:
+            return "FINDING"
         return "REPORTED" if self.passed is None else ("PASS" if self.passed else "FAIL")
 
     def as_dict(self) -> dict:
         return {**asdict(self), "verdict": self.verdict}
 
 
-class Experiment:
-    """An experiment is a grid of independent cases, each producing rows, plus a report.
+def fmt(x: float, spec: str = ".3g", nonfinite: str = "not finite") -> str:
+    """A number for report text; NaN/inf are replaced by words saying why (never 'nan'/'inf')."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return nonfinite
+    return format(x, spec) if math.isfinite(x) else nonfinite
 
-    Subclasses set ``name``, ``Config`` (with ``quick()`` giving the reduced preset) and implement
-    ``cases``, ``run_case`` and ``report``.
+
+class Experiment:
+    """A grid of independent cases, each producing rows, plus a report drawn from the rows.
+
+    Subclasses set ``name``, ``summary``, ``Config`` and ``QUICK`` (the reduced preset) and
+    implement ``cases``, ``run_case``, ``report`` and ``describe``. ``case_cost`` is the expected
+    seconds of one case on one core of the reference machine (used for the time estimate).
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type[ExperimentConfig]]
+    QUICK: ClassVar[dict] = {}
 
     def quick_config(self) -> ExperimentConfig:
-        return self.Config(**getattr(self, "QUICK", {}))
+        return self.Config(**self.QUICK)
 
     def prepare(self, cfg) -> None:
         """Work shared by all cases (e.g. filling a cache), run once before the grid."""
 
+    def prepare_cost(self, cfg) -> float:
+        return 0.0
+
     def cases(self, cfg) -> list[dict]:
         raise NotImplementedError
+
+    def case_cost(self, cfg, case: dict) -> float:
+        return 1.0
 
     def run_case(self, cfg, case: dict) -> list[dict]:
         raise NotImplementedError
@@ -65,19 +105,6 @@ class Experiment:
         """Claims and the figure file names (relative to ``out``) drawn from ``df``."""
         raise NotImplementedError
 
-
-EXPERIMENTS: dict[str, Experiment] = {}
-
-
-def register(cls: type[Experiment]) -> type[Experiment]:
-    EXPERIMENTS[cls.name] = cls()
-    return cls
-
-
-def get_experiment(name: str) -> Experiment:
-    from . import experiments  # noqa: F401  (fills the registry)
-
-    try:
-        return EXPERIMENTS[name]
-    except KeyError:
-        raise SystemExit(f"unknown experiment {name!r}; choose one of: {', '.join(sorted(EXPERIMENTS))}") from None
+    def describe(self, df: pd.DataFrame, cfg) -> str:
+        """One sentence: what this run measured (built from the config and the rows)."""
+        return f"{df['case'].nunique()} cases, {len(df)} rows."

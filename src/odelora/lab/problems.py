@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Quadratic", "low_rank_target", "matrix_sensing", "strongly_convex", "spectral_start", "small_random_start"]
+__all__ = ["Quadratic", "low_rank_target", "matrix_sensing", "strongly_convex", "spectral_start", "small_random_start",
+           "quadratic_fns", "sensing_family"]
 
 
 @dataclass
@@ -56,6 +57,18 @@ def matrix_sensing(m: int, n: int, r: int, kappa: float, oversample: float, seed
     return Quadratic(Aop.T @ Aop, Xs), Aop
 
 
+def sensing_family(m: int, n: int, r: int, kappas: list[float], oversample: float, seed: int) -> tuple[Tensor, Tensor]:
+    """One measurement operator and one pair of singular bases per seed, one target per kappa:
+    ``Q = Aop^T Aop`` (shared) and the stacked targets ``U diag(sigma_kappa) V^T`` (len(kappas), m, n)."""
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0]
+    N = int(round(oversample * (m + n) * r))
+    Aop = torch.randn(N, m * n, generator=gen, dtype=torch.float64) / np.sqrt(N)
+    sig = [torch.from_numpy(np.logspace(0, -np.log10(k), r)) if r > 1 else torch.ones(1, dtype=torch.float64) for k in kappas]
+    return Aop.T @ Aop, torch.stack([(U * s) @ V.T for s in sig])
+
+
 def strongly_convex(m: int, n: int, r: int, cond: float, seed: int) -> Quadratic:
     """SPD operator with eigenvalues log-spaced in [1, cond] in a random basis; rank-r minimizer."""
     gen = torch.Generator().manual_seed(seed)
@@ -77,3 +90,23 @@ def small_random_start(m: int, n: int, r: int, std: float, seed: int) -> tuple[T
     gen = torch.Generator().manual_seed(10_000 + seed)
     return (torch.randn(m, r, generator=gen, dtype=torch.float64) * std,
             torch.randn(r, n, generator=gen, dtype=torch.float64) * std)
+
+
+def quadratic_fns(Q: Tensor, Xstars: Tensor):
+    """Batched loss/gradient and relative error for ``f_k(X) = 1/2 vec(X - X*_k)^T Q vec(X - X*_k)``
+    (one symmetric ``Q`` shared by the batch, one minimizer per run): the ``grad_fn`` and
+    ``metric_fn`` of :func:`odelora.lab.methods.train`. One matrix product with ``Q`` per
+    evaluation serves every run of the batch."""
+    norms = Xstars.flatten(1).norm(dim=1)
+
+    def grad_fn(Bs: Tensor, As: Tensor, idx: Tensor):
+        X = Bs @ As
+        D = (X - Xstars[idx]).flatten(1)
+        QD = D @ Q
+        G = QD.reshape(X.shape)
+        return 0.5 * (D * QD).sum(1), G @ As.mT, Bs.mT @ G
+
+    def metric_fn(Bs: Tensor, As: Tensor, idx: Tensor):
+        return (Bs @ As - Xstars[idx]).flatten(1).norm(dim=1) / norms[idx]
+
+    return grad_fn, metric_fn

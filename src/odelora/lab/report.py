@@ -1,47 +1,78 @@
-"""Reports rebuilt from saved files alone: claims (prediction, measurement, verdict) and plots."""
+"""Reports rebuilt from saved files alone: claims (prediction, measurement, verdict), notes that
+explain every FAIL and finding, and plots; plus the overview of a whole reproduction."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import yaml
 
-from .core import Claim, get_experiment
-from .runner import atomic_write, read_results
+from .._io import atomic_write
+from .core import VERDICTS, Claim
+from .registry import EXPERIMENTS, get_experiment
+from .runner import read_results
 
-__all__ = ["build_report", "claims_markdown"]
+__all__ = ["build_report", "build_overview", "claims_markdown", "notes_markdown", "count_verdicts"]
+
+
+def _cell(s) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
 
 
 def claims_markdown(claims: list[Claim]) -> str:
-    lines = ["| verdict | claim | prediction | measured |", "|---|---|---|---|"]
-    for c in claims:
-        cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| **{c.verdict}** | {cell(c.claim)} | {cell(c.prediction)} | {cell(c.measured)} |")
+    lines = ["| # | verdict | claim | prediction | measured |", "|---|---|---|---|---|"]
+    for i, c in enumerate(claims, 1):
+        lines.append(f"| {i} | **{c.verdict}** | {_cell(c.claim)} | {_cell(c.prediction)} | {_cell(c.measured)} |")
     return "\n".join(lines)
+
+
+def notes_markdown(claims: list[Claim]) -> str:
+    """One line per claim that has a note (every FAIL has one), then the claims' tables."""
+    lines = []
+    for i, c in enumerate(claims, 1):
+        note = c.note or ("the measurement is outside the predicted range shown in the table" if c.verdict == "FAIL" else "")
+        if note:
+            lines.append(f"- **#{i} {c.verdict}**: {note}")
+    for i, c in enumerate(claims, 1):
+        if c.table:
+            lines += ["", f"**#{i}**: {c.claim}", "", c.table]
+    return "\n".join(lines)
+
+
+def count_verdicts(claims: list[Claim]) -> dict[str, int]:
+    out = dict.fromkeys(VERDICTS, 0)
+    for c in claims:
+        out[c.verdict] += 1
+    return out
+
+
+def _load(out: Path):
+    cfg_path = out / "config.yaml"
+    if not cfg_path.exists():
+        raise SystemExit(f"{out}: no config.yaml; is this an `odelora run` output folder?")
+    saved = yaml.safe_load(cfg_path.read_text())
+    exp = get_experiment(saved["experiment"])
+    return exp, exp.Config(**saved["config"]), saved
 
 
 def build_report(out: Path) -> tuple[list[Claim], Path]:
     """Read ``out/config.yaml`` and the case files, draw the plots, write ``report.md`` and
     ``claims.json``. Needs nothing but the files."""
     out = Path(out)
-    cfg_path = out / "config.yaml"
-    if not cfg_path.exists():
-        raise SystemExit(f"{out}: no config.yaml; is this an `odelora run` output folder?")
-    saved = yaml.safe_load(cfg_path.read_text())
-    exp = get_experiment(saved["experiment"])
-    cfg = exp.Config(**saved["config"])
+    exp, cfg, saved = _load(out)
     df = read_results(out)
     claims, figures = exp.report(df, cfg, out)
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    notes = notes_markdown(claims)
     parts = [
         f"# {exp.name}: {exp.summary}",
         "",
+        f"**Measured:** {exp.describe(df, cfg)}",
+        "",
         claims_markdown(claims),
         "",
+        *(["**Notes**", "", notes, ""] if notes else []),
         *[f"![{Path(f).stem}]({f})" for f in figures],
         "",
         "## Config",
@@ -56,4 +87,47 @@ def build_report(out: Path) -> tuple[list[Claim], Path]:
     report = out / "report.md"
     atomic_write(report, "\n".join(parts) + "\n")
     atomic_write(out / "claims.json", json.dumps([c.as_dict() for c in claims], indent=2, default=str))
+    atomic_write(out / "figures.json", json.dumps(figures))
     return claims, report
+
+
+def build_overview(root: Path, names: list[str] | None = None, *, title: str | None = None,
+                   timing: dict[str, float] | None = None, cpu: dict[str, float] | None = None) -> tuple[dict[str, int], Path]:
+    """``root/report.md`` from the experiment folders under ``root`` (their claims.json and
+    figures, written by ``build_report``): one section per experiment with what it measured, its
+    claims, the notes and the plots."""
+    root = Path(root)
+    names = names or [n for n in EXPERIMENTS if (root / n / "claims.json").exists()]
+    if not names:
+        raise SystemExit(f"{root}: no experiment folders with a report (run `odelora reproduce`)")
+    total = dict.fromkeys(VERDICTS, 0)
+    sections = []
+    for name in names:
+        folder = root / name
+        claims = [Claim(**{k: v for k, v in c.items() if k != "verdict"}) for c in json.loads((folder / "claims.json").read_text())]
+        exp, cfg, _ = _load(folder)
+        df = read_results(folder)
+        figs = json.loads((folder / "figures.json").read_text()) if (folder / "figures.json").exists() else []
+        for k, v in count_verdicts(claims).items():
+            total[k] += v
+        notes = notes_markdown(claims)
+        t = f" ({timing[name]:.0f} s)" if timing and name in timing else ""
+        sections += [f"## [{name}]({name}/report.md){t}", "", f"**Measured:** {exp.describe(df, cfg)}", "", claims_markdown(claims), ""]
+        if notes:
+            sections += ["**Notes**", "", notes, ""]
+        sections += [f"![{name}: {Path(f).stem}]({name}/{f})" for f in figs] + [""]
+    head = [
+        f"# {title or 'odelora lab report'}",
+        "",
+        f"{total['PASS']} PASS, {total['FAIL']} FAIL, {total['FINDING']} findings, {total['REPORTED']} reported without a "
+        "threshold. A FAIL is a claim whose measurement fell outside its prediction; a FINDING is a statement from the "
+        "sources checked against the measurements, with what it would take to hold. Every FAIL and finding has a note.",
+        "",
+    ]
+    if timing:
+        head += [f"Wall time {sum(timing.values()):.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + "."
+                 + (f" CPU time in the cases (and shared preparation) {sum(cpu.values()):.0f} s: it does not grow when other "
+                    "programs share the cores, the wall time does." if cpu else ""), ""]
+    report = root / "report.md"
+    atomic_write(report, "\n".join(head + sections) + "\n")
+    return total, report

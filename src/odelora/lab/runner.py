@@ -8,32 +8,40 @@ Layout of an output folder::
     results.csv      all rows, rebuilt from cases/ after every run
 
 A case either has its complete file or none, so an interrupted sweep reruns only unfinished cases:
-no row is lost and none is duplicated.
+no row is lost and none is duplicated. A folder is tied to its config only once it holds a
+finished case; until then a run with another config may take it over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
-
 import pandas as pd
 import yaml
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from .._io import atomic_write
-from .core import Experiment, ExperimentConfig, get_experiment
+from .core import Experiment, ExperimentConfig
 
-__all__ = ["load_config", "run_experiment", "read_results", "atomic_write", "case_id", "provenance"]
+__all__ = [
+    "load_config", "run_experiment", "read_results", "case_id", "provenance", "check_out_dir",
+    "RunInterrupted", "config_error", "estimate_seconds",
+]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep; the message says what is saved and how to resume."""
 
 
 def case_id(case: dict) -> str:
@@ -43,31 +51,81 @@ def case_id(case: dict) -> str:
     return re.sub(r"[^A-Za-z0-9=._+-]", "_", "__".join(parts))[:150] + "-" + digest
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def config_error(name: str, cls: type[ExperimentConfig], err: ValidationError) -> str:
+    """A pydantic error as one line: every bad key with what was wrong and the value given."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}")
+        else:
+            parts.append(f"{loc}: {e['msg'].rstrip('.')} (got {e.get('input')!r})")
+    return f"invalid config for {name}: {'; '.join(parts)}. Valid keys: {', '.join(cls.model_fields)} (see odelora run {name} --help)"
+
+
+def _read_config_file(config_file: str, name: str) -> dict:
+    path = Path(config_file)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SystemExit(f"--config {config_file}: no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"--config {config_file}: cannot read it ({type(exc).__name__})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SystemExit(f"--config {config_file}: not valid YAML or JSON{where}: {getattr(exc, 'problem', exc)}") from None
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"--config {config_file}: expected a mapping of config keys, got a {type(loaded).__name__}")
+    if "experiment" in loaded and loaded["experiment"] != name:
+        raise SystemExit(f"--config {config_file} is for experiment {loaded['experiment']!r}, not {name!r}")
+    data = loaded.get("config", {k: v for k, v in loaded.items() if k != "experiment"})
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {config_file}: 'config' must be a mapping of config keys")
+    return data
 
 
 def load_config(exp: Experiment, config_file: str | None = None, sets: list[str] | None = None, quick: bool = False) -> ExperimentConfig:
     """The experiment's config: defaults (or the quick preset), then a YAML/JSON file, then
-    ``key=value`` overrides. Errors name the bad key and list the valid ones."""
-    data = exp.quick_config().model_dump() if quick else exp.Config().model_dump()
+    ``key=value`` overrides. Any error is one line naming the bad key."""
+    data = (exp.quick_config() if quick else exp.Config()).model_dump()
+
+    def put(key, value):  # a mapping (e.g. grids) updates the preset's mapping instead of replacing it
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
+
     if config_file:
-        text = Path(config_file).read_text()
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"{config_file}: expected a mapping of config keys")
-        loaded.pop("experiment", None)
-        data.update(loaded.get("config", loaded))
+        for k, v in _read_config_file(config_file, exp.name).items():
+            put(k, v)
     for item in sets or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        data[key.strip()] = _parse_value(value)
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            put(key.strip(), yaml.safe_load(value))
+        except yaml.YAMLError:
+            raise SystemExit(f"--set {item!r}: the value is not valid YAML") from None
     try:
         return exp.Config(**data)
     except ValidationError as err:
-        valid = ", ".join(sorted(exp.Config.model_fields))
-        raise SystemExit(f"invalid config for {exp.name}:\n{err}\nvalid keys: {valid}") from None
+        raise SystemExit(config_error(exp.name, exp.Config, err)) from None
+
+
+def check_out_dir(out: Path) -> Path:
+    """Create ``out`` if needed and make sure files can be written in it; one-line errors."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"output folder {out} is a file; pass --out with a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SystemExit(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+    return out
 
 
 def provenance() -> dict:
@@ -87,19 +145,23 @@ def provenance() -> dict:
         rev, dirty = None, None
     return dict(
         odelora=__version__, torch=torch.__version__, numpy=numpy.__version__, pandas=pd.__version__,
-        python=sys.version.split()[0], platform=platform.platform(), git_revision=rev, git_dirty=dirty,
+        python=sys.version.split()[0], platform=platform.platform(), cpus=os.cpu_count(), git_revision=rev, git_dirty=dirty,
     )
 
 
-def _run_one(name: str, cfg_data: dict, case: dict, threads: int) -> tuple[str, list[dict], float]:
+def _worker_init(threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     import torch
 
     torch.set_num_threads(threads)
-    exp = get_experiment(name)
+
+
+def _run_one(task: tuple) -> tuple[str, dict, list[dict], tuple[float, float]]:
+    exp, cfg_data, case = task
     cfg = exp.Config(**cfg_data)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rows = exp.run_case(cfg, case)
-    return case_id(case), rows, time.perf_counter() - t0
+    return case_id(case), case, rows, (time.perf_counter() - t0, time.process_time() - c0)
 
 
 def _write_case(out: Path, cid: str, case: dict, rows: list[dict]) -> None:
@@ -111,59 +173,109 @@ def _write_case(out: Path, cid: str, case: dict, rows: list[dict]) -> None:
     atomic_write(out / "cases" / f"{cid}.csv", df.to_csv(index=False))
 
 
+def _finished(out: Path) -> list[Path]:
+    return sorted((Path(out) / "cases").glob("*.csv"))
+
+
 def read_results(out: Path) -> pd.DataFrame:
     """All rows of finished cases (from cases/, so a partial sweep reads fine)."""
-    files = sorted((Path(out) / "cases").glob("*.csv"))
+    files = _finished(out)
     if not files:
         raise SystemExit(f"{out}: no finished cases (run `odelora run` first)")
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
 
 
+def _claim_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
+    """Write config.yaml, refusing only when finished cases of another config are there."""
+    text = yaml.safe_dump({"experiment": name, "config": cfg.model_dump()}, sort_keys=True)
+    path = out / "config.yaml"
+    if path.exists() and path.read_text() != text and _finished(out):
+        try:
+            old = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            old = {}
+        new = yaml.safe_load(text)
+        if old.get("experiment") != name:
+            what = f"experiment {old.get('experiment')!r}"
+        else:
+            keys = sorted(k for k in set(old.get("config", {})) | set(new["config"]) if old.get("config", {}).get(k) != new["config"].get(k))
+            what = f"another config (differs in {', '.join(keys)})"
+        raise SystemExit(f"{out} holds {len(_finished(out))} finished cases of {what}; use another --out or delete the folder")
+    atomic_write(path, text)
+
+
+def estimate_seconds(exp: Experiment, cfg: ExperimentConfig, cases: list[dict], jobs: int, speed: float = 1.0) -> float:
+    """Expected wall time: the cost model's case seconds spread over ``jobs`` workers
+    (longest first), plus the shared preparation, times the machine's speed factor."""
+    costs = sorted((exp.case_cost(cfg, c) for c in cases), reverse=True)
+    lanes = [0.0] * max(1, jobs)
+    for c in costs:
+        lanes[lanes.index(min(lanes))] += c
+    return speed * (max(lanes) + (exp.prepare_cost(cfg) if cases else 0.0))
+
+
 def run_experiment(
-    name: str, cfg: ExperimentConfig, out: Path, *, jobs: int = 1, progress: bool = True
+    exp: Experiment, cfg: ExperimentConfig, out: Path, *, jobs: int = 1, progress: bool = True
 ) -> pd.DataFrame:
-    exp = get_experiment(name)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_text = yaml.safe_dump({"experiment": name, "config": cfg.model_dump()}, sort_keys=True)
-    cfg_path = out / "config.yaml"
-    if cfg_path.exists() and cfg_path.read_text() != cfg_text:
-        raise SystemExit(
-            f"{out} holds results of a different config; use another --out or delete it.\n"
-            f"existing:\n{cfg_path.read_text()}"
-        )
-    atomic_write(cfg_path, cfg_text)
-    meta = dict(experiment=name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
+    out = check_out_dir(out)
+    _claim_folder(out, exp.name, cfg)
+    meta = dict(experiment=exp.name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
     cases = exp.cases(cfg)
     ids = [case_id(c) for c in cases]
     if len(set(ids)) != len(ids):
-        raise RuntimeError(f"{name}: duplicate case ids")
+        raise RuntimeError(f"{exp.name}: duplicate case ids")
     todo = [c for c, i in zip(cases, ids) if not (out / "cases" / f"{i}.csv").exists()]
+    todo.sort(key=lambda c: -exp.case_cost(cfg, c))  # longest first: better packing on the workers
+    t0 = time.perf_counter()
     if todo:
         exp.prepare(cfg)
+    prepared = time.perf_counter() - t0
     timings: dict[str, float] = {}
-    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc=name, unit="case", disable=not progress, leave=False, mininterval=2.0)
+    cpu: dict[str, float] = {}
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc=exp.name, unit="case", disable=not progress,
+               leave=False, mininterval=2.0)
     cfg_data = cfg.model_dump()
+    tasks = [(exp, cfg_data, c) for c in todo]
+    pool = None
     try:
         if jobs <= 1 or len(todo) <= 1:
-            for case in todo:
-                cid, rows, dt = _run_one(name, cfg_data, case, max(1, os.cpu_count() or 1))
-                _write_case(out, cid, case, rows)
-                timings[cid] = dt
-                bar.update()
+            import torch
+
+            torch.set_num_threads(max(1, min(jobs, os.cpu_count() or 1)))
+            results = map(_run_one, tasks)
         else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                futures = {pool.submit(_run_one, name, cfg_data, c, 1): c for c in todo}
-                for fut in as_completed(futures):
-                    cid, rows, dt = fut.result()
-                    _write_case(out, cid, futures[fut], rows)
-                    timings[cid] = dt
-                    bar.update()
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["odelora.lab.registry"])
+            pool = ctx.Pool(min(jobs, len(todo)), initializer=_worker_init, initargs=(1,))
+            results = pool.imap_unordered(_run_one, tasks, chunksize=1)
+        for cid, case, rows, (dt, dc) in results:
+            _write_case(out, cid, case, rows)
+            timings[cid], cpu[cid] = dt, dc
+            bar.update()
+    except KeyboardInterrupt:
+        done = len(cases) - len(todo) + len(timings)
+        raise RunInterrupted(
+            f"interrupted: {done} of {len(cases)} cases of {exp.name} are saved in {out}; "
+            "rerun the same command to resume"
+        ) from None
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         bar.close()
     meta.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cases=len(cases), ran=len(todo),
-                case_seconds=round(sum(timings.values()), 2))
+                case_seconds=round(sum(timings.values()), 2), case_cpu_seconds=round(sum(cpu.values()), 2),
+                prepare_seconds=round(prepared, 2), wall_seconds=round(time.perf_counter() - t0, 2), jobs=jobs,
+                case_times={cid: round(dt, 2) for cid, dt in sorted(timings.items())},
+                case_cpu_times={cid: round(dc, 2) for cid, dc in sorted(cpu.items())})
+    try:  # earlier (interrupted or partial) runs of this folder stay on record
+        before = json.loads((out / "meta.json").read_text())
+        meta["earlier_runs"] = before.pop("earlier_runs", []) + [
+            {k: before.get(k) for k in ("started", "finished", "ran", "case_seconds", "wall_seconds", "jobs")}]
+    except (OSError, ValueError):
+        pass
     atomic_write(out / "meta.json", json.dumps(meta, indent=2))
     df = read_results(out)
     atomic_write(out / "results.csv", df.to_csv(index=False))
     return df
+

@@ -1,3 +1,1 @@
-"""Every experiment module registers itself on import."""
-
-from . import feature_learning, lora_gd_rate, lora_mf, matrix_sensing, strongly_convex, trajectory_fidelity  # noqa: F401
+"""One module per experiment; ``lab/registry.py`` lists them."""

@@ -1,0 +1,29 @@
+"""The table of experiments. Adding one means writing its module and adding its class here."""
+
+from __future__ import annotations
+
+from .core import Experiment
+from .experiments.feature_learning import FeatureLearning
+from .experiments.lora_gd_rate import LoraGDRate
+from .experiments.lora_mf import LoraMF
+from .experiments.matrix_sensing import MatrixSensing
+from .experiments.strongly_convex import StronglyConvex
+from .experiments.trajectory_fidelity import TrajectoryFidelity
+
+__all__ = ["EXPERIMENTS", "get_experiment", "names"]
+
+EXPERIMENTS: dict[str, type[Experiment]] = {
+    cls.name: cls
+    for cls in (StronglyConvex, MatrixSensing, TrajectoryFidelity, FeatureLearning, LoraMF, LoraGDRate)
+}
+
+
+def names() -> list[str]:
+    return list(EXPERIMENTS)
+
+
+def get_experiment(name: str) -> Experiment:
+    try:
+        return EXPERIMENTS[name]()
+    except KeyError:
+        raise SystemExit(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}") from None

@@ -1,0 +1,192 @@
+"""The ``odelora`` command on bad input: one clear line and a non-zero exit, never a traceback;
+Ctrl-C says how to resume; a failed run does not lock its folder; files follow the umask."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from odelora.lab.cli import main as cli
+from odelora.lab.registry import get_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys, args) -> str:
+    """Run the CLI; it must exit non-zero with exactly one line of error text."""
+    with pytest.raises(SystemExit) as exc:
+        cli(args)
+    err = capsys.readouterr().err.strip()
+    code = exc.value.code
+    if isinstance(code, str):  # SystemExit("message"): Python prints it and exits with 1
+        err, code = code, 1
+    assert code not in (0, None), args
+    assert err and "\n" not in err and "Traceback" not in err, (args, err)
+    return err
+
+
+@pytest.mark.parametrize("sets, expect", [
+    (["m=0"], "m: Input should be greater than 0"),
+    (["m=-3"], "m: Input should be greater than 0"),
+    (["rank=50"], "rank 50 exceeds"),
+    (["methods=[odelora-euler, sgd]"], "methods.1: Input should be"),
+    (["grids={nope: [0.1]}"], "grids.nope"),
+    (["grids={lora-gd: []}"], "grids.lora-gd: List should have at least 1 item"),
+    (["kappas=[]"], "kappas: List should have at least 1 item"),
+    (["seeds=[]"], "seeds: Input should be a valid integer"),
+    (["seeds=0"], "seeds: Input should be greater than 0"),
+    (["no_such_key=1"], "unknown key 'no_such_key'"),
+    (["m"], "--set expects KEY=VALUE"),
+])
+def test_bad_config_values(capsys, tmp_path, sets, expect):
+    args = ["run", "matrix-sensing", "--out", str(tmp_path / "o")]
+    for s in sets:
+        args += ["--set", s]
+    assert expect in one_line_error(capsys, args)
+    assert not (tmp_path / "o").exists()  # nothing is written for a config that does not validate
+
+
+def test_bad_config_values_in_other_experiments(capsys, tmp_path):
+    out = ["--out", str(tmp_path / "o")]
+    assert "widths.0" in one_line_error(capsys, ["run", "feature-learning", "--set", "widths=[0, 64]", *out])
+    assert "rules.0" in one_line_error(capsys, ["run", "feature-learning", "--set", "rules=[lora-minus]", *out])
+    assert "settings.0" in one_line_error(capsys, ["run", "lora-mf", "--set", "settings=[dw=1]", *out])
+    assert "alphas" in one_line_error(capsys, ["run", "lora-mf", "--set", "alphas=[0.01]", *out])
+    assert "problems.0" in one_line_error(capsys, ["run", "lora-gd-rate", "--set", "problems=[mnist]", *out])
+
+
+def test_bad_config_files(capsys, tmp_path):
+    args = ["run", "matrix-sensing", "--out", str(tmp_path / "o"), "--config"]
+    assert "no such file" in one_line_error(capsys, args + [str(tmp_path / "missing.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("m: [1, 2\nn: 3\n")
+    assert "not valid YAML" in one_line_error(capsys, args + [str(bad)])
+    bad.write_text("- 1\n- 2\n")
+    assert "expected a mapping" in one_line_error(capsys, args + [str(bad)])
+    bad.write_text("experiment: lora-mf\nconfig: {seeds: 2}\n")
+    assert "is for experiment 'lora-mf'" in one_line_error(capsys, args + [str(bad)])
+    bad.write_text("m: 0\n")
+    assert "m: Input should be greater than 0" in one_line_error(capsys, args + [str(bad)])
+
+
+def test_bad_options(capsys, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for args in (["run", "matrix-sensing", "--jobs", "0"], ["run", "matrix-sensing", "--jobs", "-2"],
+                 ["reproduce", "--jobs", "0"], ["run", "nope"], ["reproduce", "--only", "nope", "--out", str(tmp_path / "r")],
+                 ["run", "matrix-sensing", "--out", str(a_file)], ["reproduce", "--out", str(a_file / "sub")]):
+        one_line_error(capsys, args)
+    assert "is a file" in one_line_error(capsys, ["run", "matrix-sensing", "--out", str(a_file)])
+
+
+def test_out_that_cannot_be_written(capsys, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # rights that ignore folder permissions: refuse the write itself
+            import tempfile
+
+            def refuse(*a, **k):
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        assert "cannot write to output folder" in one_line_error(capsys, ["run", "strongly-convex", "--out", str(locked / "o")])
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--lr", "adamw=abc"], "learning rates must be numbers"),
+    (["--lr", "adamw=-1e-3"], "must be positive"),
+    (["--lr", "sgd=0.1"], "unknown method"),
+    (["--lr", "adamw"], "expects METHOD=LR"),
+    (["--steps", "-1"], "argument --steps: expected a positive integer"),
+    (["--steps", "0"], "argument --steps"),
+    (["--batch-size", "0"], "argument --batch-size"),
+    (["--rank", "x"], "argument --rank"),
+    (["--methods", "sgd"], "argument --methods"),
+])
+def test_finetune_bad_input(capsys, tmp_path, args, expect):
+    assert expect in one_line_error(capsys, ["finetune", "--out", str(tmp_path / "f"), *args])
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    for args in (["run", "matrix-sensing", "--set", "m=0"], ["run", "matrix-sensing", "--jobs", "0"]):
+        p = subprocess.run([sys.executable, "-m", "odelora.lab.cli", *args, "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        assert p.returncode != 0 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+
+
+def test_run_help_lists_config_keys_with_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(["run", "matrix-sensing", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    exp = get_experiment("matrix-sensing")
+    for key, field in exp.Config.model_fields.items():
+        assert f"  {key} (" in out and f"default {getattr(exp.Config(), key)!r}" in out
+    assert "--quick 20" in out  # the quick preset's value beside the default
+    with pytest.raises(SystemExit):
+        cli(["run", "--help"])
+    assert "lora-gd-rate" in capsys.readouterr().out
+
+
+TINY_FL = dict(widths=[64, 128], seeds=1, rules=["odelora", "sgd"], constants=[0.1], steps=4)
+
+
+def _fl_args(out, **over):
+    args = ["run", "feature-learning", "--out", str(out), "--no-progress"]
+    for k, v in {**TINY_FL, **over}.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def test_ctrl_c_says_rerun_resumes(tmp_path, monkeypatch, capsys):
+    exp_cls = type(get_experiment("feature-learning"))
+    original = exp_cls.run_case
+    calls = {"n": 0}
+
+    def interrupted(self, cfg, case):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, cfg, case)
+
+    monkeypatch.setattr(exp_cls, "run_case", interrupted)
+    assert cli(_fl_args(tmp_path / "o")) == 130
+    err = capsys.readouterr().err
+    assert "1 of 2 cases of feature-learning are saved" in err and "rerun the same command to resume" in err
+    monkeypatch.setattr(exp_cls, "run_case", original)
+    assert cli(_fl_args(tmp_path / "o")) == 0
+
+
+def test_failed_run_does_not_lock_its_folder(tmp_path, monkeypatch):
+    exp_cls = type(get_experiment("feature-learning"))
+
+    def broken(self, cfg, case):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(exp_cls, "run_case", broken)
+    with pytest.raises(RuntimeError):
+        cli(_fl_args(tmp_path / "o", steps=5))
+    assert (tmp_path / "o" / "config.yaml").exists() and not list((tmp_path / "o").glob("cases/*.csv"))
+    monkeypatch.undo()
+    assert cli(_fl_args(tmp_path / "o", steps=4)) == 0  # another config takes the folder over
+    assert "steps: 4" in (tmp_path / "o" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        assert cli(_fl_args(tmp_path / "o")) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "o").rglob("*") if p.is_file()]
+    assert len(files) > 5
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(mode)}
