@@ -9,7 +9,8 @@
 2. Growth: 12 synthetic pairs of a square layer, step time against AdamW as the rank grows
    (4 to 64, width 384) and as the width grows (384 to 4096, r = 8), with the optimizer state's
    size (and, on CUDA, the peak memory of a step).
-Medians over ``--repeats`` alternating runs after warm-up; ratios are ODELoRA / AdamW.
+Medians over ``--repeats`` alternating runs after warm-up; ratios are ODELoRA / AdamW, for the
+default truncation retraction and for ``retraction="split"``.
 """
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ def model_benchmark(targets: str, label: str, repeats: int, device) -> dict:
     from odelora.integrations.peft import create_odelora_optimizer
 
     models, opts = {}, {}
-    for name in ("odelora", "adamw"):
+    for name in ("odelora", "split", "adamw"):
         m = build_model(8, 16.0, 0, targets=targets).to(device)
         m.train()
         models[name] = m
-        if name == "odelora":
-            opts[name] = create_odelora_optimizer(m, lr=0.05, method="euler", companion_lr=1e-3, companion_kwargs={"foreach": True})
+        if name != "adamw":
+            retraction = "split" if name == "split" else None
+            opts[name] = create_odelora_optimizer(m, lr=0.05, method="euler", retraction=retraction, companion_lr=1e-3, companion_kwargs={"foreach": True})
         else:
             opts[name] = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3, foreach=True)
     g = torch.Generator().manual_seed(0)
@@ -88,20 +90,20 @@ def model_benchmark(targets: str, label: str, repeats: int, device) -> dict:
         return once
 
     med = alternate({k: run(k) for k in models}, repeats)
-    (so, wo), (sa, wa) = med["odelora"], med["adamw"]
+    (so, wo), (ss, ws), (sa, wa) = med["odelora"], med["split"], med["adamw"]
     return dict(config=label, pairs=len(opts["odelora"].pairs), odelora_step_ms=so, adamw_step_ms=sa, step_ratio=so / sa,
-                odelora_whole_ms=wo, adamw_whole_ms=wa, whole_ratio=wo / wa)
+                odelora_whole_ms=wo, adamw_whole_ms=wa, whole_ratio=wo / wa, split_step_ratio=ss / sa, split_whole_ratio=ws / wa)
 
 
 def growth_benchmark(width: int, rank: int, repeats: int, device, pairs: int = 12) -> dict:
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(device)
     sets = {}
-    for name in ("odelora", "adamw"):
+    for name in ("odelora", "split", "adamw"):
         Bs = [torch.zeros(width, rank, device=device, requires_grad=True) for _ in range(pairs)]
         As = [mk(rank, width).requires_grad_() for _ in range(pairs)]
-        if name == "odelora":
-            opt = ODELoRA([(B, A, 2.0) for B, A in zip(Bs, As)], lr=0.05)
+        if name != "adamw":
+            opt = ODELoRA([(B, A, 2.0) for B, A in zip(Bs, As)], lr=0.05, retraction="split" if name == "split" else None)
         else:
             opt = torch.optim.AdamW(Bs + As, lr=1e-3, foreach=True)
         grads = [(mk(width, rank) * 1e-2, mk(rank, width) * 1e-2) for _ in range(pairs)]
@@ -131,7 +133,7 @@ def growth_benchmark(width: int, rank: int, repeats: int, device, pairs: int = 1
             peak[name] = torch.cuda.max_memory_allocated() - before
     med = alternate({k: run(k) for k in sets}, repeats)
     row = dict(width=width, rank=rank, pairs=pairs, odelora_ms=med["odelora"][0], adamw_ms=med["adamw"][0],
-               ratio=med["odelora"][0] / med["adamw"][0],
+               ratio=med["odelora"][0] / med["adamw"][0], split_ms=med["split"][0], split_ratio=med["split"][0] / med["adamw"][0],
                odelora_state_MB=state_bytes(sets["odelora"][0]) / 2**20, adamw_state_MB=state_bytes(sets["adamw"][0]) / 2**20)
     if peak:
         row.update(odelora_peak_MB=peak["odelora"] / 2**20, adamw_peak_MB=peak["adamw"] / 2**20)

@@ -1,6 +1,6 @@
-"""Steps on the rank-r matrices (the "truncate" retraction) against dense references: exact Euler
-steps, the orders of projected Runge-Kutta methods against scipy, and the bound on how far a step
-moves the product, which holds however small the singular values are."""
+"""Steps on the rank-r matrices (the "truncate" and "split" retractions) against dense references:
+exact Euler steps, the orders of projected Runge-Kutta methods against scipy, and the bound on how
+far a step moves the product, which holds however small the singular values are."""
 
 import numpy as np
 import pytest
@@ -41,6 +41,13 @@ def dense_truncation(Y, r):
     return (u[:, :r] * s[:r]) @ vt[:r]
 
 
+def dense_split(Y, A0):
+    """P_U1 Y with U1 an orthonormal basis of Y V0, V0 the row space of A0 (numpy)."""
+    V0 = np.linalg.qr(A0.T)[0]
+    U1 = np.linalg.qr(Y @ V0)[0]
+    return U1 @ (U1.T @ Y)
+
+
 @pytest.mark.parametrize("balanced", [True, False])
 def test_euler_step_is_the_truncated_projected_gradient_step(balanced, rng):
     m, n, r, s, h = 12, 9, 3, 2.0, 0.3
@@ -63,6 +70,29 @@ def test_euler_step_is_the_truncated_projected_gradient_step(balanced, rng):
     np.testing.assert_allclose(B1, left[:m] @ Q, atol=1e-10)
 
 
+@pytest.mark.parametrize("deficient", [False, True])
+def test_split_euler_step_is_the_one_sided_projection(deficient, rng):
+    """The "split" Euler step is P_U1 (X0 - h P(G)), U1 = orth((X0 - h P(G)) V0), also from B = 0
+    with a rank-1 gradient (where Y V0 is rank-deficient): factors balanced, bound 2 h |P(G)|."""
+    m, n, r, s, h = 12, 9, 3, 2.0, 0.3
+    A = rng.standard_normal((r, n))
+    if deficient:
+        B = np.zeros((m, r))
+        G = np.outer(rng.standard_normal(m), rng.standard_normal(n))
+    else:
+        B, A = (t.numpy() for t in balance(torch.from_numpy(rng.standard_normal((m, r))), torch.from_numpy(A)))
+        G = rng.standard_normal((m, n))
+    y1, _ = rk_step(field_for(lambda X: torch.from_numpy(G)), state(B, A, s), [h], get_tableau("euler"), get_retraction("split"))
+    X1 = s * (y1[0].B[0] @ y1[0].A[0]).numpy()
+    PG = projection_reference(G, B, A) if not deficient else G @ np.linalg.pinv(A) @ A  # B = 0: -G PV
+    Y = s * B @ A - h * PG
+    expected = dense_split(Y, A)
+    np.testing.assert_allclose(X1, expected, atol=1e-12 * max(1.0, np.linalg.norm(expected)))
+    assert np.linalg.norm(X1 - s * B @ A) <= 2 * h * np.linalg.norm(PG) * (1 + 1e-12)
+    B1, A1 = y1[0].B[0].numpy(), y1[0].A[0].numpy()
+    np.testing.assert_allclose(B1.T @ B1, A1 @ A1.T, atol=1e-12 * max(1.0, np.linalg.norm(B1) ** 2))
+
+
 def projected_flow_numpy(Y, r):
     """Independent dense implementation of dX/dt = -P_X(X - Y) on the rank-r matrices."""
     m, n = Y.shape
@@ -77,8 +107,9 @@ def projected_flow_numpy(Y, r):
     return f
 
 
+@pytest.mark.parametrize("retraction", ["truncate", "split"])
 @pytest.mark.parametrize("method", ["euler", "heun", "midpoint", "rk4"])
-def test_projected_runge_kutta_orders_against_scipy(method, rng):
+def test_projected_runge_kutta_orders_against_scipy(method, retraction, rng):
     m, n, r, T = 8, 6, 2, 1.0
     Y = rng.standard_normal((m, n))
     B0, A0 = (t.numpy() for t in balance(torch.from_numpy(rng.standard_normal((m, r))), torch.from_numpy(rng.standard_normal((r, n)))))
@@ -89,15 +120,16 @@ def test_projected_runge_kutta_orders_against_scipy(method, rng):
     hs = [T / k for k in ((4, 8, 16, 32) if order == 4 else (16, 32, 64, 128))]
     errs = []
     for h in hs:
-        res = integrate(field_for(lambda X: X - Yt), state(B0, A0), (0, T), method=method, h=h, space=get_retraction("truncate"))
+        res = integrate(field_for(lambda X: X - Yt), state(B0, A0), (0, T), method=method, h=h, space=get_retraction(retraction))
         x = res.y[0]
         errs.append(np.linalg.norm((x.B[0] @ x.A[0]).numpy() - ref))
     slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
     assert abs(slope - order) < 0.25, (method, slope, errs)
 
 
+@pytest.mark.parametrize("retraction", ["truncate", "split"])
 @pytest.mark.parametrize("method", ["bs32", "dopri5"])
-def test_projected_adaptive_pairs_meet_their_tolerance(method, rng):
+def test_projected_adaptive_pairs_meet_their_tolerance(method, retraction, rng):
     m, n, r, T = 8, 6, 2, 1.0
     Y = rng.standard_normal((m, n))
     B0, A0 = (t.numpy() for t in balance(torch.from_numpy(rng.standard_normal((m, r))), torch.from_numpy(rng.standard_normal((r, n)))))
@@ -105,7 +137,7 @@ def test_projected_adaptive_pairs_meet_their_tolerance(method, rng):
     Yt = torch.from_numpy(Y)
     errs = []
     for rtol in (1e-4, 1e-7):
-        res = integrate(field_for(lambda X: X - Yt), state(B0, A0), (0, T), method=method, rtol=rtol, atol=rtol * 1e-2, space=get_retraction("truncate"))
+        res = integrate(field_for(lambda X: X - Yt), state(B0, A0), (0, T), method=method, rtol=rtol, atol=rtol * 1e-2, space=get_retraction(retraction))
         x = res.y[0]
         errs.append(np.linalg.norm((x.B[0] @ x.A[0]).numpy() - ref) / np.linalg.norm(ref))
         assert res.stats.accepted > 0
@@ -129,11 +161,12 @@ def test_a_step_moves_the_product_by_at_most_2h_G_near_rank_deficiency(method, d
     tab = get_tableau(method)
     bound = 2 * h * sum(abs(b) for b in tab.b) * np.linalg.norm(g)
     moves = {}
-    for name in ("truncate", "none"):
+    for name in ("truncate", "split", "none"):
         y1, _ = rk_step(field_for(lambda X: Gt), y0, [h], tab, get_retraction(name))
         X1 = (y1[0].B[0].double() @ y1[0].A[0].double()).numpy()
         moves[name] = np.linalg.norm(X1 - B @ A)
     assert moves["truncate"] <= bound * (1 + 1e-5)
+    assert moves["split"] <= bound * (1 + 1e-5)
     assert not np.isfinite(moves["none"]) or moves["none"] > 100 * bound
 
 

@@ -137,6 +137,30 @@ def truncate(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int)
     return Ql @ W, S[..., :rank], Qr @ Z, W.mT @ Tl[..., :a], Z.mT @ Tr[..., :b]
 
 
+def split_project(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int):
+    """The one-sided projector-splitting retraction of ``Y = [UL, L] @ M @ [UR, R].T``:
+    ``P_U1 Y`` with ``U1 = orth(Y @ UR)``, the anchor's row basis ``UR`` kept for the K-step
+    (Lubich & Oseledets 2014), without forming Y. Same inputs and outputs as :func:`truncate`,
+    with ``rank = UR.shape[-1]`` columns at most.
+
+    ``|P_U1 Y - X0| <= 2 |Y - X0|`` for any ``X0`` with row space in ``UR``, and rank-``rank``
+    matrices with ``Y UR`` of full rank are reproduced exactly, so projected Runge-Kutta methods
+    keep their orders. Cost O((m + n)(a + p) b + b^3): QRs of ``m x b`` and ``n x b`` blocks
+    (``b = UR.shape[-1]``) instead of :func:`truncate`'s ``m x (a + p)``.
+    """
+    b = UR.shape[-1]
+    QtUR = torch.cat([torch.eye(b, dtype=UR.dtype, device=UR.device).expand(*UR.shape[:-2], b, b), R.mT @ UR], -2)
+    P = torch.cat([UL, L], -1)
+    U1, _ = torch.linalg.qr(P @ (M @ QtUR))  # K = Y UR
+    U1tP = U1.mT @ P
+    V1, T = torch.linalg.qr(torch.cat([UR, R], -1) @ (M.mT @ U1tP.mT))  # (U1.T Y).T = V1 T
+    W, S, Zh = torch.linalg.svd(T.mT)
+    k = min(rank, b)
+    W, Z = W[..., :k], Zh[..., :k, :].mT
+    a = UL.shape[-1]
+    return U1 @ W, S[..., :k], V1 @ Z, W.mT @ U1tP[..., :a], Z.mT @ (V1.mT @ UR)
+
+
 def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor, Tensor] | None = None, overlaps=None):
     """Balanced factors of ``U diag(S) V.T`` with r columns: ``B = U diag(S^1/2) Q``,
     ``A = Q.T diag(S^1/2) V.T`` with ``Q`` (k, r) of orthonormal rows, and their :class:`Frame`.
