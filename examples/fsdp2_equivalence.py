@@ -8,10 +8,9 @@ LayerNorm, a trainable head) on a synthetic 16-output regression, once under
 dim 0, which splits each A along r), once in a single process on the same global batches, and
 prints the largest difference between the final parameters. float64 throughout.
 
-Where the truncation of a step meets a near tie between the r-th and (r+1)-th singular values
-(early rank growth from gradients of rank below r), layouts that round differently can keep
-different directions: the difference is then of the size of those singular values, not of
-rounding (docs/robustness.md).
+Where a step produces a product of rank below r (a gradient of rank below r from B = 0), the
+missing directions are set by rounding, and layouts that round differently end apart by far more
+than rounding (README, "Known limit"); this example's gradients have full rank.
 """
 
 from __future__ import annotations
