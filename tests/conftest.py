@@ -26,6 +26,21 @@ def projection_reference(G: np.ndarray, B: np.ndarray, A: np.ndarray) -> np.ndar
     return PU @ G + G @ PV - PU @ G @ PV
 
 
+def damped_projection_reference(G: np.ndarray, B: np.ndarray, A: np.ndarray, damping: float) -> np.ndarray:
+    """``PU G + G PV - PU G PV`` with ``PU = U diag(x^2 / (x^2 + lam)) U.T`` from numpy's SVD of B
+    (``lam = damping * max(x)^2``), PV likewise from A: the projection the balanced flow realizes."""
+
+    def proj(F):
+        U, x, _ = np.linalg.svd(F, full_matrices=False)
+        if not x.size or x.max() == 0:
+            return np.zeros((F.shape[0], F.shape[0]))
+        w = x**2 / (x**2 + damping * x.max() ** 2)
+        return (U * w) @ U.T
+
+    PU, PV = proj(B), proj(A.T)
+    return PU @ G + G @ PV - PU @ G @ PV
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 
-from odelora import ODELoRA
+from odelora.integrations.peft import create_odelora_optimizer
 
 
 def build():
@@ -26,7 +26,7 @@ def batches(steps, size=16):
 
 
 def train(model, forward, X, Y, method, lo=0, hi=None):
-    opt = ODELoRA.from_model(model, lr=0.2, method=method, companion_lr=1e-2)
+    opt = create_odelora_optimizer(model, lr=0.2, method=method, companion_lr=1e-2)
     for k in range(len(X)):
         xb, yb = X[k, lo:hi], Y[k, lo:hi]
 

@@ -1,8 +1,10 @@
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from scipy.linalg import orthogonal_procrustes
 
-from odelora.geometry import balance, imbalance, tangent_project
+from odelora.geometry import balance, damped_inverse, factor_frame, imbalance, tangent_project, truncate
 
 from conftest import projection_reference, random_factor
 
@@ -14,18 +16,30 @@ def test_balance_keeps_product_and_balances(m, n, r, seed, logc):
     rng = np.random.default_rng(seed)
     B = random_factor(rng, m, r, 10**logc) * rng.uniform(0.01, 100)
     A = random_factor(rng, n, r, 10**logc).T * rng.uniform(0.01, 100)
-    Bb, Ab = balance(torch.from_numpy(B), torch.from_numpy(A))
-    Bb, Ab = Bb.numpy(), Ab.numpy()
+    Bb, Ab = (t.numpy() for t in balance(torch.from_numpy(B), torch.from_numpy(A)))
     X = B @ A
     assert np.linalg.norm(Bb @ Ab - X) <= 1e-12 * np.linalg.norm(X)
     MB, MA = Bb.T @ Bb, Ab @ Ab.T
     assert np.linalg.norm(MB - MA) <= 1e-12 * np.linalg.norm(MB)
-    # both Gram matrices are diag(singular values of X) (scipy-independent check via numpy SVD)
-    sv = np.linalg.svd(X, compute_uv=False)[:r]
+    sv = np.linalg.svd(X, compute_uv=False)[:r]  # both Grams carry the singular values of X
     np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(MB))[::-1], sv, rtol=1e-10, atol=1e-12 * sv[0])
 
 
-def test_balance_batched_and_dtype(rng):
+def test_balance_is_the_closest_balanced_factorization(rng):
+    """Among the balanced factorizations U S^1/2 Q of BA, balance picks the Q closest to (B, A):
+    an orthogonal Procrustes problem, solved here by scipy."""
+    for _ in range(5):
+        B, A = rng.standard_normal((9, 3)), rng.standard_normal((3, 7)) * 3
+        U, S, Vt = np.linalg.svd(B @ A, full_matrices=False)
+        U, S, V = U[:, :3], S[:3], Vt[:3].T
+        left = np.vstack([U * np.sqrt(S), V * np.sqrt(S)])
+        Q, _ = orthogonal_procrustes(left, np.vstack([B, A.T]))
+        Bb, Ab = (t.numpy() for t in balance(torch.from_numpy(B), torch.from_numpy(A)))
+        np.testing.assert_allclose(Bb, (U * np.sqrt(S)) @ Q, atol=1e-10)
+        np.testing.assert_allclose(Ab, ((V * np.sqrt(S)) @ Q).T, atol=1e-10)
+
+
+def test_balance_batched_dtype_and_zero_start(rng):
     B = torch.from_numpy(rng.standard_normal((5, 12, 3)))
     A = torch.from_numpy(rng.standard_normal((5, 3, 9)))
     Bb, Ab = balance(B, A)
@@ -35,25 +49,30 @@ def test_balance_batched_and_dtype(rng):
     Bh, Ah = balance(B.bfloat16(), A.bfloat16())
     assert Bh.dtype == torch.bfloat16 and Ah.dtype == torch.bfloat16
     assert float(imbalance(Bh, Ah).max()) < 2e-2
+    # B = 0: the product is 0 and so are both balanced factors (A's row space is not kept)
+    Z, A1 = torch.zeros(8, 2, dtype=torch.float64), torch.from_numpy(rng.standard_normal((2, 6)))
+    Bz, Az = balance(Z, A1)
+    assert float(Bz.abs().max()) == 0.0 and float(Az.abs().max()) == 0.0
 
 
-def test_balance_skip_deficient_keeps_zero_start(rng):
-    B = torch.zeros(8, 2, dtype=torch.float64)
-    A = torch.from_numpy(rng.standard_normal((2, 6)))
+def test_balance_with_rank_above_a_dimension(rng):
+    """A layer with one input and r = 3 (PINN first layers): the product has rank 1."""
+    B, A = torch.from_numpy(rng.standard_normal((6, 3))), torch.from_numpy(rng.standard_normal((3, 1)))
     Bb, Ab = balance(B, A)
-    assert float(Ab.abs().max()) == 0.0  # the plain retraction erases A here
-    Bs, As = balance(B, A, skip_deficient=True)
-    assert torch.equal(Bs, B) and torch.equal(As, A)
+    assert Bb.shape == (6, 3) and Ab.shape == (3, 1)
+    torch.testing.assert_close(Bb @ Ab, B @ A)
+    assert float(imbalance(Bb, Ab)) < 1e-14
 
 
 def test_imbalance_values(rng):
     B = torch.from_numpy(rng.standard_normal((7, 2)))
     A = torch.from_numpy(rng.standard_normal((2, 5)))
-    MB, MA = B.T @ B, A @ A.T
-    expected = np.linalg.norm((MB - MA).numpy()) / max(np.linalg.norm(MB.numpy()), np.linalg.norm(MA.numpy()))
+    MB, MA = (B.T @ B).numpy(), (A @ A.T).numpy()
+    expected = np.linalg.norm(MB - MA) / (np.linalg.norm(MB) + np.linalg.norm(MA))
     assert abs(float(imbalance(B, A)) - expected) < 1e-14
     assert float(imbalance(*balance(B, A))) < 1e-14
     assert float(imbalance(torch.zeros(3, 2), torch.zeros(2, 4))) == 0.0
+    assert float(imbalance(torch.zeros(7, 2, dtype=torch.float64), A)) == 1.0  # PEFT's start reads 1, not 1e12
 
 
 def test_tangent_project_matches_reference(rng):
@@ -61,3 +80,52 @@ def test_tangent_project_matches_reference(rng):
     G = rng.standard_normal((9, 11))
     P = tangent_project(*(torch.from_numpy(x) for x in (G, B, A))).numpy()
     np.testing.assert_allclose(P, projection_reference(G, B, A), atol=1e-12)
+
+
+@pytest.mark.parametrize("m,n,a,p", [(30, 20, 4, 4), (30, 20, 4, 12), (5, 20, 4, 4), (30, 3, 2, 6)])
+def test_truncate_is_the_best_rank_r_approximation(m, n, a, p, rng):
+    """Against numpy's SVD of the dense sum, also with rank-deficient extra blocks (a rank-1
+    gradient) and with fewer rows than columns to orthogonalize."""
+    b = min(a, n)
+    UL = np.linalg.qr(rng.standard_normal((m, min(a, m))))[0]
+    UR = np.linalg.qr(rng.standard_normal((n, b)))[0]
+    for rank_L in (p, 1):
+        L = rng.standard_normal((m, rank_L)) @ rng.standard_normal((rank_L, p))
+        R = rng.standard_normal((n, p))
+        M = rng.standard_normal((UL.shape[1] + p, b + p))
+        k = min(a, m, n)
+        U, S, V, UtUL, VtUR = (t.numpy() for t in truncate(*(torch.from_numpy(x) for x in (UL, UR, M, L, R)), k))
+        np.testing.assert_allclose(UtUL, U.T @ UL, atol=1e-12)
+        np.testing.assert_allclose(VtUR, V.T @ UR, atol=1e-12)
+        Y = np.hstack([UL, L]) @ M @ np.hstack([UR, R]).T
+        u, s, vt = np.linalg.svd(Y)
+        np.testing.assert_allclose(S, s[:k], rtol=1e-10, atol=1e-12 * s[0])
+        np.testing.assert_allclose((U * S) @ V.T, (u[:, :k] * s[:k]) @ vt[:k], atol=1e-10 * s[0])
+        np.testing.assert_allclose(U.T @ U, np.eye(k), atol=1e-12)  # orthonormal even for rank-deficient L
+        np.testing.assert_allclose(V.T @ V, np.eye(k), atol=1e-12)
+
+
+def test_factor_frame_reconstructs_and_is_orthonormal(rng):
+    for B, A in [
+        (rng.standard_normal((10, 3)), rng.standard_normal((3, 7))),
+        (np.zeros((10, 3)), rng.standard_normal((3, 7))),
+        (rng.standard_normal((2, 3)), rng.standard_normal((3, 1))),
+    ]:
+        fr = factor_frame(torch.from_numpy(B), torch.from_numpy(A))
+        np.testing.assert_allclose(((fr.UB * fr.sB) @ fr.PB.mT).numpy(), B, atol=1e-12)
+        np.testing.assert_allclose(((fr.UA * fr.sA) @ fr.PA.mT).numpy(), A.T, atol=1e-12)
+        for Q in (fr.UB, fr.UA, fr.PB, fr.PA):
+            np.testing.assert_allclose((Q.mT @ Q).numpy(), np.eye(Q.shape[-1]), atol=1e-12)
+
+
+def test_damped_inverse_is_smooth_and_zero_at_zero():
+    x = torch.tensor([1.0, 1e-2, 1e-8, 0.0], dtype=torch.float64)
+    d = 1e-6
+    np.testing.assert_allclose(damped_inverse(x, d).numpy(), 1 / (x.numpy() ** 2 + d), rtol=1e-15)
+    assert torch.equal(damped_inverse(torch.zeros(3), 1e-6), torch.zeros(3))
+    # x / (x^2 + lam) rises to 1/(2 sqrt(lam)) and falls to 0 with x: bounded, no cliff
+    xs = torch.logspace(-12, 0, 200, dtype=torch.float64)
+    xs = torch.cat([xs, torch.ones(1, dtype=torch.float64)])
+    f = xs * damped_inverse(xs, d)
+    assert float(f.max()) <= 1 / (2 * d**0.5) * (1 + 1e-12)
+    assert float((f[1:-1] - f[:-2]).abs().max()) < 0.2 * float(f.max())

@@ -1,4 +1,4 @@
-"""PEFT pair discovery, from_model, resume with PEFT adapters, and the transformers Trainer."""
+"""PEFT pair discovery, create_odelora_optimizer, resume with PEFT adapters, and the transformers Trainer."""
 
 import io
 
@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from odelora import ODELoRA, lora_pairs  # noqa: E402
-from odelora.integrations.peft import partition  # noqa: E402
+from odelora.integrations.peft import create_odelora_optimizer, partition  # noqa: E402
 
 
 class Net(torch.nn.Module):
@@ -74,12 +74,12 @@ def test_multiple_adapters_and_dora():
     assert len(part.pairs) == 1 and any(why == "DoRA magnitude vector" for _, _, why in part.others)
 
 
-def test_from_model_trains_everything_trainable_and_resumes():
+def test_create_odelora_optimizer_trains_everything_trainable_and_resumes():
     torch.manual_seed(0)
     model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = ODELoRA.from_model(model, lr=0.5, method="heun", companion_lr=1e-2)
+    opt = create_odelora_optimizer(model, lr=0.5, method="heun", companion_lr=1e-2)
     ids, y = data()
 
     def closure():
@@ -114,7 +114,7 @@ def test_from_model_trains_everything_trainable_and_resumes():
         for n, p in model2.named_parameters():
             if n in ck["weights"]:
                 p.copy_(ck["weights"][n])
-    opt2 = ODELoRA.from_model(model2, lr=0.5, method="heun", companion_lr=1e-2)
+    opt2 = create_odelora_optimizer(model2, lr=0.5, method="heun", companion_lr=1e-2)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda k: 1.0 / (1 + k))  # torch's order: scheduler, then states
     opt2.load_state_dict(ck["opt"])
     sched2.load_state_dict(ck["sched"])
@@ -137,7 +137,7 @@ def test_peft_save_pretrained_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"])
     model = get_peft_model(Net(), cfg)
-    opt = ODELoRA.from_model(model, lr=0.3)
+    opt = create_odelora_optimizer(model, lr=0.3)
     ids, y = data()
     for _ in range(3):
         opt.zero_grad()
@@ -154,7 +154,7 @@ def test_peft_save_pretrained_round_trip(tmp_path):
     from peft import PeftModel
 
     model2 = PeftModel.from_pretrained(Net(), tmp_path / "adapter", is_trainable=True)
-    opt2 = ODELoRA.from_model(model2, lr=0.3)
+    opt2 = create_odelora_optimizer(model2, lr=0.3)
     opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     for _ in range(2):
         opt2.zero_grad()

@@ -18,4 +18,4 @@ def test_usage_example_runs_as_written(capsys):
     out = capsys.readouterr().out
     loss = float(re.search(r"loss ([0-9.e+-]+)", out).group(1))
     assert loss < 1e-8
-    assert scope["opt"].last_step["nfe"] == 4
+    assert scope["opt"].last_step.nfe == 4

@@ -1,13 +1,14 @@
 """odelora: LoRA training as solving an ODE.
 
 Two independent choices make a method: a flow (what moves: ``odelora.flows``) and an integrator
-(how time advances: ``odelora.integrators``). ``ODELoRA`` puts them in a torch optimizer.
+(how time advances: ``odelora.integrators``, stepping the factors as ``odelora.retractions``
+says). ``ODELoRA`` puts them in a torch optimizer.
 """
 
-from . import flows, geometry, integrators
+from . import flows, geometry, integrators, retractions
 from .geometry import balance, imbalance, tangent_project
-from .integrators import TABLEAUS, integrate
-from .optim import NonFiniteError, ODELoRA
+from .integrators import TABLEAUS, NonFiniteError, integrate
+from .optim import ODELoRA, StepFailure, StepRecord
 from .pairs import LoRAPair
 
 
@@ -18,16 +19,19 @@ def lora_pairs(model, adapter=None):
     return _lora_pairs(model, adapter)
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ODELoRA",
     "LoRAPair",
     "lora_pairs",
     "NonFiniteError",
+    "StepFailure",
+    "StepRecord",
     "flows",
     "geometry",
     "integrators",
+    "retractions",
     "balance",
     "imbalance",
     "tangent_project",

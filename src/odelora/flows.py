@@ -1,33 +1,65 @@
 """What moves: velocity fields ``d(B, A)/dt`` of the LoRA factors.
 
-Every flow has the signature ``flow(B, A, gB, gA, *, scale=1.0, **options) -> (dB, dA)``:
-``gB``, ``gA`` are the autograd gradients of the loss with respect to the factors of
-``W = W0 + scale * B @ A`` and ``(dB, dA)`` is a descent velocity. Inputs may carry leading batch
-dimensions (a stack of pairs of equal shape); ``scale`` is a number or a tensor broadcasting over
-the batch. Velocities come back in the working precision (float32 for half inputs, float64 for
-float64 inputs).
+A flow is called as ``flow(B, A, gB, gA, *, scale=1.0, **options) -> (dB, dA)``: ``gB``, ``gA`` are
+the autograd gradients of the loss with respect to the factors of ``W = W0 + scale * B @ A`` and
+``(dB, dA)`` is a descent velocity. Inputs may carry leading batch dimensions (a stack of pairs of
+equal shape); ``scale`` is a number or a tensor broadcasting over the batch. Velocities come back in
+the compute precision (float32 for half inputs, float64 for float64 inputs).
 
 The scaled and balanced flows divide the gradients by ``scale**2``, so that their time has the
-meaning of a full fine-tuning learning rate: one Euler step of size h moves ``X = s B A`` by
-``-h P(G)`` (balanced) or ``-h (PU G + G PV)`` (scaled). The gradient flow is plain LoRA.
+meaning of a full fine-tuning learning rate: the product ``X = s B A`` moves with velocity
+``-P(G)`` (balanced) or ``-(PU G + G PV)`` (scaled). The gradient flow is plain LoRA.
+
+Both work from the factors' thin SVDs (a :class:`~odelora.geometry.Frame`, passed in or computed)
+and divide by no singular value without damping (``odelora.geometry``): a direction whose squared
+singular value is below ``damping * max^2`` fades out smoothly instead of being inverted, so the
+flows are defined and bounded for every input, ``B = 0`` and ``A = 0`` included, with no rank
+test and no threshold. Where both factors are well conditioned the damping changes the result by
+a relative ``damping * cond^2`` (about 1e-12 for cond = 100 in float64).
+
+Each flow is a :class:`Flow`: the function plus what it supports (taking a precomputed frame,
+skipping its gauge term) and the retraction the optimizer uses with it by default.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .geometry import full_rank, work_dtype
+from .geometry import Frame, Tangent, compute_dtype, damped_inverse, default_damping, factor_frame
 
 __all__ = ["Flow", "gradient", "scaled", "balanced", "FLOWS", "get_flow"]
 
 
-class Flow(Protocol):
-    def __call__(
-        self, B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale: float | Tensor = 1.0, **kw
-    ) -> tuple[Tensor, Tensor]: ...
+@dataclass(frozen=True)
+class Flow:
+    """A velocity field with what the optimizer may assume of it.
+
+    ``uses_frame``: the function accepts ``frame=`` (the factors' thin SVDs) and then skips
+    computing it. ``has_gauge``: it accepts ``gauge=False``, dropping a term that moves only the
+    factorization, not the product. ``tangent``: a function with the same arguments (``frame``
+    required) returning the product velocity as a :class:`~odelora.geometry.Tangent`, which
+    retractions that rebuild the factors from the product take directly. ``retraction``: the
+    optimizer's default way of stepping with this flow.
+    """
+
+    name: str
+    fn: Callable[..., tuple[Tensor, Tensor]]
+    uses_frame: bool = False
+    has_gauge: bool = False
+    tangent: Callable[..., Tangent] | None = None
+    retraction: str = "none"
+
+    def __call__(self, B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale=1.0, **options):
+        return self.fn(B, A, gB, gA, scale=scale, **options)
+
+    @property
+    def doc(self) -> str:
+        """What the flow computes (its function's docstring)."""
+        return self.fn.__doc__ or ""
 
 
 def _check_shapes(B, A, gB, gA):
@@ -43,153 +75,114 @@ def _check_shapes(B, A, gB, gA):
         )
 
 
-def _prepare(B, A, gB, gA, scale):
+def _prepare(B, A, gB, gA, scale, frame, damping):
+    """Inputs in the compute precision, gradients divided by scale^2, the frame and damping."""
     _check_shapes(B, A, gB, gA)
-    wd = work_dtype(B, A, gB, gA)
-    s = torch.as_tensor(scale, dtype=wd, device=B.device)
+    dt = compute_dtype(B, A, gB, gA)
+    s = torch.as_tensor(scale, dtype=dt, device=B.device)
     if s.ndim:  # one scale per stacked pair
         s = s.reshape(*s.shape, 1, 1)
     inv_s2 = 1.0 / (s * s)
-    return B.to(wd), A.to(wd), gB.to(wd) * inv_s2, gA.to(wd) * inv_s2
+    B, A = B.to(dt), A.to(dt)
+    fr = frame if frame is not None else factor_frame(B, A)
+    d = default_damping(dt) if damping is None else float(damping)
+    if d < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    return B, A, gB.to(dt) * inv_s2, gA.to(dt) * inv_s2, fr, d
 
 
-def gradient(B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale=1.0) -> tuple[Tensor, Tensor]:
-    """Plain LoRA gradient flow: ``dB = -gB``, ``dA = -gA`` (``scale`` is already inside the
-    gradients)."""
+def _gradient(B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale=1.0) -> tuple[Tensor, Tensor]:
+    """Plain LoRA gradient flow: ``dB = -gB``, ``dA = -gA`` (``scale`` is already in the gradients)."""
     _check_shapes(B, A, gB, gA)
-    wd = work_dtype(B, A, gB, gA)
-    return -gB.to(wd), -gA.to(wd)
+    dt = compute_dtype(B, A, gB, gA)
+    return -gB.to(dt), -gA.to(dt)
 
 
-def _damped_solve_right(Y: Tensor, M: Tensor, damping: float) -> Tensor:
-    """``Y @ (M + d I)^-1`` with ``d = damping * trace(M) / r`` (a positive damping is raised to
-    10 eps of the working precision). Where M = 0 (a zero factor) the matching Y is exactly zero
-    too, and d = 1 keeps the solve defined."""
-    r = M.shape[-1]
-    tr = M.diagonal(dim1=-2, dim2=-1).sum(-1)
-    rel = max(damping, 10 * torch.finfo(M.dtype).eps) if damping > 0 else 0.0  # stay above rounding
-    d = torch.where(tr > 0, rel * tr / r, torch.ones_like(tr))
-    eye = torch.eye(r, dtype=M.dtype, device=M.device)
-    L, info = torch.linalg.cholesky_ex(M + d[..., None, None] * eye)
-    if bool((info != 0).any()):
-        raise torch.linalg.LinAlgError(
-            "Gram matrix not positive definite even after damping; raise `damping`"
-        )
-    return torch.cholesky_solve(Y.mT, L).mT
-
-
-def scaled(
-    B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale=1.0, damping: float = 1e-8
-) -> tuple[Tensor, Tensor]:
-    """Scaled (Riemannian-preconditioned) flow: ``dB = -hB (MA + dI)^-1``,
-    ``dA = -(MB + dI)^-1 hA`` with ``h = g / scale**2`` and ``d = damping * trace(M) / r``.
-
-    At a zero factor (PEFT's ``B = 0`` start) the other factor's gradient is exactly zero and so
-    is its velocity; no singular matrix is inverted."""
-    B, A, hB, hA = _prepare(B, A, gB, gA, scale)
-    dB = -_damped_solve_right(hB, A @ A.mT, damping)
-    dA = -_damped_solve_right(hA.mT, B.mT @ B, damping).mT
+def _scaled(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: float | None = None):
+    """Scaled (Riemannian-preconditioned) flow: ``dB = -hB (MA + lam I)^-1``,
+    ``dA = -(MB + lam I)^-1 hA`` with ``h = g / scale**2`` and the relative damping of
+    :func:`odelora.geometry.damped_inverse` (``damping``, default the unit roundoff). At a zero
+    factor (PEFT's ``B = 0`` start) the other factor's gradient is exactly zero and so is its
+    velocity."""
+    B, A, hB, hA, fr, d = _prepare(B, A, gB, gA, scale, frame, damping)
+    invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
+    dB = -((hB @ fr.PA) * invA.unsqueeze(-2)) @ fr.PA.mT  # -hB (MA + lam)^-1
+    dA = -fr.PB @ (invB.unsqueeze(-1) * (fr.PB.mT @ hA))  # -(MB + lam)^-1 hA
     return dB, dA
 
 
-def _tri_inv(R: Tensor) -> Tensor:
-    """Inverse of upper-triangular R (r x r); applying it by matmul costs one batched GEMM."""
-    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
-    return torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True)
-
-
-def _balanced_full(B, A, hB, hA, QB, RB, QA, RA):
-    """The balanced projected flow where both factors have full rank (MATH.md section 2.3),
-    written with QR factors instead of Gram inverses so that it stays accurate for
-    ill-conditioned factors: ``MB^-1 B.T = RB^-1 QB.T``, ``PU = QB QB.T``, ``MA^-1 = RA^-1 RA^-T``."""
-    iB, iA = _tri_inv(RB), _tri_inv(RA)
-    tB = QB.mT @ hB  # (r, r): B.T hB = RB.T tB
-    tA = hA @ QA  # (r, r): hA A.T = tA RA
-    perpB = hB - QB @ tB  # (I - PU) hB
-    perpA = hA - tA @ QA.mT  # hA (I - PV)
-    C = iB @ (tB @ iA) @ iA.mT  # MB^-1 B.T hB MA^-1
-    # Gauge term D keeps B.T B - A A.T constant: Lyapunov equation in the eigenbasis of M.
-    M = 0.5 * (RA.mT @ RA + RB.mT @ RB)
-    lam, Q = torch.linalg.eigh(M)
+def _gauge(C: Tensor, fr: Frame) -> Tensor:
+    """``C/2 + D``: the shift ``dB -= B Gamma``, ``dA += Gamma A`` that keeps ``B.T B - A A.T``
+    constant (MATH.md section 2.3). D solves a Lyapunov equation in the eigenbasis of
+    ``M = (A A.T + B.T B) / 2``, which a balanced frame already is; each entry of D is at most
+    one entry of ``C - C.T`` in size."""
+    if fr.balanced:
+        Q, lam = fr.PB, fr.sB * fr.sB
+    else:
+        M = (fr.PA * (fr.sA * fr.sA).unsqueeze(-2)) @ fr.PA.mT + (fr.PB * (fr.sB * fr.sB).unsqueeze(-2)) @ fr.PB.mT
+        lam, Q = torch.linalg.eigh(0.5 * M)
     Om = Q.mT @ (C - C.mT) @ Q
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
-    E = Om * (lj - li) / (2.0 * (li + lj))
-    D = 0.5 * (Q @ E @ Q.mT)
-    Ch = 0.5 * C
-    dB = -((perpB @ iA) @ iA.mT) - B @ (Ch + D)
-    dA = -(iB @ (iB.mT @ perpA)) - (Ch - D) @ A
+    den = li + lj
+    ratio = torch.where(den > 0, (lj - li) / (2.0 * den).clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
+    return 0.5 * C + 0.5 * (Q @ (Om * ratio) @ Q.mT)
+
+
+def _balanced_parts(B, A, gB, gA, scale, frame, damping):
+    """The pieces both forms of the balanced flow share (see :func:`_balanced`)."""
+    B, A, hB, hA, fr, d = _prepare(B, A, gB, gA, scale, frame, damping)
+    invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
+    tA = invB.unsqueeze(-1) * (fr.PB.mT @ hA)  # (MB + lam)^-1 hA in PB's coordinates, (k, n)
+    hBi = (hB @ fr.PA) * invA.unsqueeze(-2)  # hB (MA + lam)^-1 in PA's coordinates, (m, k')
+    core = fr.UB.mT @ hBi  # (k, k')
+    return B, A, fr, invB, tA, hBi, core
+
+
+def _balanced_tangent(B, A, gB, gA, *, scale=1.0, frame: Frame, damping: float | None = None) -> Tangent:
+    """The balanced flow's product velocity ``-P(G)/s`` as a :class:`Tangent` at ``frame``:
+    ``L = -hB (MA + lam)^-1 A.T``, ``R.T = -B.T (MB + lam)^-1 hA``, ``C = PU-weights * core``."""
+    B, A, fr, invB, tA, hBi, core = _balanced_parts(B, A, gB, gA, scale, frame, damping)
+    phiB = fr.sB * fr.sB * invB
+    sA = fr.sA.unsqueeze(-2)
+    return Tangent(-hBi * sA, -(fr.sB.unsqueeze(-1) * tA).mT, (phiB.unsqueeze(-1) * core) * sA)
+
+
+def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: float | None = None, gauge: bool = True):
+    """ODELoRA: the projected full fine-tuning flow ``d(sBA)/dt = -P(G)`` with balanced factors.
+
+    The projectors on B's column space and A's row space are taken from the factors themselves,
+    damped as above, so one formula covers every start: at full rank it is the exact projected
+    flow (``s (dB A + B dA) = -P(G)``, and with ``gauge=True`` ``B.T B - A A.T`` stays constant);
+    at ``B = 0`` it reduces to ``dX = -G PV`` (LoRA-Pro's first step), at ``A = 0`` to ``-PU G``,
+    and directions whose singular values vanish drop out continuously."""
+    B, A, fr, invB, tA, hBi, core = _balanced_parts(B, A, gB, gA, scale, frame, damping)
+    phiB = fr.sB * fr.sB * invB  # damped projector weights on B's column space, in [0, 1)
+    # Orthogonal gauge: dA = -(MB + lam)^-1 hA, dB = -(I - PU) hB (MA + lam)^-1, so that
+    # dB A + B dA = -(PU G + G PV - PU G PV) / s with the damped projectors PU, PV.
+    dA = -fr.PB @ tA
+    dB = -(hBi - fr.UB @ (phiB.unsqueeze(-1) * core)) @ fr.PA.mT
+    if gauge:
+        C = fr.PB @ ((fr.sB * invB).unsqueeze(-1) * core) @ fr.PA.mT  # (MB+lam)^-1 B.T hB (MA+lam)^-1
+        Gam = _gauge(C, fr)
+        dB = dB - B @ Gam
+        dA = dA + Gam @ A
     return dB, dA
 
 
-def _rank_flags(R: Tensor, rtol: float | None) -> tuple[Tensor, Tensor]:
-    """(full rank, zero) per factor from its triangular QR factor (see ``full_rank``)."""
-    big = R.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
-    return full_rank(R, rtol), big == 0
+gradient = Flow("gradient", _gradient)
+scaled = Flow("scaled", _scaled, uses_frame=True)
+balanced = Flow("balanced", _balanced, uses_frame=True, has_gauge=True, tangent=_balanced_tangent, retraction="truncate")
+
+FLOWS: dict[str, Flow] = {f.name: f for f in (gradient, scaled, balanced)}
 
 
-def balanced(
-    B: Tensor,
-    A: Tensor,
-    gB: Tensor,
-    gA: Tensor,
-    *,
-    scale=1.0,
-    rtol: float | None = None,
-    damping: float = 1e-8,
-    qr: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """ODELoRA: the projected full fine-tuning flow ``d(sBA)/dt = -P(G)`` on the balanced set.
-
-    Pairs whose factors both have full rank follow the exact flow (product velocity ``-P(G)``,
-    ``B.T B - A A.T`` constant). Rank-deficient pairs follow the documented fallbacks:
-
-    * ``B = 0`` (PEFT's start), ``A`` full rank: ``dB = -hB MA^-1``, ``dA = 0``, the projected
-      flow restricted to A's known row space (``dX = -G PV``, LoRA-Pro's first step);
-    * ``A = 0``, ``B`` full rank: the mirror image, ``dX = -PU G``;
-    * any other deficiency (a factor of rank between 0 and r, or both zero): the damped scaled
-      flow (``damping`` relative to ``trace(M)/r``), which moves both factors wherever the
-      gradient reaches them and is zero when both factors are zero.
-
-    ``rtol`` sets the rank test on the QR diagonals (see :func:`odelora.geometry.full_rank`);
-    ``qr = (QB, RB, QA, RA)`` with ``B = QB RB`` and ``A.T = QA RA`` skips the factorization
-    (the optimizer passes the factors its balancing retraction just produced).
-    """
-    B, A, hB, hA = _prepare(B, A, gB, gA, scale)
-    batch = B.shape[:-2]
-    Bf, Af = B.reshape(-1, *B.shape[-2:]), A.reshape(-1, *A.shape[-2:])
-    hBf, hAf = hB.reshape(Bf.shape), hA.reshape(Af.shape)
-    if qr is None:
-        QB, RB = torch.linalg.qr(Bf)
-        QA, RA = torch.linalg.qr(Af.mT)
-    else:
-        QB, RB, QA, RA = (t.reshape(-1, *t.shape[-2:]) for t in qr)
-    okB, zeroB = _rank_flags(RB, rtol)
-    okA, zeroA = _rank_flags(RA, rtol)
-    both = okB & okA
-    if bool(both.all()):
-        dB, dA = _balanced_full(Bf, Af, hBf, hAf, QB, RB, QA, RA)
-    else:
-        dB, dA = torch.empty_like(Bf), torch.empty_like(Af)
-        right = lambda Y, R: (Y @ _tri_inv(R)) @ _tri_inv(R).mT  # Y (R.T R)^-1
-        cases: list[tuple[Tensor, Callable]] = [
-            (both, lambda i: _balanced_full(Bf[i], Af[i], hBf[i], hAf[i], QB[i], RB[i], QA[i], RA[i])),
-            (zeroB & okA, lambda i: (-right(hBf[i], RA[i]), torch.zeros_like(Af[i]))),
-            (okB & zeroA, lambda i: (torch.zeros_like(Bf[i]), -right(hAf[i].mT, RB[i]).mT)),
-            (~both & ~(zeroB & okA) & ~(okB & zeroA), lambda i: scaled(Bf[i], Af[i], hBf[i], hAf[i], damping=damping)),
-        ]
-        for mask, rule in cases:
-            if bool(mask.any()):
-                dB[mask], dA[mask] = rule(mask)
-    return dB.reshape(*batch, *dB.shape[-2:]), dA.reshape(*batch, *dA.shape[-2:])
-
-
-FLOWS: dict[str, Flow] = {"gradient": gradient, "scaled": scaled, "balanced": balanced}
-
-
-def get_flow(flow: str | Flow) -> Flow:
-    """A flow by name (``"gradient"``, ``"scaled"``, ``"balanced"``) or a callable as is."""
-    if callable(flow):
+def get_flow(flow: str | Flow | Callable) -> Flow:
+    """A flow by name (``"gradient"``, ``"scaled"``, ``"balanced"``), a :class:`Flow`, or a plain
+    callable with the flow signature (wrapped: no frame, no gauge option, no retraction)."""
+    if isinstance(flow, Flow):
         return flow
+    if callable(flow):
+        return Flow(getattr(flow, "__name__", "custom"), flow)
     try:
         return FLOWS[flow]
     except KeyError:

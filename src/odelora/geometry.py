@@ -1,115 +1,204 @@
-"""Geometry of LoRA factor pairs: working precision, QR bases, balancing, tangent projection.
+"""Geometry of LoRA factor pairs: compute precision, factor frames, damped projections, balancing,
+rank-r truncation of low-rank sums, imbalance.
 
 Shapes follow PEFT: ``B`` is (..., m, r), ``A`` is (..., r, n), the adaptation is ``s * B @ A``.
 Every function accepts leading batch dimensions (a stack of pairs of equal shape).
+
+Near rank deficiency nothing here divides by a small singular value without damping: a factor's
+singular value ``x`` enters through ``x / (x^2 + lam)`` and ``x^2 / (x^2 + lam)`` with
+``lam = damping * max(x)^2`` (see :func:`damped_inverse`), which is ``1/x`` and ``1`` where
+``x^2 >> lam`` and goes to 0 smoothly as ``x`` does.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "work_dtype",
+    "compute_dtype",
+    "default_damping",
+    "Frame",
+    "factor_frame",
+    "damped_inverse",
+    "Tangent",
+    "tangent_of",
+    "truncate",
+    "balanced_factors",
+    "balance_frame",
     "balance",
-    "balance_with_qr",
     "imbalance",
     "tangent_project",
-    "full_rank",
 ]
 
 
-def work_dtype(*tensors: Tensor) -> torch.dtype:
-    """Precision for Gram matrices and solves: float64 if any input is float64, else float32."""
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """Precision of Gram-free solves and retractions: float64 if any input is float64, else
+    float32 (half-precision factors are processed in float32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def full_rank(R: Tensor, rtol: float | None = None) -> Tensor:
-    """Whether the triangular QR factors ``R`` (..., r, r) are numerically nonsingular.
+def default_damping(dtype: torch.dtype) -> float:
+    """Relative damping used when none is given: the unit roundoff of ``dtype``. Directions of a
+    factor with ``x^2 < eps * max(x)^2`` carry only rounding noise and are faded out."""
+    return float(torch.finfo(dtype).eps)
 
-    A factor counts as rank-deficient when its smallest |R_ii| is at most ``rtol`` times its
-    largest (default ``1e3 * eps`` of R's dtype), or when it is zero.
+
+class Frame(NamedTuple):
+    """Thin SVDs of both factors: ``B = UB diag(sB) PB.T`` and ``A.T = UA diag(sA) PA.T``.
+
+    ``UB`` (..., m, k) and ``UA`` (..., n, k') have orthonormal columns, ``PB`` (..., r, k) and
+    ``PA`` (..., r, k') orthonormal columns, ``k = min(m, r)``, ``k' = min(n, r)``.
+    ``balanced`` marks frames with ``sA == sB`` and ``PA == PB`` (``B.T B = A A.T``), which the
+    truncation retraction produces; flows then skip an eigendecomposition.
     """
-    if rtol is None:
-        rtol = 1e3 * torch.finfo(R.dtype).eps
-    if R.shape[-2] < R.shape[-1]:  # a factor with fewer rows than r (e.g. A of a 1-input layer)
-        return torch.zeros(R.shape[:-2], dtype=torch.bool, device=R.device)
-    d = R.diagonal(dim1=-2, dim2=-1).abs()
-    big = d.amax(-1)
-    return (d.amin(-1) > rtol * big) & (big > 0)
+
+    UB: Tensor
+    sB: Tensor
+    PB: Tensor
+    UA: Tensor
+    sA: Tensor
+    PA: Tensor
+    balanced: bool = False
 
 
-def _qr_pair(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``B = QB @ RB`` and ``A.T = QA @ RA`` (reduced QR), so ``A = RA.T @ QA.T``."""
-    QB, RB = torch.linalg.qr(B)
-    QA, RA = torch.linalg.qr(A.mT)
-    return QB, RB, QA, RA
+class Tangent(NamedTuple):
+    """A tangent vector at a pair's frame, ``dX/s = UB C UA.T + UB R.T + L UA.T`` with ``L``
+    (..., m, k'), ``R`` (..., n, k) and ``C`` (..., k, k'): the form the truncation retraction
+    consumes without converting factor velocities."""
+
+    L: Tensor
+    R: Tensor
+    C: Tensor
 
 
-def balance(B: Tensor, A: Tensor, *, skip_deficient: bool = False) -> tuple[Tensor, Tensor]:
-    """Refactor ``B @ A`` so that ``B.T @ B == A @ A.T`` (both equal the singular values of BA).
+def tangent_of(fr: Frame, dB: Tensor, dA: Tensor) -> Tangent:
+    """The :class:`Tangent` of factor velocities: ``dB A + B dA`` at ``B = UB sB PB.T``,
+    ``A.T = UA sA PA.T``."""
+    L = (dB @ fr.PA) * fr.sA.unsqueeze(-2)
+    R = ((fr.sB.unsqueeze(-1) * (fr.PB.mT @ dA))).mT
+    return Tangent(L, R, L.new_zeros(*L.shape[:-2], fr.sB.shape[-1], fr.sA.shape[-1]))
 
-    QR of both factors, an r-by-r SVD of ``RB @ RA.T``, then ``B = QB U S^1/2`` and
-    ``A = S^1/2 V.T QA.T``. The product is unchanged up to rounding. Computed in the working
-    precision and returned in the input dtype.
 
-    For a rank-deficient product (PEFT's ``B = 0`` start) the balanced factors have zero columns
-    where the product has zero singular values, which would erase the other factor's information;
-    with ``skip_deficient=True`` such pairs are returned unchanged instead.
+def _thin_svd(F: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``F = U diag(s) P.T`` for a tall or wide (..., p, r) matrix: QR first when p > r (cheaper
+    than an SVD of the tall matrix), then an SVD of the small triangular factor."""
+    if F.shape[-2] > F.shape[-1]:
+        Q, R = torch.linalg.qr(F)
+        W, s, Vh = torch.linalg.svd(R)
+        return Q @ W, s, Vh.mT
+    U, s, Vh = torch.linalg.svd(F, full_matrices=False)
+    return U, s, Vh.mT
+
+
+def factor_frame(B: Tensor, A: Tensor) -> Frame:
+    """The :class:`Frame` of a pair (in the precision of the inputs)."""
+    UB, sB, PB = _thin_svd(B)
+    UA, sA, PA = _thin_svd(A.mT)
+    return Frame(UB, sB, PB, UA, sA, PA)
+
+
+def damped_inverse(x: Tensor, damping: float) -> Tensor:
+    """``1 / (x^2 + lam)`` per singular value, ``lam = damping * max(x)^2`` over the last axis; 0
+    where the whole factor is zero (its gradients are then exactly zero too)."""
+    top = x.amax(-1, keepdim=True)
+    lam = damping * top * top
+    out = 1.0 / (x * x + lam)
+    return torch.where(top > 0, out, torch.zeros_like(out))
+
+
+def _polar(N: Tensor) -> Tensor:
+    """The orthogonal (semi-orthogonal) factor ``W Z.T`` of ``N = W diag(c) Z.T``."""
+    W, _, Zh = torch.linalg.svd(N, full_matrices=False)
+    return W @ Zh
+
+
+def truncate(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int):
+    """Best rank-``rank`` approximation of ``Y = [UL, L] @ M @ [UR, R].T`` (the metric projection
+    on the rank-``rank`` matrices), without forming Y.
+
+    ``UL`` (..., m, a) and ``UR`` (..., n, b) have orthonormal columns; ``L`` (..., m, p) and
+    ``R`` (..., n, q) are arbitrary; ``M`` is (..., a + p, b + q). Returns ``(U, S, V, U.T UL,
+    V.T UR)`` with ``Y_rank = U diag(S) V.T``, orthonormal U and V, and their overlaps with the
+    anchors (small matrices, free here, which spare the caller products with the tall bases).
+
+    Householder QR of ``[UL, L]`` (not of L alone) keeps the new basis orthonormal and orthogonal
+    to UL even when L is rank-deficient (a rank-1 gradient), and gives ``min(m, a + p)`` columns
+    when m is small. Cost O((m + n)(a + p)^2 + (a + p)^3).
     """
-    Bn, An, _, _ = balance_with_qr(B, A, skip_deficient=skip_deficient)
-    return Bn, An
+    Ql, Tl = torch.linalg.qr(torch.cat([UL, L], -1))
+    Qr, Tr = torch.linalg.qr(torch.cat([UR, R], -1))
+    W, S, Zh = torch.linalg.svd(Tl @ M @ Tr.mT)
+    W, Z = W[..., :rank], Zh[..., :rank, :].mT
+    a, b = UL.shape[-1], UR.shape[-1]
+    return Ql @ W, S[..., :rank], Qr @ Z, W.mT @ Tl[..., :a], Z.mT @ Tr[..., :b]
 
 
-def balance_with_qr(B: Tensor, A: Tensor, *, skip_deficient: bool = False):
-    """:func:`balance`, plus what the retraction learns on the way: the QR factors of the result
-    (``(QB U, diag(S^1/2), QA V, diag(S^1/2))`` for balanced pairs, the input's own for skipped
-    ones, in the working precision; None if r > min(m, n)), which a flow evaluated right after
-    can reuse, and the imbalance of the input per pair (from its R factors, r x r work only)."""
-    r = A.shape[-2]
-    if r > min(B.shape[-2], A.shape[-1]):
-        if skip_deficient:  # the product can never have rank r
-            return B, A, None, imbalance(B, A)
-        raise ValueError(f"cannot balance rank {r} factors of a {B.shape[-2]}x{A.shape[-1]} product: r > min(m, n)")
-    dtype = B.dtype
-    wd = work_dtype(B, A)
-    QB, RB, QA, RA = _qr_pair(B.to(wd), A.to(wd))
-    MB, MA = RB.mT @ RB, RA.mT @ RA  # B.T B and A A.T
-    den = torch.linalg.matrix_norm(MB).clamp_min(torch.finfo(wd).tiny)
-    drift = torch.linalg.matrix_norm(MB - MA) / den
-    U, S, Vh = torch.linalg.svd(RB @ RA.mT)
-    root = S.sqrt()
-    QBn, QAn = QB @ U, QA @ Vh.mT
-    Bn = (QBn * root.unsqueeze(-2)).to(dtype)
-    An = (root.unsqueeze(-1) * QAn.mT).to(dtype)
-    R = torch.diag_embed(root)
-    qr = (QBn, R, QAn, R)
-    if skip_deficient:
-        tol = 10 * r * torch.finfo(wd).eps
-        ok = (S[..., -1] > tol * S[..., 0]) & (S[..., 0] > 0)
-        if not bool(ok.all()):  # unchanged pairs keep the QR of their input
-            keep = ok[..., None, None]
-            Bn, An = torch.where(keep, Bn, B), torch.where(keep, An, A)
-            qr = tuple(torch.where(keep, new, old) for new, old in zip(qr, (QB, RB, QA, RA)))
-    return Bn, An, qr, drift
+def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor, Tensor] | None = None, overlaps=None):
+    """Balanced factors of ``U diag(S) V.T`` with r columns: ``B = U diag(S^1/2) Q``,
+    ``A = Q.T diag(S^1/2) V.T`` with ``Q`` (k, r) of orthonormal rows, and their :class:`Frame`.
+
+    Balanced factorizations differ by such Q; with ``near = (B0, A0)`` the one closest to
+    ``(B0, A0)`` in Frobenius norm is returned (an orthogonal Procrustes problem), so that factors
+    move continuously from step to step: no column sign flips or permutations, which would
+    scramble per-coordinate state such as Adam moments. ``overlaps = (U.T B0, V.T A0.T)`` may be
+    passed instead of computing them. Without ``near``, ``Q = [I, 0]``.
+    """
+    root = S.clamp_min(0).sqrt()
+    k = S.shape[-1]
+    if near is None:
+        Q = torch.eye(k, r, dtype=U.dtype, device=U.device).expand(*S.shape[:-1], k, r)
+    else:
+        UB0, VA0 = overlaps if overlaps is not None else (U.mT @ near[0], V.mT @ near[1].mT)
+        Q = _polar(root.unsqueeze(-1) * (UB0 + VA0))
+    B = (U * root.unsqueeze(-2)) @ Q
+    A = Q.mT @ (root.unsqueeze(-1) * V.mT)
+    return B, A, Frame(U, root, Q.mT, V, root, Q.mT, balanced=True)
+
+
+def balance_frame(B: Tensor, A: Tensor, fr: Frame | None = None) -> tuple[Tensor, Tensor, Frame]:
+    """Balanced factors of ``B @ A`` closest to ``(B, A)``, with their frame (``fr``: the input's
+    frame, if known)."""
+    fr = fr if fr is not None else factor_frame(B, A)
+    core = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+    W, S, Zh = torch.linalg.svd(core, full_matrices=False)
+    Z = Zh.mT
+    # overlaps with the input: U.T B = W.T diag(sB) PB.T, V.T A.T = Z.T diag(sA) PA.T
+    over = (W.mT @ (fr.sB.unsqueeze(-1) * fr.PB.mT), Z.mT @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
+    return balanced_factors(fr.UB @ W, S, fr.UA @ Z, B.shape[-1], near=(B, A), overlaps=over)
+
+
+def balance(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """Refactor ``B @ A`` so that ``B.T @ B == A @ A.T`` (both carry the singular values of BA),
+    choosing among such factorizations the one closest to ``(B, A)``. The product is unchanged up
+    to rounding; computed in the compute precision, returned in the input dtype. A rank-deficient
+    product gives factors with matching zero directions (``B = 0`` balances to ``(0, 0)``)."""
+    dtype, wd = B.dtype, compute_dtype(B, A)
+    B0, A0 = B.to(wd), A.to(wd)
+    Bn, An, _ = balance_frame(B0, A0)
+    return Bn.to(dtype), An.to(dtype)
 
 
 def imbalance(B: Tensor, A: Tensor) -> Tensor:
-    """``||B.T B - A A.T||_F / ||B.T B||_F`` per pair (0 when both factors are zero)."""
-    wd = work_dtype(B, A)
+    """``||B.T B - A A.T||_F / (||B.T B||_F + ||A A.T||_F)`` per pair, in [0, 1]: 0 for balanced
+    factors, 1 when one factor is zero and the other is not (PEFT's start), 0 when both are."""
+    wd = compute_dtype(B, A)
     B, A = B.to(wd), A.to(wd)
-    MB = B.mT @ B
-    MA = A @ A.mT
+    MB, MA = B.mT @ B, A @ A.mT
+    den = torch.linalg.matrix_norm(MB) + torch.linalg.matrix_norm(MA)
     num = torch.linalg.matrix_norm(MB - MA)
-    den = torch.maximum(torch.linalg.matrix_norm(MB), torch.linalg.matrix_norm(MA))
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(wd).tiny), torch.zeros_like(num))
 
 
 def tangent_project(G: Tensor, B: Tensor, A: Tensor) -> Tensor:
-    """Orthogonal projection of ``G`` (..., m, n) on the tangent space of the rank-r manifold at
-    ``X = B @ A``: ``PU G + G PV - PU G PV``, with orthonormal bases from QR (B, A full rank)."""
-    wd = work_dtype(G, B, A)
-    QB, _, QA, _ = _qr_pair(B.to(wd), A.to(wd))
+    """Orthogonal projection of ``G`` (..., m, n) on the tangent space of the rank-r matrices at
+    ``X = B @ A``: ``PU G + G PV - PU G PV`` with PU, PV the projectors on the column space of B and
+    the row space of A (full-rank factors). A dense reference for tests and diagnostics."""
+    wd = compute_dtype(G, B, A)
+    QB = torch.linalg.qr(B.to(wd))[0]
+    QA = torch.linalg.qr(A.to(wd).mT)[0]
     G = G.to(wd)
     UG = QB @ (QB.mT @ G)
     return UG + (G - UG) @ QA @ QA.mT

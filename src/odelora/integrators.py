@@ -1,15 +1,17 @@
 """How time advances: Butcher tableaus, one generic explicit Runge-Kutta step, a step-size
-controller for embedded pairs, and ``integrate`` for autonomous flows on lists of tensors.
+controller, ``attempt`` (the one accept/reject loop) and ``integrate`` for autonomous flows.
 
-A state is a list of tensors (for LoRA: the factors, possibly stacked over pairs); a vector field
-``f(y) -> list of tensors`` returns one velocity per state tensor.
+A *space* says how a state moves along a combination of stage velocities: :class:`VectorSpace`
+adds them (lists of tensors, ``y + h sum_j a_j k_j``); the LoRA retractions in
+``odelora.retractions`` step the factors on the rank-r manifold instead. Every method, fixed or
+adaptive, in every space, goes through :func:`rk_step` and :func:`attempt`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -18,23 +20,36 @@ __all__ = [
     "Tableau",
     "TABLEAUS",
     "get_tableau",
+    "Stage",
+    "Space",
+    "VectorSpace",
     "rk_step",
     "StepController",
+    "Attempt",
+    "attempt",
+    "NonFiniteError",
     "SolverStats",
     "IntegrationResult",
     "integrate",
 ]
 
-State = list[Tensor]
-VectorField = Callable[[State], State]
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or velocity was NaN or infinite. ``stage`` is the RK stage it came from
+    and ``stages`` the stages completed before it (set by :func:`rk_step`)."""
+
+    stage: int | None = None
+    stages: list = []
 
 
 @dataclass(frozen=True)
 class Tableau:
-    """An explicit Runge-Kutta method: ``c``, strictly lower-triangular ``a``, weights ``b``.
+    """An explicit Runge-Kutta method: ``c``, strictly lower-triangular ``a``, weights ``b``;
+    embedded pairs also carry ``b_low`` (weights of the order-``order_low`` solution).
 
-    Embedded pairs also carry ``b_low`` (the weights of the lower-order solution, order
-    ``order_low``); ``fsal`` marks tableaus whose last stage is evaluated at the new state.
+    Checked on construction: shapes, ``c_i = sum_j a_ij``, ``sum b = 1`` (and ``sum b_low = 1``).
+    ``fsal`` is derived: the last stage is evaluated at the new state (``a[-1] == b``,
+    ``b[-1] == 0``), so an accepted step's last velocity is the next step's first.
     """
 
     name: str
@@ -44,7 +59,20 @@ class Tableau:
     b: tuple[float, ...]
     b_low: tuple[float, ...] | None = None
     order_low: int | None = None
-    fsal: bool = False
+
+    def __post_init__(self):
+        s = len(self.b)
+        if len(self.c) != s or len(self.a) != s or any(len(row) != i for i, row in enumerate(self.a)):
+            raise ValueError(f"tableau {self.name!r}: a must be strictly lower triangular with {s} rows")
+        for i, row in enumerate(self.a):
+            if abs(sum(row) - self.c[i]) > 1e-12:
+                raise ValueError(f"tableau {self.name!r}: row {i} of a sums to {sum(row)}, not c[{i}] = {self.c[i]}")
+        if abs(sum(self.b) - 1.0) > 1e-12:
+            raise ValueError(f"tableau {self.name!r}: weights b sum to {sum(self.b)}, not 1")
+        if (self.b_low is None) != (self.order_low is None):
+            raise ValueError(f"tableau {self.name!r}: give both b_low and order_low, or neither")
+        if self.b_low is not None and (len(self.b_low) != s or abs(sum(self.b_low) - 1.0) > 1e-12):
+            raise ValueError(f"tableau {self.name!r}: b_low must have {s} weights summing to 1")
 
     @property
     def stages(self) -> int:
@@ -54,47 +82,55 @@ class Tableau:
     def adaptive(self) -> bool:
         return self.b_low is not None
 
-    def __post_init__(self):
-        s = len(self.b)
-        if len(self.c) != s or len(self.a) != s or any(len(row) != i for i, row in enumerate(self.a)):
-            raise ValueError(f"tableau {self.name!r}: a must be strictly lower triangular, s={s}")
-        if self.b_low is not None and len(self.b_low) != s:
-            raise ValueError(f"tableau {self.name!r}: b_low must have {s} weights")
+    @property
+    def fsal(self) -> bool:
+        s = self.stages
+        return s > 1 and self.b[-1] == 0.0 and all(abs(x - y) < 1e-15 for x, y in zip(self.a[-1], self.b[:-1]))
+
+    @property
+    def b_err(self) -> tuple[float, ...]:
+        """Weights of the error estimate ``y_high - y_low``."""
+        if self.b_low is None:
+            raise ValueError(f"tableau {self.name!r} has no embedded error estimate")
+        return tuple(x - y for x, y in zip(self.b, self.b_low))
 
 
-_EULER = Tableau("euler", 1, (0.0,), ((),), (1.0,))
-_HEUN = Tableau("heun", 2, (0.0, 1.0), ((), (1.0,)), (0.5, 0.5))
-_MIDPOINT = Tableau("midpoint", 2, (0.0, 0.5), ((), (0.5,)), (0.0, 1.0))
-_RK4 = Tableau(
-    "rk4", 4, (0.0, 0.5, 0.5, 1.0),
-    ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
-    (1 / 6, 1 / 3, 1 / 3, 1 / 6),
-)
-# Bogacki & Shampine (1989), Appl. Math. Lett. 2(4).
-_BS32 = Tableau(
-    "bs32", 3, (0.0, 0.5, 0.75, 1.0),
-    ((), (0.5,), (0.0, 0.75), (2 / 9, 1 / 3, 4 / 9)),
-    (2 / 9, 1 / 3, 4 / 9, 0.0),
-    b_low=(7 / 24, 1 / 4, 1 / 3, 1 / 8), order_low=2, fsal=True,
-)
-# Dormand & Prince (1980), J. Comput. Appl. Math. 6(1).
-_DOPRI5 = Tableau(
-    "dopri5", 5, (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
-    (
-        (),
-        (1 / 5,),
-        (3 / 40, 9 / 40),
-        (44 / 45, -56 / 15, 32 / 9),
-        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-    ),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
-    b_low=(5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40),
-    order_low=4, fsal=True,
-)
-
-TABLEAUS: dict[str, Tableau] = {t.name: t for t in (_EULER, _HEUN, _MIDPOINT, _RK4, _BS32, _DOPRI5)}
+TABLEAUS: dict[str, Tableau] = {
+    t.name: t
+    for t in (
+        Tableau("euler", 1, (0.0,), ((),), (1.0,)),
+        Tableau("heun", 2, (0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
+        Tableau("midpoint", 2, (0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
+        Tableau(
+            "rk4", 4, (0.0, 0.5, 0.5, 1.0),
+            ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
+            (1 / 6, 1 / 3, 1 / 3, 1 / 6),
+        ),
+        # Bogacki & Shampine (1989), Appl. Math. Lett. 2(4).
+        Tableau(
+            "bs32", 3, (0.0, 0.5, 0.75, 1.0),
+            ((), (0.5,), (0.0, 0.75), (2 / 9, 1 / 3, 4 / 9)),
+            (2 / 9, 1 / 3, 4 / 9, 0.0),
+            b_low=(7 / 24, 1 / 4, 1 / 3, 1 / 8), order_low=2,
+        ),
+        # Dormand & Prince (1980), J. Comput. Appl. Math. 6(1).
+        Tableau(
+            "dopri5", 5, (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+            (
+                (),
+                (1 / 5,),
+                (3 / 40, 9 / 40),
+                (44 / 45, -56 / 15, 32 / 9),
+                (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+                (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+                (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+            ),
+            (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+            b_low=(5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40),
+            order_low=4,
+        ),
+    )
+}
 
 
 def get_tableau(method: str | Tableau) -> Tableau:
@@ -106,49 +142,91 @@ def get_tableau(method: str | Tableau) -> Tableau:
         raise ValueError(f"unknown method {method!r}; choose one of {list(TABLEAUS)}") from None
 
 
-def _combine(y: State, h: float, coeffs: Sequence[float], ks: Sequence[State]) -> State:
-    """``y + h * sum_j coeffs[j] * ks[j]`` (zero coefficients skipped)."""
-    out = None
+class Stage(NamedTuple):
+    """One RK stage: the state it was evaluated at and the velocity there."""
+
+    y: Any
+    k: Any
+
+
+class Space(Protocol):
+    """How states move. ``h`` holds one step per part of the state (for the optimizer: per bucket
+    of pairs, each group's learning rate times the controller's step)."""
+
+    def combine(self, y0: Any, h: Sequence[float], coeffs: Sequence[float], stages: Sequence[Stage]) -> Any:
+        """The state reached from ``y0`` along ``sum_j coeffs[j] * stages[j].k`` over time h."""
+
+    def error_ratios(
+        self, y0: Any, y1: Any, h: Sequence[float], coeffs: Sequence[float], stages: Sequence[Stage], atol: float, rtol: float
+    ) -> Tensor:
+        """Size of the error estimate ``h sum_j coeffs[j] k_j`` against ``atol + rtol |y|``, one
+        ratio per unit the space measures (accept when their root mean square is <= 1)."""
+
+
+def axpy(y0: Sequence[Tensor], h: Sequence[float], coeffs: Sequence[float], ks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """``y0[p] + h[p] * sum_j coeffs[j] * ks[j][p]`` for every part p (zero coefficients skipped)."""
+    acc = None
     for cj, kj in zip(coeffs, ks):
         if cj != 0.0:
-            if out is None:
-                out = torch._foreach_add(y, kj, alpha=h * cj)
+            if acc is None:
+                acc = torch._foreach_mul(list(kj), cj)
             else:
-                torch._foreach_add_(out, kj, alpha=h * cj)
-    return [t.clone() for t in y] if out is None else list(out)
+                torch._foreach_add_(acc, list(kj), alpha=cj)
+    if acc is None:
+        return [t.clone() for t in y0]
+    torch._foreach_mul_(acc, list(h))
+    torch._foreach_add_(acc, list(y0))
+    return acc
+
+
+class VectorSpace:
+    """States are lists of tensors and move by vector addition; the error is the root mean square
+    over all entries of ``e / (atol + rtol * max(|y0|, |y1|))`` (MATH.md section 3)."""
+
+    def combine(self, y0, h, coeffs, stages):
+        return axpy(y0, h, coeffs, [st.k for st in stages])
+
+    def error_ratios(self, y0, y1, h, coeffs, stages, atol, rtol):
+        err = axpy([torch.zeros_like(t) for t in y0], h, coeffs, [st.k for st in stages])
+        total = sum(float(((e / (atol + rtol * torch.maximum(a.abs(), b.abs()))) ** 2).sum()) for a, b, e in zip(y0, y1, err))
+        count = sum(e.numel() for e in err)
+        return torch.tensor([math.sqrt(total / max(count, 1))])
 
 
 def rk_step(
-    f: VectorField, y: State, h: float, tableau: Tableau, k1: State | None = None
-) -> tuple[State, State | None, list[State]]:
-    """One explicit RK step of size ``h`` from ``y``.
+    f: Callable[[Any], Any], y0: Any, h: Sequence[float], tableau: Tableau, space: Space, first: Stage | None = None
+) -> tuple[Any, list[Stage]]:
+    """One explicit RK step from ``y0``: returns the new state and the stages.
 
-    Returns ``(y_new, err, ks)``: ``err = y_high - y_low`` for embedded pairs (else None) and the
-    stage velocities. ``k1`` (the velocity at ``y``) is reused when given, saving one evaluation.
+    ``first`` (the stage at ``y0``) is reused when given, saving one evaluation. A
+    :class:`NonFiniteError` raised by ``f`` comes out with the stage index and the completed
+    stages attached.
     """
-    ks: list[State] = []
-    for i in range(tableau.stages):
-        if i == 0 and k1 is not None:
-            ks.append(k1)
-            continue
-        yi = y if i == 0 else _combine(y, h, tableau.a[i], ks)
-        ks.append(f(yi))
-    y_new = _combine(y, h, tableau.b, ks)
-    err = None
-    if tableau.b_low is not None:
-        diff = [bh - bl for bh, bl in zip(tableau.b, tableau.b_low)]
-        err = _combine([torch.zeros_like(t) for t in y], h, diff, ks)
-    return y_new, err, ks
+    stages = [first] if first is not None else []
+    for i in range(len(stages), tableau.stages):
+        try:
+            yi = y0 if i == 0 else space.combine(y0, h, tableau.a[i], stages)
+            k = f(yi)
+        except (NonFiniteError, torch.linalg.LinAlgError) as exc:
+            err = exc if isinstance(exc, NonFiniteError) else NonFiniteError(f"linear algebra failed ({exc})")
+            err.stage, err.stages = i, stages
+            raise err from None
+        stages.append(Stage(yi, k))
+    if tableau.fsal:  # the last stage was evaluated at the new state
+        return stages[-1].y, stages
+    return space.combine(y0, h, tableau.b, stages), stages
 
 
 @dataclass
 class StepController:
-    """Accept/reject rule and next step size for embedded pairs (MATH.md section 3).
+    """Step-size rule for embedded pairs (MATH.md section 3): accept when the error norm is <= 1;
+    next step ``h * clip(safety * err^(-1/(q+1)), shrink, grow)`` (q the lower order), clipped to
+    ``[h_min, h_max]``. A non-finite stage counts as a rejection with the factor ``shrink``.
 
-    ``err = rms(y_high - y_low) / (atol + rtol * max(|y|, |y_new|))`` over all tensors; a step is
-    accepted when ``err <= 1``; the next step is ``h * clip(safety * err^(-1/(q+1)), shrink,
-    grow)`` with q the lower order, clipped to ``[h_min, h_max]``.
-    """
+    After two rejections of the same step the error's observed order in h replaces q + 1: where
+    the velocity jumps (leaving ``B = 0``, a rank increase) the error falls only like h, and the
+    textbook rule would need many retries to find the step (the factor is then floored at
+    ``shrink**4`` instead of ``shrink``)."""
 
     rtol: float = 1e-6
     atol: float = 1e-9
@@ -164,22 +242,102 @@ class StepController:
         if not 0 < self.shrink <= 1 <= self.grow:
             raise ValueError("need 0 < shrink <= 1 <= grow")
 
-    def error_norm(self, y: State, y_new: State, err: State) -> float:
-        total, count = 0.0, 0
-        for a, b, e in zip(y, y_new, err):
-            tol = self.atol + self.rtol * torch.maximum(a.abs(), b.abs())
-            total += float(((e / tol) ** 2).sum())
-            count += e.numel()
-        return math.sqrt(total / max(count, 1))
-
-    def next_step(self, h: float, err_norm: float, order_low: int) -> float:
+    def next_step(self, h: float, err_norm: float, order_low: int, previous: tuple[float, float] | None = None) -> float:
+        """``previous = (h, err)`` of the last rejected try of the same step, if any."""
         if not math.isfinite(err_norm):
             factor = self.shrink
         elif err_norm == 0.0:
             factor = self.grow
+        elif err_norm > 1.0 and previous is not None and previous[0] > h and previous[1] > err_norm:
+            q = math.log(previous[1] / err_norm) / math.log(previous[0] / h)
+            q = min(max(q, 0.5), order_low + 1.0)
+            factor = max(self.shrink**4, self.safety * err_norm ** (-1.0 / q))
         else:
             factor = min(self.grow, max(self.shrink, self.safety * err_norm ** (-1.0 / (order_low + 1))))
         return min(self.h_max, max(self.h_min, h * factor))
+
+
+@dataclass
+class Attempt:
+    """What :func:`attempt` did: the accepted state (None if every try failed), its stages, the
+    step taken, the proposed next step, and the counts."""
+
+    y: Any
+    stages: list[Stage]
+    h: float
+    h_next: float
+    nfe: int = 0
+    rejected: int = 0
+    nonfinite: int = 0
+    ratios: Tensor | None = None  # error ratios of the last try (adaptive methods)
+
+    @property
+    def accepted(self) -> bool:
+        return self.y is not None
+
+
+def attempt(
+    f: Callable[[Any], Any],
+    y0: Any,
+    h: float,
+    tableau: Tableau,
+    space: Space,
+    controller: StepController,
+    *,
+    unit: float | Sequence[float] = 1.0,
+    parts: int = 1,
+    max_tries: int = 10,
+    first: Stage | None = None,
+) -> Attempt:
+    """Take one step from ``y0``, retrying with a smaller step until one is accepted, at most
+    ``max_tries`` times. The step of part p is ``h * unit[p]``.
+
+    Embedded pairs are accepted when their error norm is <= 1. A :class:`NonFiniteError` at a
+    later stage is a rejection (the step shrinks by ``controller.shrink``, for fixed-step methods
+    too); one at the first stage is raised, since no smaller step can help. A retry reuses the
+    first stage. ``y0`` itself is never modified.
+    """
+    units = list(unit) if isinstance(unit, (list, tuple)) else [float(unit)] * parts
+    out = Attempt(None, [], h, h)
+    previous = None  # (h, err) of the last rejected try
+    calls = [0]
+
+    def counted(y):
+        calls[0] += 1
+        return f(y)
+
+    for _ in range(max_tries):
+        hs = [h * u for u in units]
+        out.h = h
+        try:
+            y1, stages = rk_step(counted, y0, hs, tableau, space, first)
+        except NonFiniteError as exc:
+            if exc.stage == 0:
+                out.nfe = calls[0]
+                raise
+            out.nonfinite += 1
+            out.rejected += 1
+            first = exc.stages[0]
+            h = max(controller.h_min, h * controller.shrink)
+            out.h_next = h
+            continue
+        if not tableau.adaptive:
+            out.y, out.stages, out.h_next = y1, stages, h
+            break
+        ratios = space.error_ratios(y0, y1, hs, tableau.b_err, stages, controller.atol, controller.rtol)
+        err = float(ratios.double().square().mean().sqrt())
+        out.ratios = ratios
+        h_next = controller.next_step(h, err, tableau.order_low, previous)
+        if err <= 1.0:
+            out.y, out.stages, out.h_next = y1, stages, h_next
+            break
+        previous = (h, err) if math.isfinite(err) else None
+        out.rejected += 1
+        first, h, out.h_next = stages[0], h_next, h_next
+        if h <= controller.h_min and out.h <= controller.h_min:
+            break
+    out.nfe = calls[0]
+    return out
 
 
 @dataclass
@@ -198,16 +356,16 @@ class IntegrationResult:
     """``ys[i]`` is the state at ``ts[i]``; ``y`` is the final state."""
 
     ts: list[float]
-    ys: list[State]
+    ys: list[Any]
     stats: SolverStats = field(default_factory=SolverStats)
 
     @property
-    def y(self) -> State:
+    def y(self) -> Any:
         return self.ys[-1]
 
 
 def integrate(
-    f: VectorField,
+    f: Callable[[Any], Any],
     y0: Sequence[Tensor],
     t_span: tuple[float, float],
     *,
@@ -218,13 +376,16 @@ def integrate(
     t_eval: Sequence[float] | None = None,
     max_steps: int = 1_000_000,
     controller: StepController | None = None,
-    callback: Callable[[float, State], None] | None = None,
+    space: Space | None = None,
+    callback: Callable[[float, Any], None] | None = None,
 ) -> IntegrationResult:
     """Integrate the autonomous flow ``dy/dt = f(y)`` from ``t_span[0]`` to ``t_span[1]``.
 
     Fixed-step tableaus need ``h`` (the last step is shortened to land on each output time);
     embedded pairs adapt ``h`` (initial guess ``h`` or ``(t1 - t0) / 100``). States are saved at
-    ``t_eval`` (default: only the end), which the solver steps onto exactly.
+    ``t_eval`` (default: only the end), which the solver steps onto exactly. ``space`` defaults to
+    :class:`VectorSpace` (``y0`` a list of tensors); with another space ``y0`` is a list of its
+    parts (for LoRA factors, of :class:`odelora.retractions.Factors`).
     """
     tab = get_tableau(method)
     t0, t1 = map(float, t_span)
@@ -236,38 +397,30 @@ def integrate(
     if outs and (outs[0] < t0 or outs[-1] > t1):
         raise ValueError("t_eval must lie inside t_span")
     ctrl = controller or StepController(rtol=rtol, atol=atol)
+    space = space or VectorSpace()
+    y = [t.clone() for t in y0] if isinstance(space, VectorSpace) else list(y0)
+    parts = len(y)
     stats = SolverStats()
-    y = [t.clone() for t in y0]
-    t = t0
-    step = float(h) if h else (t1 - t0) / 100
     result = IntegrationResult([], [], stats)
-    k1 = None
+    t, step, first = t0, float(h) if h else (t1 - t0) / 100, None
     eps = 1e-12 * max(1.0, abs(t1))
     for target in outs:
         while target - t > eps:
             if stats.steps >= max_steps:
                 raise RuntimeError(f"integrate: max_steps={max_steps} reached at t={t:.6g}")
             hh = min(step, target - t)
-            y_new, err, ks = rk_step(f, y, hh, tab, k1)
-            stats.nfe += tab.stages - (k1 is not None)
-            stats.steps += 1
-            if err is None:
-                accept = True
-            else:
-                en = ctrl.error_norm(y, y_new, err)
-                accept = en <= 1.0
-                step = ctrl.next_step(hh, en, tab.order_low)
-                if not accept and hh <= ctrl.h_min:
-                    raise RuntimeError(f"integrate: step {hh:.3g} at h_min still fails the tolerance")
-            if accept:
-                stats.accepted += 1
-                y, t = y_new, t + hh
-                k1 = ks[-1] if tab.fsal else None
-                if callback is not None:
-                    callback(t, y)
-            else:
-                stats.rejected += 1
-                k1 = ks[0]
+            res = attempt(f, y, hh, tab, space, ctrl, parts=parts, max_tries=max_steps - stats.steps, first=first)
+            stats.nfe += res.nfe
+            stats.steps += res.rejected + res.accepted
+            stats.rejected += res.rejected
+            if not res.accepted:
+                raise RuntimeError(f"integrate: no step from t={t:.6g} met the tolerance down to h_min={ctrl.h_min:.3g}")
+            stats.accepted += 1
+            y, t = res.y, t + res.h
+            step = res.h_next if tab.adaptive else step
+            first = res.stages[-1] if tab.fsal else None
+            if callback is not None:
+                callback(t, y)
         result.ts.append(target)
-        result.ys.append([x.clone() for x in y])
+        result.ys.append([x.clone() for x in y] if isinstance(space, VectorSpace) else y)
     return result

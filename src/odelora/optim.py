@@ -1,5 +1,13 @@
 """The ODELoRA optimizer: a ``torch.optim.Optimizer`` that integrates a LoRA factor flow with an
-explicit Runge-Kutta method, one closure call (forward + backward) per stage."""
+explicit Runge-Kutta method, one closure call (forward + backward) per stage.
+
+A step is a short pipeline of named parts::
+
+    y0  = start state          stacked factors per bucket (PairStore), with cached frames
+    res = attempt(...)         stages + accept/reject (integrators.attempt, shared with integrate)
+    y   = preconditioner(...)  the RK step itself, or Adam moments of its mean velocity
+    commit(y)                  parameters written, frames cached, companion stepped, record kept
+"""
 
 from __future__ import annotations
 
@@ -12,27 +20,36 @@ import torch
 from torch import Tensor
 
 from .flows import Flow, get_flow
-from .flows import balanced as balanced_flow
-from .geometry import balance_with_qr, imbalance, work_dtype
-from .integrators import StepController, get_tableau, rk_step
+from .geometry import Frame, imbalance
+from .integrators import Attempt, NonFiniteError, StepController, get_tableau, attempt
 from .pairs import LoRAPair, as_pairs
+from .preconditioners import get_preconditioner
+from .retractions import Factors, get_retraction
+from .store import PairStore
 
-__all__ = ["ODELoRA", "NonFiniteError"]
+__all__ = ["ODELoRA", "NonFiniteError", "StepRecord", "StepFailure"]
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss, gradient or velocity was NaN or infinite; the step was rejected."""
+class StepFailure(RuntimeError):
+    """Steps were skipped ``max_skipped_steps`` times in a row (non-finite values, or no step
+    size met the tolerance); the message names the pairs and what to try."""
 
 
 @dataclass
-class _Bucket:
-    """Pairs of one param group with equal shapes, dtype and device, moved in one batched call."""
+class StepRecord:
+    """Statistics of one ``step()``: gradient evaluations, whether it was accepted, rejected
+    attempts (error control or non-finite stages), the step h taken (first group), the integration
+    time t, the imbalance of the factors at the start of the step (``geometry.imbalance``, max
+    over pairs), and the loss of the first closure call."""
 
-    group: int
-    Bs: list[Tensor]
-    As: list[Tensor]
-    scales: Tensor  # (k,) in the working dtype
-    wd: torch.dtype
+    nfe: int = 0
+    accepted: bool = False
+    rejected: int = 0
+    nonfinite: int = 0
+    h: float = 0.0
+    t: float = 0.0
+    imbalance: float | None = None
+    loss: float | None = None
 
 
 def _param_groups(params: Any) -> list[dict]:
@@ -53,15 +70,80 @@ def _param_groups(params: Any) -> list[dict]:
         rest = {k: v for k, v in g.items() if k != "pairs"}
         if "params" in rest:
             raise ValueError("ODELoRA param groups take 'pairs', not 'params'")
-        out.append(
-            dict(
-                params=[t for p in pairs for t in (p.B, p.A)],
-                scales=[float(p.scale) for p in pairs],
-                names=[p.name for p in pairs],
-                **rest,
-            )
-        )
+        if "lr" in rest:
+            _check_lr(rest["lr"])
+        out.append(dict(params=[t for p in pairs for t in (p.B, p.A)], scales=[float(p.scale) for p in pairs], names=[p.name for p in pairs], **rest))
     return out
+
+
+def _check_lr(lr) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+
+
+class _Field:
+    """The vector field of one step: writes a state into the parameters, evaluates the gradient
+    there (the closure, or ``.grad`` for the first stage) and returns the raw flow velocities.
+    Raises :class:`NonFiniteError` naming the pairs at a NaN/inf loss, gradient or velocity."""
+
+    def __init__(self, opt: "ODELoRA", closure, first_from_grad: bool, y0: list[Factors]):
+        self.opt, self.closure, self.first_from_grad, self.y0 = opt, closure, first_from_grad, y0
+        self.loss: Tensor | None = None
+        self.companion_grads: list | None = None
+        self.calls = 0
+        # Where only the product of a velocity matters, ask the flow for a tangent vector (or, failing
+        # that, for factor velocities without the gauge term, which moves only the factorization).
+        product_only = opt.retraction.velocity == "tangent" and not opt.preconditioner.per_coordinate
+        self.tangent = opt.flow.tangent if product_only else None
+        self.options = dict(opt.flow_options)
+        if self.tangent is not None:
+            self.options.pop("gauge", None)
+        elif product_only and opt.flow.has_gauge:
+            self.options.setdefault("gauge", False)
+
+    def __call__(self, y: list[Factors]) -> list:
+        opt, store = self.opt, self.opt.store
+        first = self.calls == 0
+        self.calls += 1
+        if y is not self.y0:
+            store.unpack(y)
+        loss = None
+        if not (first and self.first_from_grad):
+            store.clear_grads()
+            with torch.enable_grad():
+                loss = self.closure()
+        if first:
+            self.loss = loss
+            if opt._companion is not None:
+                self.companion_grads = [None if p.grad is None else p.grad.clone() for p in opt._companion_params()]
+        v = [self._velocity(x, gB, gA) for x, (gB, gA) in zip(y, store.grads())]
+        total = sum(t.sum() for k in v for t in k)
+        if loss is not None:  # inf * 0 is NaN: a non-finite loss poisons the sum too
+            total = total + torch.as_tensor(loss).detach().to(total).sum() * 0
+        if not bool(torch.isfinite(total)):  # one sync: NaN/inf anywhere makes the sum so
+            raise NonFiniteError(self._describe(loss, v))
+        return v
+
+    def _velocity(self, x: Factors, gB: Tensor, gA: Tensor):
+        flow = self.opt.flow
+        if self.tangent is not None:
+            return self.tangent(x.B, x.A, gB, gA, scale=x.scale, frame=x.ensure_frame(), **self.options)
+        extra = {"frame": x.ensure_frame()} if flow.uses_frame else {}
+        return flow(x.B, x.A, gB, gA, scale=x.scale, **extra, **self.options)
+
+    def _describe(self, loss, v) -> str:
+        if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+            return f"the loss is {float(torch.as_tensor(loss).detach().sum())}"
+        store = self.opt.store
+        bad_g = store.names_where([~(torch.isfinite(gB).flatten(1).all(1) & torch.isfinite(gA).flatten(1).all(1)) for gB, gA in store.grads()])
+        if bad_g:
+            return f"non-finite gradient in {_short(bad_g)}"
+        bad_v = store.names_where([torch.stack([~torch.isfinite(t).flatten(1).all(1) for t in k]).any(0) for k in v])
+        return f"non-finite velocity in {_short(bad_v)}"
+
+
+def _short(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 class ODELoRA(torch.optim.Optimizer):
@@ -69,35 +151,42 @@ class ODELoRA(torch.optim.Optimizer):
 
     Args:
         params: LoRA pairs (:class:`~odelora.LoRAPair`, ``(B, A[, scale])`` tuples or dicts with
-            ``B``, ``A``, ``scale``), or param groups ``{"pairs": [...], "lr": ...}``.
+            ``B``, ``A``, ``scale``), or param groups ``{"pairs": [...], "lr": ...}``. For a PEFT
+            model use :func:`odelora.integrations.peft.create_odelora_optimizer`.
         lr: the time step h. With the scaled and balanced flows it is a full fine-tuning learning
             rate: one Euler step moves ``scale * B @ A`` by ``-lr * P(G)``. For adaptive methods
             (``bs32``, ``dopri5``) it is the largest step; the controller shrinks it as needed.
         method: ``"euler"``, ``"heun"``, ``"midpoint"``, ``"rk4"``, ``"bs32"`` or ``"dopri5"``.
             A method with s stages calls the closure s times per step (on the same batch).
-        flow: ``"balanced"`` (ODELoRA), ``"scaled"``, ``"gradient"`` (plain LoRA), or a callable
-            with the flow signature.
-        rebalance: rebalance each pair after every accepted step (default: on for ``balanced``).
-            Pairs whose product is rank-deficient (``B = 0`` start) are left as they are.
-        rtol, atol, max_rejects: error control of adaptive methods; a step is retried with a
-            smaller h at most ``max_rejects`` times (reusing the first stage), then skipped.
-        on_nonfinite: ``"warn"`` (default) or ``"raise"``. A NaN/inf loss, gradient or velocity
-            rejects the step either way: parameters and optimizer state stay as they were, and
-            ``stats["nonfinite"]`` counts it.
-        preconditioner: ``None`` (plain ODE steps, SGD-like) or ``"adam"``: Adam moment estimates
-            of the velocity (not of the raw gradient), with ``betas``, ``eps`` and decoupled
-            ``weight_decay``. Fixed-step methods only.
+        flow: ``"balanced"`` (ODELoRA), ``"scaled"``, ``"gradient"`` (plain LoRA), or a
+            :class:`~odelora.flows.Flow` / callable with the flow signature.
+        retraction: how factors move (``odelora.retractions``): ``"truncate"`` (steps on the
+            rank-r matrices, balanced factors; the default for ``balanced``), ``"balance"``
+            (factor-space steps, then rebalancing) or ``"none"`` (factor-space steps; the default
+            for ``gradient`` and ``scaled``).
+        rtol, atol: error control of adaptive methods (``rtol`` is raised to the unit roundoff of
+            the parameters' dtype: stages of a bf16 model see bf16-rounded factors).
+        max_rejects: a step is retried with a smaller h at most this many times (the first stage
+            is reused); a non-finite value at a later stage also counts as a rejection.
+        on_nonfinite: ``"warn"`` (default) or ``"raise"``. A NaN/inf loss or gradient at the
+            start of a step skips the step: parameters and optimizer state stay as they were and
+            ``stats["skipped"]`` counts it. With ``"raise"`` a :class:`NonFiniteError` follows.
+        max_skipped_steps: after this many skipped steps in a row (non-finite values, or no
+            step size meeting the tolerance) a :class:`StepFailure` names the pairs and what to
+            try, whatever ``on_nonfinite`` says: training never freezes silently.
+        preconditioner: ``None`` (plain ODE steps, SGD-like) or ``"adam"``: Adam moments of the
+            step's mean velocity, with ``betas``, ``eps`` and decoupled ``weight_decay``, then the
+            retraction. Fixed-step methods only.
         flow_options: extra keyword arguments for the flow (e.g. ``damping``).
-        track_imbalance: log ``max ||B.T B - A A.T|| / ||B.T B||`` over pairs after each step:
-            with rebalancing, of the step's result before the retraction (the drift of the
-            discrete step, O(h^2), which the retraction then removes); without, of the factors.
-        companion: other trainable parameters (heads, biases, DoRA magnitudes, ...), moved by
-            an AdamW with ``companion_lr`` and ``companion_kwargs`` once per accepted step, from
-            the gradients at the start of the step. Its groups appear in ``param_groups`` (with
+        track_imbalance: record the imbalance of the factors at the start of each step.
+        companion: other trainable parameters (heads, biases, DoRA magnitudes, ...), moved by an
+            AdamW with ``companion_lr`` and ``companion_kwargs`` once per accepted step, from the
+            gradients at the start of the step. Its groups appear in ``param_groups`` (with
             ``companion=True``), so LR schedulers scale them too.
 
-    After each ``step``, ``last_step`` holds that step's statistics (function evaluations,
-    accepted, rejected, h, t, imbalance, loss) and ``stats`` the running totals.
+    A closure may return None (non-finite detection then relies on the gradients, and ``step``
+    returns None). After each ``step``, ``last_step`` is its :class:`StepRecord` and ``stats``
+    the running totals.
     """
 
     def __init__(
@@ -107,11 +196,12 @@ class ODELoRA(torch.optim.Optimizer):
         method: str = "euler",
         flow: str | Flow = "balanced",
         *,
-        rebalance: bool | None = None,
+        retraction: str | None = None,
         rtol: float = 1e-3,
         atol: float = 1e-6,
         max_rejects: int = 10,
         on_nonfinite: str = "warn",
+        max_skipped_steps: int = 10,
         preconditioner: str | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -122,27 +212,30 @@ class ODELoRA(torch.optim.Optimizer):
         companion_lr: float = 1e-3,
         companion_kwargs: dict | None = None,
     ):
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        _check_lr(lr)
         self.tableau = get_tableau(method)
         self.flow = get_flow(flow)
+        self.retraction = get_retraction(retraction or self.flow.retraction)
+        self.preconditioner = get_preconditioner(preconditioner)
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
-        if preconditioner not in (None, "adam"):
-            raise ValueError(f"preconditioner must be None or 'adam', got {preconditioner!r}")
         if preconditioner and self.tableau.adaptive:
             raise ValueError("preconditioner='adam' needs a fixed-step method (euler, heun, midpoint, rk4)")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if int(max_rejects) < 0 or int(max_skipped_steps) < 1:
+            raise ValueError("need max_rejects >= 0 and max_skipped_steps >= 1")
         self.controller = StepController(rtol=rtol, atol=atol, h_max=1.0)
         self.max_rejects = int(max_rejects)
+        self.max_skipped_steps = int(max_skipped_steps)
         self.on_nonfinite = on_nonfinite
-        self.preconditioner = preconditioner
-        self.rebalance = (flow == "balanced") if rebalance is None else bool(rebalance)
         self.flow_options = dict(flow_options or {})
         self.track_imbalance = track_imbalance
-        defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0, h=float(lr))
+        defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0)
         super().__init__(_param_groups(params), defaults)
+        # Stages are evaluated at parameters rounded to their dtype: no tolerance below that.
+        floor = max(torch.finfo(p.dtype).eps for g in self.param_groups for p in g["params"])
+        self.controller.rtol = max(self.controller.rtol, float(floor))
         self._companion = None
         companion = [p for p in (companion or []) if p.requires_grad]
         if companion:
@@ -151,37 +244,31 @@ class ODELoRA(torch.optim.Optimizer):
                 g["companion"] = True
                 self.param_groups.append(g)
         self._stage_closure: Callable | None = None
-        self._qr_cache: tuple | None = None  # QR factors left by the last retraction, keyed by param versions
         self._rho = 1.0  # adaptive step as a fraction of each group's lr (1 for fixed steps)
-        self.stats = dict(steps=0, nfe=0, accepted=0, rejected=0, nonfinite=0)
-        self.last_step: dict[str, Any] = {}
-        self._bucket_cache: tuple[tuple, list[_Bucket]] | None = None
+        self._skips = 0  # consecutive skipped steps
+        self._last: tuple[tuple, list[Factors], bool] | None = None  # (versions, state, trusted)
+        self._store: PairStore | None = None
+        self.stats = dict(steps=0, nfe=0, accepted=0, rejected=0, nonfinite=0, skipped=0)
+        self.last_step = StepRecord()
 
-    # ------------------------------------------------------------------ construction helpers
-    @classmethod
-    def from_model(cls, model: torch.nn.Module, lr: float = 1e-3, *, adapter: str | list[str] | None = None, **kw) -> "ODELoRA":
-        """An optimizer for every trainable parameter of a PEFT model: LoRA pairs (found by module,
-        each with its own scaling) follow the flow, everything else goes to the AdamW companion
-        (see :func:`odelora.integrations.peft.partition`)."""
-        from .integrations.peft import partition
-
-        part = partition(model, adapter)
-        if not part.pairs:
-            raise ValueError("the model has no trainable LoRA pairs; wrap it with peft.get_peft_model first")
-        opt = cls(part.pairs, lr=lr, companion=[p for _, p, _ in part.others], **kw)
-        opt.partition = part
-        return opt
-
-    def _pair_groups(self) -> list[dict]:
-        return [g for g in self.param_groups if not g.get("companion")]
+    # ------------------------------------------------------------------ pairs
+    @property
+    def store(self) -> PairStore:
+        """The pairs packed by shape; rebuilt when param groups are added or loaded."""
+        if self._store is None:
+            self._store = PairStore(self.param_groups)
+        return self._store
 
     @property
     def pairs(self) -> list[LoRAPair]:
         return [
-            LoRAPair(g["params"][2 * i], g["params"][2 * i + 1], g["scales"][i], g["names"][i])
-            for g in self._pair_groups()
-            for i in range(len(g["scales"]))
+            LoRAPair(B, A, float(s), n)
+            for b in self.store.buckets
+            for B, A, s, n in zip(b.Bs, b.As, b.scale.tolist(), b.names)
         ]
+
+    def _companion_params(self) -> list[Tensor]:
+        return [p for g in self._companion.param_groups for p in g["params"]]
 
     def set_stage_closure(self, closure: Callable[[], Any] | None) -> None:
         """For loops that backpropagate before calling ``step()`` (transformers' Trainer): the next
@@ -192,271 +279,159 @@ class ODELoRA(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if "pairs" in param_group:
             (param_group,) = _param_groups([param_group])
-        if "scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"]):
+        if not param_group.get("companion") and ("scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"])):
             raise ValueError("ODELoRA param groups are built from pairs: pass {'pairs': [...], ...}")
         super().add_param_group(param_group)
-        self._bucket_cache = None
+        self._store = None
 
-    def _buckets(self) -> list[_Bucket]:
-        groups = self._pair_groups()
-        key = tuple(id(p) for g in groups for p in g["params"]) + tuple(s for g in groups for s in g["scales"])
-        if self._bucket_cache is not None and self._bucket_cache[0] == key:
-            return self._bucket_cache[1]
-        buckets = []
-        for gi, g in enumerate(self.param_groups):
-            if g.get("companion"):
-                continue
-            by_shape: dict[tuple, list[int]] = {}
-            ps = g["params"]
-            for i in range(len(g["scales"])):
-                B, A = ps[2 * i], ps[2 * i + 1]
-                by_shape.setdefault((tuple(B.shape), tuple(A.shape), B.dtype, B.device), []).append(i)
-            for (_, _, dtype, device), idx in by_shape.items():
-                wd = work_dtype(ps[2 * idx[0]])
-                scales = torch.tensor([g["scales"][i] for i in idx], dtype=wd, device=device)
-                buckets.append(_Bucket(gi, [ps[2 * i] for i in idx], [ps[2 * i + 1] for i in idx], scales, wd))
-        self._bucket_cache = (key, buckets)
-        return buckets
-
-    # ------------------------------------------------------------------ stepping
-    def _gather(self, buckets: list[_Bucket]) -> list[Tensor]:
-        y = []
-        for b in buckets:
-            y.append(torch.stack(b.Bs).to(b.wd))
-            y.append(torch.stack(b.As).to(b.wd))
-        return y
-
-    def _write(self, buckets: list[_Bucket], y: list[Tensor]) -> None:
-        params, values = [], []
-        for i, b in enumerate(buckets):
-            params += b.Bs + b.As
-            values += list(y[2 * i].unbind(0)) + list(y[2 * i + 1].unbind(0))
-        torch._foreach_copy_(params, values)
-
-    @staticmethod
-    def _qr_matches(qrs, y) -> bool:
-        for i, qr in enumerate(qrs):
-            if qr is None:
-                continue
-            QB, RB, QA, RA = qr
-            B, A = y[2 * i], y[2 * i + 1]
-            tol = 100 * torch.finfo(B.dtype).eps
-            if QB.shape[:-1] != B.shape[:-1] or not (
-                torch.allclose(QB @ RB, B, rtol=tol, atol=tol * float(B.abs().max()))
-                and torch.allclose(QA @ RA, A.mT, rtol=tol, atol=tol * float(A.abs().max()))
-            ):
-                return False
-        return True
-
-    @staticmethod
-    def _versions(buckets: list[_Bucket]) -> tuple[int, ...]:
-        return tuple(p._version for b in buckets for p in b.Bs + b.As)
-
-    def _grads(self, buckets: list[_Bucket]) -> list[Tensor]:
-        out = []
-        for b in buckets:
-            for ts in (b.Bs, b.As):
-                out.append(torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in ts]).to(b.wd))
-        return out
-
-    def _velocity(self, buckets, y, closure, at_params: bool, record: dict) -> list[Tensor]:
-        """Lr-weighted flow velocities at state ``y`` (written to the parameters first)."""
-        if not at_params:
-            self._write(buckets, y)
-        if closure is not None:
-            for b in buckets:
-                for p in b.Bs + b.As:
-                    p.grad = None
-            with torch.enable_grad():
-                loss = closure()
-            record["nfe"] += 1
-            if record.get("loss") is None:
-                record["loss"] = loss
-            if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
-                raise NonFiniteError(f"loss is {float(torch.as_tensor(loss).detach())}")
-        else:  # the gradient already in .grad counts as this stage's evaluation
-            record["nfe"] += 1
-        g = self._grads(buckets)
-        cached = None
-        if at_params and self._qr_cache is not None and self.flow is balanced_flow:
-            versions, qrs, trusted = self._qr_cache
-            if trusted and versions == self._versions(buckets):  # still what the retraction wrote
-                cached = qrs
-            elif not trusted and self._qr_matches(qrs, y):  # restored from a checkpoint: check once
-                cached = qrs
-            self._qr_cache = (self._versions(buckets), qrs, True) if cached is not None else None
-        v = []
-        for i, b in enumerate(buckets):
-            extra = {"qr": cached[i]} if cached is not None and cached[i] is not None else {}
-            dB, dA = self.flow(y[2 * i], y[2 * i + 1], g[2 * i], g[2 * i + 1], scale=b.scales, **extra, **self.flow_options)
-            lr = self.param_groups[b.group]["lr"]
-            v += [dB.mul_(lr), dA.mul_(lr)]
-        if not bool(torch.isfinite(sum(t.sum() for t in v))):  # NaN/inf anywhere makes the sum so; one sync
-            raise NonFiniteError("gradient or velocity is not finite")
-        return v
-
+    # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        """Advance every pair by one (accepted) step; returns the loss of the first closure call.
+        """Advance every pair by one step; returns the loss of the first closure call.
 
         With ``closure=None`` only Euler can run, from the gradients already in ``.grad``.
         """
-        tab = self.tableau
+        closure, from_grad = self._stage_source(closure)
+        y0 = self._start_state()
+        fld = _Field(self, closure, from_grad, y0)
+        try:
+            res = attempt(
+                fld, y0, self._rho if self.tableau.adaptive else 1.0, self.tableau, self.retraction, self.controller,
+                unit=[self.param_groups[b.group]["lr"] for b in self.store.buckets], max_tries=self.max_rejects + 1,
+            )
+        except NonFiniteError as exc:
+            return self._skip(fld, y0, str(exc), nfe=fld.calls, rejected=1, nonfinite=1)
+        if not res.accepted:
+            if self.tableau.adaptive:
+                self._rho = res.h_next
+            return self._skip(fld, y0, self._tolerance_failure(res), nfe=res.nfe, rejected=res.rejected, nonfinite=res.nonfinite)
+        y = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
+        overflow = self._overflow(y)
+        if overflow:
+            return self._skip(fld, y0, f"the step overflows the {overflow} parameters", nfe=res.nfe, rejected=res.rejected + 1, nonfinite=res.nonfinite + 1)
+        self._commit(y, fld, res)
+        return fld.loss
+
+    def _stage_source(self, closure):
         stage_closure, self._stage_closure = self._stage_closure, None
-        first_from_grad = closure is None and stage_closure is not None
-        if first_from_grad:
+        from_grad = closure is None and stage_closure is not None
+        if from_grad:
             closure = stage_closure
-        if closure is None and tab.stages > 1:
+        if closure is None and self.tableau.stages > 1:
             raise ValueError(
-                f"method {tab.name!r} evaluates the gradient {tab.stages} times per step: pass a "
+                f"method {self.tableau.name!r} evaluates the gradient {self.tableau.stages} times per step: pass a "
                 "closure that zeroes gradients, computes the loss on the current batch, calls "
                 "backward() and returns the loss (optimizer.step(closure))"
             )
-        buckets = self._buckets()
-        if (closure is None or first_from_grad) and all(p.grad is None for b in buckets for p in b.Bs + b.As):
+        if (closure is None or from_grad) and not self.store.has_grads():
             raise RuntimeError("no gradients on the LoRA pairs: call loss.backward() first or pass a closure")
-        y0 = self._gather(buckets)
-        record: dict[str, Any] = dict(nfe=0, rejected=0, loss=None, accepted=False)
-        first = [True]
+        return closure, closure is None or from_grad
 
-        def f(y):
-            at_params = first[0]
-            first[0] = False
-            v = self._velocity(buckets, y, None if (at_params and first_from_grad) else closure, at_params, record)
-            if at_params and self._companion is not None:  # companion steps from the start point's gradients
-                record["companion_grads"] = [
-                    None if p.grad is None else p.grad.clone() for g in self._companion.param_groups for p in g["params"]
-                ]
-            return v
+    def _start_state(self) -> list[Factors]:
+        """The parameters as stacked factors; the last committed state (with its frames) when the
+        parameters still hold exactly what was written."""
+        store = self.store
+        if self._last is not None and all(b.exact for b in store.buckets):
+            versions, y, trusted = self._last
+            if (trusted and versions == store.versions()) or (not trusted and _state_matches(y, store)):
+                return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
+        self._last = None
+        return store.pack()
 
-        rho = self._rho if tab.adaptive else 1.0
-        k1 = None
-        try:
-            for _ in range(self.max_rejects + 1):
-                y_new, err, ks = rk_step(f, y0, rho, tab, k1)
-                if err is None:
-                    record["accepted"] = True
-                    break
-                en = self.controller.error_norm(y0, y_new, err)
-                rho_next = self.controller.next_step(rho, en, tab.order_low)
-                if en <= 1.0:
-                    record["accepted"] = True
-                    self._rho = rho_next
-                    break
-                record["rejected"] += 1
-                k1, rho = ks[0], rho_next
-            else:
-                self._rho = rho
-        except NonFiniteError as exc:
-            self._write(buckets, y0)
-            self.stats["nonfinite"] += 1
-            record["rejected"] += 1
-            msg = f"ODELoRA rejected a step: {exc}; parameters and state are unchanged"
-            if self.on_nonfinite == "raise":
-                self._finish(record, rho, None, buckets)
-                raise NonFiniteError(msg) from None
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            self._finish(record, rho, None, buckets)
-            return record["loss"]
-        if not record["accepted"]:
-            self._write(buckets, y0)
-            warnings.warn(
-                f"ODELoRA: no step met rtol={self.controller.rtol} after {self.max_rejects} retries; "
-                "parameters unchanged (loosen the tolerances or lower lr)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self._finish(record, rho, None, buckets)
-            return record["loss"]
-        if self.preconditioner == "adam":
-            y_new = self._adam(buckets, y0, y_new)
-        qr_cache, drift = [], []
-        if self.rebalance:
-            for i, b in enumerate(buckets):
-                y_new[2 * i], y_new[2 * i + 1], qr, d = balance_with_qr(y_new[2 * i], y_new[2 * i + 1], skip_deficient=True)
-                qr_cache.append(qr if b.Bs[0].dtype == b.wd else None)  # rounding to half precision voids it
-                drift.append(d)
-        elif self.track_imbalance:
-            drift = [imbalance(y_new[2 * i], y_new[2 * i + 1]) for i in range(len(buckets))]
-        record["imbalance"] = drift
-        self._write(buckets, y_new)
-        self._qr_cache = (self._versions(buckets), qr_cache, True) if any(q is not None for q in qr_cache) else None
+    def _overflow(self, y: list[Factors]) -> str | None:
+        """The dtype of half-precision parameters that the new factors would overflow, if any."""
+        for b, x in zip(self.store.buckets, y):
+            if not b.exact:
+                big = torch.finfo(b.Bs[0].dtype).max
+                if not bool(((x.B.abs().amax() <= big) & (x.A.abs().amax() <= big))):
+                    return str(b.Bs[0].dtype).replace("torch.", "")
+        return None
+
+    def _commit(self, y: list[Factors], fld: _Field, res: Attempt) -> None:
+        store = self.store
+        store.unpack(y)
+        self._last = (store.versions(), y, True)
         if self._companion is not None:
-            cps = [p for g in self._companion.param_groups for p in g["params"]]
-            for p, g in zip(cps, record["companion_grads"]):
+            for p, g in zip(self._companion_params(), fld.companion_grads):
                 p.grad = g
             self._companion.step()
-        self._finish(record, rho, y_new, buckets)
-        return record["loss"]
+        if self.tableau.adaptive:
+            self._rho = res.h_next
+        self._skips = 0
+        for g in self.param_groups:
+            if not g.get("companion"):
+                g["t"] += res.h * g["lr"]
+        self._record(fld, res.nfe, True, res.rejected, res.nonfinite, res.h)
 
-    def _adam(self, buckets, y0, y_new):
-        """Replace the RK increment by an Adam step on the mean velocity ``(y_new - y0) / lr``."""
-        out = []
-        for i, b in enumerate(buckets):
-            g = self.param_groups[b.group]
-            lr, (b1, b2), eps, wdecay = g["lr"], g["betas"], g["eps"], g["weight_decay"]
-            for j, ps in enumerate((b.Bs, b.As)):
-                st = [self.state[p] for p in ps]
-                if "exp_avg" not in st[0]:
-                    for s, p in zip(st, ps):
-                        s["step"] = 0
-                        s["exp_avg"] = torch.zeros_like(p, dtype=b.wd)
-                        s["exp_avg_sq"] = torch.zeros_like(p, dtype=b.wd)
-                v = (y_new[2 * i + j] - y0[2 * i + j]) / lr
-                m = torch.stack([s["exp_avg"] for s in st]).mul_(b1).add_(v, alpha=1 - b1)
-                q = torch.stack([s["exp_avg_sq"] for s in st]).mul_(b2).addcmul_(v, v, value=1 - b2)
-                step = st[0]["step"] + 1
-                for k, s in enumerate(st):
-                    s["exp_avg"], s["exp_avg_sq"], s["step"] = m[k].clone(), q[k].clone(), step
-                mhat = m / (1 - b1**step)
-                denom = (q / (1 - b2**step)).sqrt_().add_(eps)
-                y = y0[2 * i + j] * (1 - lr * wdecay) if wdecay else y0[2 * i + j]
-                out.append(y + lr * mhat / denom)
-        return out
+    def _skip(self, fld: _Field, y0: list[Factors], why: str, *, nfe: int, rejected: int = 0, nonfinite: int = 0):
+        """Restore the parameters, count the skipped step, warn or raise."""
+        self.store.unpack(y0)
+        self._skips += 1
+        self.stats["skipped"] += 1
+        self._record(fld, nfe, False, rejected, nonfinite, 0.0)
+        msg = f"ODELoRA skipped a step: {why}; parameters and state are unchanged"
+        if self._skips >= self.max_skipped_steps:
+            raise StepFailure(
+                f"{msg}. That is {self._skips} skipped steps in a row. Lower lr, check the data and the loss for "
+                "NaN/inf, train in float32 rather than float16, or loosen rtol/atol for adaptive methods"
+            )
+        if nonfinite and self.on_nonfinite == "raise":
+            raise NonFiniteError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return fld.loss
 
-    def _finish(self, record, rho, y_new, buckets) -> None:
-        accepted = y_new is not None
-        for g in self._pair_groups():
-            if accepted:
-                g["t"] += rho * g["lr"]
-            g["h"] = (self._rho if self.tableau.adaptive else 1.0) * g["lr"]  # the next step
+    def _tolerance_failure(self, res: Attempt) -> str:
+        why = f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {self.max_rejects + 1} tries"
+        if res.ratios is not None and res.ratios.numel():
+            names = [n for b in self.store.buckets for n in b.names]
+            worst = int(res.ratios.argmax())
+            why += f" (largest error at {names[worst]}: {float(res.ratios[worst]):.3g} x tolerance)"
+        return why
+
+    def _record(self, fld: _Field, nfe: int, accepted: bool, rejected: int, nonfinite: int, h: float) -> None:
+        g0 = next(g for g in self.param_groups if not g.get("companion"))
         imb = None
-        if accepted and self.track_imbalance and record.get("imbalance"):
-            imb = float(torch.stack([d.max() for d in record["imbalance"]]).max())
-        loss = record["loss"]
-        self.stats["steps"] += 1
-        self.stats["nfe"] += record["nfe"]
-        self.stats["accepted"] += int(accepted)
-        self.stats["rejected"] += record["rejected"]
-        self.last_step = dict(
-            nfe=record["nfe"],
-            accepted=accepted,
-            rejected=record["rejected"],
-            h=rho * self._pair_groups()[0]["lr"],
-            t=self._pair_groups()[0]["t"],
-            imbalance=imb,
-            loss=None if loss is None else float(torch.as_tensor(loss).detach()),
+        if self.track_imbalance:
+            imb = float(torch.stack([_start_imbalance(x).max() for x in fld.y0]).max())
+        loss = fld.loss
+        self.last_step = StepRecord(
+            nfe=nfe, accepted=accepted, rejected=rejected, nonfinite=nonfinite, h=h * g0["lr"], t=g0["t"], imbalance=imb,
+            loss=None if loss is None else float(torch.as_tensor(loss).detach().sum()),
         )
+        for k, v in (("steps", 1), ("nfe", nfe), ("accepted", int(accepted)), ("rejected", rejected), ("nonfinite", nonfinite)):
+            self.stats[k] += v
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["odelora"] = dict(rho=self._rho, stats=dict(self.stats))
-        if self._qr_cache is not None:  # derived, but resuming must reproduce the same arithmetic
-            sd["odelora"]["qr_cache"] = [None if q is None else [t.clone() for t in q] for q in self._qr_cache[1]]
+        extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=dict(self.stats))
+        if self._last is not None:  # derived, but resuming must reproduce the same arithmetic
+            extra["frames"] = [None if x.frame is None else [*(t.clone() for t in x.frame[:6]), x.frame.balanced] for x in self._last[1]]
         if self._companion is not None:
-            sd["odelora"]["companion"] = self._companion.state_dict()
+            extra["companion"] = self._companion.state_dict()
+        sd["odelora"] = extra
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
+        self._validate(state_dict)
         extra = state_dict.pop("odelora", None)
         super().load_state_dict(state_dict)
+        self._store = None
+        for b in self.store.buckets:  # torch casts state to the parameter dtype; moments live in the compute dtype
+            for p in b.params:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in self.state.get(p, {}):
+                        self.state[p][key] = self.state[p][key].to(b.dtype)
+        self._last = None
         if extra is not None:
             self._rho = float(extra["rho"])
+            self._skips = int(extra.get("skips", 0))
             self.stats.update(extra["stats"])
-            qrs = extra.get("qr_cache")
-            self._qr_cache = None if qrs is None else ((), [None if q is None else tuple(q) for q in qrs], False)
+            frames = extra.get("frames")
+            if frames is not None and len(frames) == len(self.store.buckets) and all(f is not None for f in frames):
+                y = [Factors(*_stacked(b), b.scale, Frame(*f)) for b, f in zip(self.store.buckets, frames)]
+                self._last = ((), y, False)  # checked against the parameters at the next step
             if self._companion is not None and "companion" in extra:
                 self._companion.load_state_dict(extra["companion"])
         if self._companion is not None:  # re-share the companion's group dicts after the reload
@@ -466,4 +441,62 @@ class ODELoRA(torch.optim.Optimizer):
                     mine = next(groups)
                     mine.update({k: v for k, v in g.items() if k != "params"})
                     self.param_groups[i] = mine
-        self._bucket_cache = None
+
+    def _validate(self, sd: dict) -> None:
+        """Clear errors for state dicts that do not fit this optimizer."""
+        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+            raise ValueError("not an optimizer state dict: expected the keys 'state' and 'param_groups' (from ODELoRA.state_dict())")
+        mine, theirs = self.param_groups, sd["param_groups"]
+        if len(mine) != len(theirs):
+            raise ValueError(f"the state dict has {len(theirs)} param groups, this optimizer {len(mine)}: build the optimizer with the same pairs and groups")
+        for i, (g, h) in enumerate(zip(mine, theirs)):
+            if len(g["params"]) != len(h.get("params", [])):
+                raise ValueError(f"param group {i}: the state dict has {len(h.get('params', []))} tensors, this optimizer {len(g['params'])}")
+            if not g.get("companion"):
+                try:
+                    _check_lr(h.get("lr"))
+                except ValueError as err:
+                    raise ValueError(f"param group {i} of the state dict: {err}") from None
+                if list(h.get("scales", [])) != list(g["scales"]):
+                    raise ValueError(f"param group {i}: LoRA scales differ ({h.get('scales')} saved, {g['scales']} here)")
+            for p, pid in zip(g["params"], h["params"]):
+                for key, val in sd["state"].get(pid, {}).items():
+                    if isinstance(val, Tensor) and val.ndim and val.shape != p.shape:
+                        raise ValueError(f"state '{key}' of parameter {pid} has shape {tuple(val.shape)}, the parameter {tuple(p.shape)}")
+        extra = sd.get("odelora")
+        if extra is not None:
+            rho = extra.get("rho")
+            if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
+                raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
+
+
+def _stacked(b) -> tuple[Tensor, Tensor]:
+    return torch.stack(b.Bs).to(b.dtype), torch.stack(b.As).to(b.dtype)
+
+
+def _state_matches(y: list[Factors], store: PairStore) -> bool:
+    """Whether a restored state (with frames) describes the current parameters."""
+    for x, b in zip(y, store.buckets):
+        B, A = _stacked(b)
+        tol = 100 * torch.finfo(b.dtype).eps
+        fr = x.frame
+        if fr is None or fr.UB.shape[:-1] != B.shape[:-1]:
+            return False
+        rB = (fr.UB * fr.sB.unsqueeze(-2)) @ fr.PB.mT
+        rA = (fr.UA * fr.sA.unsqueeze(-2)) @ fr.PA.mT
+        if not (torch.allclose(rB, B, rtol=tol, atol=tol * float(B.abs().max())) and torch.allclose(rA, A.mT, rtol=tol, atol=tol * float(A.abs().max()))):
+            return False
+        x.B, x.A = B, A
+    return True
+
+
+def _start_imbalance(x: Factors) -> Tensor:
+    """``geometry.imbalance`` of a state, from its frame when it has one (r x r work)."""
+    if x.frame is None:
+        return imbalance(x.B, x.A)
+    fr = x.frame
+    MB = (fr.PB * (fr.sB * fr.sB).unsqueeze(-2)) @ fr.PB.mT
+    MA = (fr.PA * (fr.sA * fr.sA).unsqueeze(-2)) @ fr.PA.mT
+    den = torch.linalg.matrix_norm(MB) + torch.linalg.matrix_norm(MA)
+    num = torch.linalg.matrix_norm(MB - MA)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))

@@ -65,7 +65,7 @@ class Classifier(torch.nn.Module):
         return loss, logits
 
 
-def build_model(rank: int, alpha: float, seed: int):
+def build_model(rank: int, alpha: float, seed: int, targets: str = TARGETS):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
@@ -77,19 +77,19 @@ def build_model(rank: int, alpha: float, seed: int):
     torch.manual_seed(seed)
     enc = AutoModel.from_pretrained(minilm_path(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = Classifier(enc, 5)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, modules_to_save=["head"])
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, modules_to_save=["head"])
     return get_peft_model(model, cfg)
 
 
 def make_optimizer(method: str, model, lr: float, head_lr: float):
-    from ..optim import ODELoRA
+    from .peft import create_odelora_optimizer
 
     if method == "odelora-euler":
-        return ODELoRA.from_model(model, lr=lr, method="euler", companion_lr=head_lr)
+        return create_odelora_optimizer(model, lr=lr, method="euler", companion_lr=head_lr)
     if method == "odelora-rk4":
-        return ODELoRA.from_model(model, lr=lr, method="rk4", companion_lr=head_lr)
+        return create_odelora_optimizer(model, lr=lr, method="rk4", companion_lr=head_lr)
     if method == "odelora-adam":
-        return ODELoRA.from_model(model, lr=lr, method="euler", preconditioner="adam", companion_lr=head_lr)
+        return create_odelora_optimizer(model, lr=lr, method="euler", preconditioner="adam", companion_lr=head_lr)
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "adamw":
         return torch.optim.AdamW(params, lr=lr, foreach=True)
@@ -101,7 +101,7 @@ def make_optimizer(method: str, model, lr: float, head_lr: float):
         try:
             from peft.optimizers import create_riemannian_optimizer
         except ImportError:  # older PEFT: the scaled flow is the same preconditioning
-            return ODELoRA.from_model(model, lr=lr, method="euler", flow="scaled", companion_lr=head_lr)
+            return create_odelora_optimizer(model, lr=lr, method="euler", flow="scaled", companion_lr=head_lr)
         return create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
@@ -152,7 +152,7 @@ def run_one(method, lr, args, enc, labels, tr, ev, progress=None) -> list[dict]:
 
         if isinstance(opt, ODELoRA):
             loss = opt.step(closure)
-            nfe += opt.last_step["nfe"]
+            nfe += opt.last_step.nfe
         else:
             loss = closure()
             opt.step()

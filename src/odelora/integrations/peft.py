@@ -1,7 +1,7 @@
 """Find LoRA pairs in PEFT models, by module, with each layer's own scaling.
 
 Rule for everything else that is trainable (documented in ``partition``): it is returned in
-``others`` with the reason, and ``ODELoRA.from_model`` moves it with an AdamW companion.
+``others`` with the reason, and :func:`create_odelora_optimizer` moves it with an AdamW companion.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..optim import ODELoRA
 from ..pairs import LoRAPair
 
-__all__ = ["lora_pairs", "partition", "Partition"]
+__all__ = ["lora_pairs", "partition", "Partition", "create_odelora_optimizer"]
 
 
 @dataclass
@@ -90,3 +91,20 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
 def lora_pairs(model: torch.nn.Module, adapter: str | list[str] | None = None) -> list[LoRAPair]:
     """The trainable LoRA pairs of a PEFT model (see :func:`partition`)."""
     return partition(model, adapter).pairs
+
+
+def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapter: str | list[str] | None = None, **kwargs) -> ODELoRA:
+    """An :class:`~odelora.ODELoRA` for every trainable parameter of a PEFT model (in the style of
+    PEFT's ``create_loraplus_optimizer``): the LoRA pairs, found by module with each layer's own
+    scaling, follow the flow; everything else that is trainable goes to the AdamW companion
+    (``companion_lr``, ``companion_kwargs``). Other keyword arguments go to ``ODELoRA``;
+    ``optimizer.partition.summary()`` says which tensor went where.
+
+        opt = create_odelora_optimizer(peft_model, lr=0.05, method="rk4", companion_lr=2e-3)
+    """
+    part = partition(model, adapter)
+    if not part.pairs:
+        raise ValueError("the model has no trainable LoRA pairs; wrap it with peft.get_peft_model first")
+    opt = ODELoRA(part.pairs, lr=lr, companion=[p for _, p, _ in part.others], **kwargs)
+    opt.partition = part
+    return opt

@@ -16,6 +16,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from ..optim import ODELoRA
+from .peft import create_odelora_optimizer
 
 __all__ = ["ODELoRATrainer", "ODELoRACallback"]
 
@@ -28,7 +29,7 @@ def _unwrap(optimizer) -> ODELoRA | None:
 
 class ODELoRACallback(TrainerCallback):
     """Adds ODELoRA's statistics to every Trainer log entry: gradient evaluations per step, the
-    step h, integration time t, imbalance, and rejected / non-finite step counts."""
+    step h, integration time t, imbalance, and rejected / non-finite / skipped step counts."""
 
     def __init__(self):
         self._nfe = 0
@@ -36,8 +37,8 @@ class ODELoRACallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         opt = _unwrap(optimizer)
-        if opt is not None and opt.last_step:
-            self._nfe += opt.last_step["nfe"]
+        if opt is not None and opt.stats["steps"]:
+            self._nfe += opt.last_step.nfe
             self._steps += 1
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
@@ -48,11 +49,12 @@ class ODELoRACallback(TrainerCallback):
         stats = {
             "odelora_nfe_per_step": self._nfe / max(self._steps, 1),
             "odelora_nfe_total": opt.stats["nfe"],
-            "odelora_h": last.get("h"),
-            "odelora_t": last.get("t"),
-            "odelora_imbalance": last.get("imbalance"),
+            "odelora_h": last.h,
+            "odelora_t": last.t,
+            "odelora_imbalance": last.imbalance,
             "odelora_rejected": opt.stats["rejected"],
             "odelora_nonfinite": opt.stats["nonfinite"],
+            "odelora_skipped": opt.stats["skipped"],
         }
         stats = {k: v for k, v in stats.items() if v is not None}
         logs.update(stats)
@@ -62,7 +64,7 @@ class ODELoRACallback(TrainerCallback):
 
 
 class ODELoRATrainer(Trainer):
-    """A ``Trainer`` whose optimizer is ``ODELoRA.from_model(model, lr=args.learning_rate,
+    """A ``Trainer`` whose optimizer is ``create_odelora_optimizer(model, lr=args.learning_rate,
     **odelora_kwargs)`` (LoRA pairs follow the flow, other trainable tensors an AdamW companion)."""
 
     def __init__(self, *args, odelora_kwargs: dict[str, Any] | None = None, **kwargs):
@@ -82,7 +84,7 @@ class ODELoRATrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = ODELoRA.from_model(model if model is not None else self.model, lr=self.args.learning_rate, **self.odelora_kwargs)
+            self.optimizer = create_odelora_optimizer(model if model is not None else self.model, lr=self.args.learning_rate, **self.odelora_kwargs)
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):

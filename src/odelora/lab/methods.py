@@ -137,7 +137,7 @@ def train(
     are only stopped by the floor test.
     """
     def _nfe(opt) -> int:  # gradient evaluations of the last step: the one read of ODELoRA's step record
-        return opt.last_step["nfe"] if isinstance(opt, ODELoRA) else 1
+        return opt.last_step.nfe if isinstance(opt, ODELoRA) else 1
 
     spec = METHODS[method]
     if not spec.batchable and len(runs) > 1:

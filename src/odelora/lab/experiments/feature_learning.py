@@ -86,7 +86,7 @@ def _run(cfg, rule, c, n, seed):
             dB, dA = lr_B * vB, lr_A * vA
             B, A = B0 + dB, A0 + dA
             if kind == "balanced":
-                B, A = balance(B, A, skip_deficient=True)
+                B, A = balance(B, A)
         rows.append(dict(step=t, width=n, c=c, loss=0.5 * float((E**2).sum()) / b,
                          rms_dBAx=float((dB @ (A0 @ x)).norm()) / np.sqrt(n), rms_BdAx=float((B0 @ (dA @ x)).norm()) / np.sqrt(n),
                          lr_A=lr_A, lr_B=lr_B))

@@ -1,0 +1,257 @@
+"""How LoRA factors move along stage velocities: the spaces the optimizer's RK steps run in.
+
+A state is a list of :class:`Factors`, one per bucket of stacked pairs of equal shape. Three
+retractions, chosen by name (``RETRACTIONS``):
+
+* ``"none"``: plain Runge-Kutta on the factors, ``(B, A) + h sum_j a_j (dB_j, dA_j)``. This is
+  LoRA gradient descent for the gradient flow. The product then moves by
+  ``h (dB A + B dA) + h^2 dB dA``; the second term grows like ``h^2 |G|^2 / sigma_min`` near rank
+  deficiency, which makes factor-space steps of the balanced flow unstable there.
+* ``"balance"``: the same factor-space combination, then the balancing retraction (same product,
+  ``B.T B = A A.T``). It removes the imbalance drift but not that instability.
+* ``"truncate"`` (ODELoRA's default): every stage and the step itself move the *product*,
+  ``X = X0 + h sum_j a_j s (dB_j A_j + B_j dA_j)`` (rank <= (2s + 1) r, never formed), and are
+  retracted to the rank-r matrices by truncation (the metric projection), then refactored into
+  balanced factors. This is a projected Runge-Kutta method: its order is the tableau's where the
+  factors are well conditioned, and since truncation is the nearest rank-r matrix, a step moves
+  the product by at most ``2 h |sum_j b_j s (dB_j A_j + B_j dA_j)|`` however small the singular
+  values are (Kieri & Vandereycken 2019 analyse such projected methods for dynamical low-rank
+  approximation). Cost per stage O((m + n) r^2 + r^3) with two thin QRs and a 2r x 2r SVD.
+
+Retracted factors are the balanced factorization closest to the previous factors (see
+:func:`odelora.geometry.balanced_factors`), so factors evolve continuously and per-coordinate
+optimizer state stays meaningful. Each retraction also returns the factors' thin SVDs (a
+:class:`~odelora.geometry.Frame`), which the next flow evaluation reuses instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .geometry import Frame, Tangent, balance_frame, balanced_factors, factor_frame, tangent_of, truncate
+from .integrators import Stage, axpy
+
+__all__ = ["Factors", "Retraction", "FactorSteps", "BalanceSteps", "TruncateSteps", "RETRACTIONS", "get_retraction"]
+
+
+@dataclass
+class Factors:
+    """One bucket of stacked pairs in the compute precision: ``B`` (k, m, r), ``A`` (k, r, n),
+    the LoRA scales (k,), and the factors' frame once known."""
+
+    B: Tensor
+    A: Tensor
+    scale: Tensor
+    frame: Frame | None = None
+
+    def ensure_frame(self) -> Frame:
+        if self.frame is None:
+            self.frame = factor_frame(self.B, self.A)
+        return self.frame
+
+    @property
+    def rank(self) -> int:
+        return self.B.shape[-1]
+
+
+def _factor_ratios(y0, y1, h, coeffs, stages, atol, rtol) -> Tensor:
+    """Per pair: root mean square over the pair's factor entries of the error against
+    ``atol + rtol * max(|y0|, |y1|)``."""
+    out = []
+    for b, (x0, x1) in enumerate(zip(y0, y1)):
+        ks = [[st.k[b][0], st.k[b][1]] for st in stages]
+        eB, eA = axpy([torch.zeros_like(x0.B), torch.zeros_like(x0.A)], [h[b], h[b]], coeffs, ks)
+        tB = atol + rtol * torch.maximum(x0.B.abs(), x1.B.abs())
+        tA = atol + rtol * torch.maximum(x0.A.abs(), x1.A.abs())
+        sq = (eB / tB).square().sum((-2, -1)) + (eA / tA).square().sum((-2, -1))
+        out.append((sq / (x0.B[0].numel() + x0.A[0].numel())).sqrt())
+    return torch.cat(out)
+
+
+class Retraction:
+    """Base of the spaces in ``RETRACTIONS``. ``velocity`` is the form stage velocities may take:
+    ``"factors"`` (``(dB, dA)``) or ``"tangent"`` (also :class:`~odelora.geometry.Tangent`, where
+    only the product of a velocity matters)."""
+
+    name = "base"
+    velocity = "factors"
+
+    def combine(self, y0: list[Factors], h: Sequence[float], coeffs: Sequence[float], stages: Sequence[Stage]) -> list[Factors]:
+        raise NotImplementedError
+
+    def retract(self, y: list[Factors]) -> list[Factors]:
+        """Bring factors moved by something else (a preconditioned step) back to the space."""
+        return y
+
+    def error_ratios(self, y0, y1, h, coeffs, stages, atol, rtol) -> Tensor:
+        return _factor_ratios(y0, y1, h, coeffs, stages, atol, rtol)
+
+
+class FactorSteps(Retraction):
+    """``"none"``: Runge-Kutta on the factor entries."""
+
+    name = "none"
+
+    def combine(self, y0, h, coeffs, stages):
+        out = []
+        for b, x0 in enumerate(y0):
+            B, A = axpy([x0.B, x0.A], [h[b], h[b]], coeffs, [st.k[b] for st in stages])
+            out.append(Factors(B, A, x0.scale))
+        return out
+
+
+def _balanced_state(x: Factors) -> Factors:
+    """The balanced factors of ``x``'s product closest to ``x``'s factors."""
+    B, A, fr = balance_frame(x.B, x.A, x.frame)
+    return Factors(B, A, x.scale, fr)
+
+
+class BalanceSteps(FactorSteps):
+    """``"balance"``: Runge-Kutta on the factor entries, then the balancing retraction."""
+
+    name = "balance"
+
+    def combine(self, y0, h, coeffs, stages):
+        return self.retract(super().combine(y0, h, coeffs, stages))
+
+    def retract(self, y):
+        return [_balanced_state(x) for x in y]
+
+
+def _product_norm(x: Factors) -> Tensor:
+    """``|B A|_F`` per pair from the frame (r x r work)."""
+    fr = x.ensure_frame()
+    if fr.balanced:
+        return torch.linalg.vector_norm(fr.sB * fr.sB, dim=-1)
+    core = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+    return torch.linalg.matrix_norm(core)
+
+
+class TruncateSteps(Retraction):
+    """``"truncate"``: projected Runge-Kutta on the rank-r matrices (see the module docstring).
+    Stage velocities may be factor velocities or :class:`~odelora.geometry.Tangent` vectors at
+    the stage's frame (``velocity = "tangent"``: flows that can, return those)."""
+
+    name = "truncate"
+    velocity = "tangent"
+
+    def combine(self, y0, h, coeffs, stages):
+        return [self._combine_bucket(b, x0, h[b], coeffs, stages) for b, x0 in enumerate(y0)]
+
+    @staticmethod
+    def _tangent(x: Factors, k) -> Tangent:
+        return k if isinstance(k, Tangent) else tangent_of(x.ensure_frame(), *k)
+
+    def _blocks(self, b: int, x0: Factors, h: float, coeffs, stages):
+        """``X/s = [UB, L] M [UA, R].T`` for ``X0 + h sum_j c_j s t_j``: stages at X0 share its
+        bases; a stage elsewhere adds ``[UB_j, L_j] [[C_j, I], [I, 0]] [UA_j, R_j].T``."""
+        fr = x0.ensure_frame()
+        C0 = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+        L0 = R0 = None
+        Ls, Rs, Ms = [], [], []
+        for cj, st in zip(coeffs, stages):
+            if cj == 0.0:
+                continue
+            w = h * cj
+            t = self._tangent(st.y[b], st.k[b])
+            if st.y[b] is x0:
+                C0 = C0 + w * t.C
+                L0 = t.L * w if L0 is None else L0.add_(t.L, alpha=w)
+                R0 = t.R * w if R0 is None else R0.add_(t.R, alpha=w)
+            else:
+                frj = st.y[b].ensure_frame()
+                Ls += [frj.UB, t.L * w]
+                Rs += [frj.UA, t.R]
+                kB, kA = frj.UB.shape[-1], frj.UA.shape[-1]
+                Mj = C0.new_zeros(*C0.shape[:-2], kB + kA, kA + kB)
+                Mj[..., :kB, :kA] = w * t.C
+                Mj[..., :kB, kA:] = w * torch.eye(kB, dtype=C0.dtype, device=C0.device)
+                Mj[..., kB:, :kA] = torch.eye(kA, dtype=C0.dtype, device=C0.device)
+                Ms.append(Mj)
+        if L0 is not None:  # X0's own moves: L0 pairs with UA, R0 with UB
+            Ls.insert(0, L0)
+            Rs.insert(0, R0)
+        return fr, C0, Ls, Rs, Ms, L0 is not None
+
+    def _combine_bucket(self, b: int, x0: Factors, h: float, coeffs, stages) -> Factors:
+        fr, C0, Ls, Rs, Ms, at_x0 = self._blocks(b, x0, h, coeffs, stages)
+        if not Ls:  # nothing moved
+            return x0
+        kB, kA = fr.UB.shape[-1], fr.UA.shape[-1]
+        L, R = torch.cat(Ls, -1), torch.cat(Rs, -1)
+        M = C0.new_zeros(*C0.shape[:-2], kB + L.shape[-1], kA + R.shape[-1])
+        M[..., :kB, :kA] = C0
+        i, j = kB, kA
+        if at_x0:
+            kL0, kR0 = Ls[0].shape[-1], Rs[0].shape[-1]
+            M[..., i : i + kL0, :kA] = torch.eye(kL0, dtype=M.dtype, device=M.device)  # L0 UA.T
+            M[..., :kB, j : j + kR0] = torch.eye(kR0, dtype=M.dtype, device=M.device)  # UB R0.T
+            i, j = i + kL0, j + kR0
+        for Mj in Ms:
+            M[..., i : i + Mj.shape[-2], j : j + Mj.shape[-1]] = Mj
+            i, j = i + Mj.shape[-2], j + Mj.shape[-1]
+        k_out = min(x0.rank, x0.B.shape[-2], x0.A.shape[-1])
+        U, S, V, UtUB, VtUA = truncate(fr.UB, fr.UA, M, L, R, k_out)
+        # overlaps with the start's factors, for the closest balanced factorization
+        over = (UtUB @ (fr.sB.unsqueeze(-1) * fr.PB.mT), VtUA @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
+        B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A), overlaps=over)
+        return Factors(B, A, x0.scale, frame)
+
+    def retract(self, y):
+        return [_balanced_state(x) for x in y]
+
+    def error_ratios(self, y0, y1, h, coeffs, stages, atol, rtol):
+        """Per pair: ``|E|_F / (atol sqrt(mn) + rtol max(|X0|_F, |X1|_F))`` with ``E`` the error
+        estimate of the product, ``s h sum_j c_j t_j``, from Gram matrices of its factors."""
+        out = []
+        for b, (x0, x1) in enumerate(zip(y0, y1)):
+            Ls, Rs, Ms = [], [], []
+            for cj, st in zip(coeffs, stages):
+                if cj != 0.0:
+                    frj = st.y[b].ensure_frame()
+                    t = self._tangent(st.y[b], st.k[b])
+                    w = h[b] * cj
+                    Ls += [frj.UB, t.L]
+                    Rs += [frj.UA, t.R]
+                    kB, kA = frj.UB.shape[-1], frj.UA.shape[-1]
+                    Mj = t.C.new_zeros(*t.C.shape[:-2], kB + kA, kA + kB)
+                    Mj[..., :kB, :kA] = w * t.C
+                    Mj[..., :kB, kA:] = w * torch.eye(kB, dtype=t.C.dtype, device=t.C.device)
+                    Mj[..., kB:, :kA] = w * torch.eye(kA, dtype=t.C.dtype, device=t.C.device)
+                    Ms.append(Mj)
+            e2 = _frob2(torch.cat(Ls, -1), _block_diag(Ms), torch.cat(Rs, -1))
+            n0, n1 = _product_norm(x0), _product_norm(x1)
+            m, n = x0.B.shape[-2], x0.A.shape[-1]
+            s = x0.scale
+            out.append(s * e2.sqrt() / (atol * math.sqrt(m * n) + rtol * s * torch.maximum(n0, n1)))
+        return torch.cat(out)
+
+
+def _block_diag(Ms: list[Tensor]) -> Tensor:
+    rows, cols = sum(M.shape[-2] for M in Ms), sum(M.shape[-1] for M in Ms)
+    out = Ms[0].new_zeros(*Ms[0].shape[:-2], rows, cols)
+    i = j = 0
+    for M in Ms:
+        out[..., i : i + M.shape[-2], j : j + M.shape[-1]] = M
+        i, j = i + M.shape[-2], j + M.shape[-1]
+    return out
+
+
+def _frob2(L: Tensor, M: Tensor, R: Tensor) -> Tensor:
+    """``|L M R.T|_F^2 = trace(L.T L M R.T R M.T)`` per pair, without forming the product."""
+    return ((L.mT @ L) @ M * (M @ (R.mT @ R))).sum((-2, -1)).clamp_min(0)
+
+
+RETRACTIONS: dict[str, type[Retraction]] = {c.name: c for c in (FactorSteps, BalanceSteps, TruncateSteps)}
+
+
+def get_retraction(name: str) -> Retraction:
+    try:
+        return RETRACTIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown retraction {name!r}; choose one of {sorted(RETRACTIONS)}") from None

@@ -1,0 +1,155 @@
+"""Steps on the rank-r matrices (the "truncate" retraction) against dense references: exact Euler
+steps, the orders of projected Runge-Kutta methods against scipy, and the bound on how far a step
+moves the product, which holds however small the singular values are."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+from scipy.linalg import orthogonal_procrustes
+
+from odelora import flows
+from odelora.geometry import balance
+from odelora.integrators import Stage, get_tableau, integrate, rk_step
+from odelora.retractions import Factors, get_retraction
+
+from conftest import projection_reference
+
+
+def state(B, A, s=1.0):
+    return [Factors(torch.as_tensor(B)[None], torch.as_tensor(A)[None], torch.tensor([s], dtype=torch.as_tensor(B).dtype))]
+
+
+def field_for(grad, flow="balanced"):
+    """Velocities of `flow` for the loss whose gradient in W is grad(X), X = s B A."""
+
+    def f(y):
+        out = []
+        for x in y:
+            X = x.scale[:, None, None] * x.B @ x.A
+            G = grad(X)
+            gB, gA = x.scale[:, None, None] * G @ x.A.mT, x.scale[:, None, None] * x.B.mT @ G
+            kw = {"frame": x.ensure_frame()} if flows.get_flow(flow).uses_frame else {}
+            out.append(flows.get_flow(flow)(x.B, x.A, gB, gA, scale=x.scale, **kw))
+        return out
+
+    return f
+
+
+def dense_truncation(Y, r):
+    u, s, vt = np.linalg.svd(Y)
+    return (u[:, :r] * s[:r]) @ vt[:r]
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_euler_step_is_the_truncated_projected_gradient_step(balanced, rng):
+    m, n, r, s, h = 12, 9, 3, 2.0, 0.3
+    B, A = rng.standard_normal((m, r)), rng.standard_normal((r, n))
+    if balanced:
+        B, A = (t.numpy() for t in balance(torch.from_numpy(B), torch.from_numpy(A)))
+    G = rng.standard_normal((m, n))
+    y0 = state(B, A, s)
+    f = field_for(lambda X: torch.from_numpy(G))
+    y1, _ = rk_step(f, y0, [h], get_tableau("euler"), get_retraction("truncate"))
+    X1 = s * (y1[0].B[0] @ y1[0].A[0]).numpy()
+    expected = dense_truncation(s * B @ A - h * projection_reference(G, B, A), r)
+    np.testing.assert_allclose(X1, expected, atol=1e-12 * np.linalg.norm(expected))
+    # balanced, and the balanced factorization closest to the factors it started from
+    B1, A1 = y1[0].B[0].numpy(), y1[0].A[0].numpy()
+    np.testing.assert_allclose(B1.T @ B1, A1 @ A1.T, atol=1e-12 * np.linalg.norm(B1) ** 2)
+    U, S, Vt = np.linalg.svd(X1 / s, full_matrices=False)
+    left = np.vstack([U[:, :r] * np.sqrt(S[:r]), Vt[:r].T * np.sqrt(S[:r])])
+    Q, _ = orthogonal_procrustes(left, np.vstack([B, A.T]))
+    np.testing.assert_allclose(B1, left[:m] @ Q, atol=1e-10)
+
+
+def projected_flow_numpy(Y, r):
+    """Independent dense implementation of dX/dt = -P_X(X - Y) on the rank-r matrices."""
+    m, n = Y.shape
+
+    def f(t, z):
+        X = z.reshape(m, n)
+        U, _, Vt = np.linalg.svd(X)
+        U, V = U[:, :r], Vt[:r].T
+        G = X - Y
+        return -(U @ U.T @ G + G @ V @ V.T - U @ U.T @ G @ V @ V.T).ravel()
+
+    return f
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "midpoint", "rk4"])
+def test_projected_runge_kutta_orders_against_scipy(method, rng):
+    m, n, r, T = 8, 6, 2, 1.0
+    Y = rng.standard_normal((m, n))
+    B0, A0 = (t.numpy() for t in balance(torch.from_numpy(rng.standard_normal((m, r))), torch.from_numpy(rng.standard_normal((r, n)))))
+    X0 = B0 @ A0
+    ref = solve_ivp(projected_flow_numpy(Y, r), (0, T), X0.ravel(), method="DOP853", rtol=1e-13, atol=1e-13).y[:, -1].reshape(m, n)
+    Yt = torch.from_numpy(Y)
+    order = get_tableau(method).order
+    hs = [T / k for k in ((4, 8, 16, 32) if order == 4 else (16, 32, 64, 128))]
+    errs = []
+    for h in hs:
+        res = integrate(field_for(lambda X: X - Yt), state(B0, A0), (0, T), method=method, h=h, space=get_retraction("truncate"))
+        x = res.y[0]
+        errs.append(np.linalg.norm((x.B[0] @ x.A[0]).numpy() - ref))
+    slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+    assert abs(slope - order) < 0.25, (method, slope, errs)
+
+
+@pytest.mark.parametrize("method", ["bs32", "dopri5"])
+def test_projected_adaptive_pairs_meet_their_tolerance(method, rng):
+    m, n, r, T = 8, 6, 2, 1.0
+    Y = rng.standard_normal((m, n))
+    B0, A0 = (t.numpy() for t in balance(torch.from_numpy(rng.standard_normal((m, r))), torch.from_numpy(rng.standard_normal((r, n)))))
+    ref = solve_ivp(projected_flow_numpy(Y, r), (0, T), (B0 @ A0).ravel(), method="DOP853", rtol=1e-13, atol=1e-13).y[:, -1].reshape(m, n)
+    Yt = torch.from_numpy(Y)
+    errs = []
+    for rtol in (1e-4, 1e-7):
+        res = integrate(field_for(lambda X: X - Yt), state(B0, A0), (0, T), method=method, rtol=rtol, atol=rtol * 1e-2, space=get_retraction("truncate"))
+        x = res.y[0]
+        errs.append(np.linalg.norm((x.B[0] @ x.A[0]).numpy() - ref) / np.linalg.norm(ref))
+        assert res.stats.accepted > 0
+    assert errs[0] < 100 * 1e-4 and errs[1] < 100 * 1e-7 and errs[1] < errs[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
+def test_a_step_moves_the_product_by_at_most_2h_G_near_rank_deficiency(method, dtype, rng):
+    """Factors with singular values down to 1e-14 and a rank-1 gradient (a batch of one): with the
+    truncation retraction |X1 - X0| <= 2 h sum_j |b_j| |G_j| whatever the singular values; the
+    factor-space step of the same flow overshoots by orders of magnitude (the h^2 dB dA term)."""
+    m, n, r, h = 20, 16, 4, 0.5
+    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    sv = np.array([1.0, 1e-3, 1e-8, 1e-14])
+    B, A = U * np.sqrt(sv), (V * np.sqrt(sv)).T
+    g = rng.standard_normal(m)[:, None] * rng.standard_normal(n)[None, :]  # rank-1 gradient
+    Gt = torch.from_numpy(g).to(dtype)
+    y0 = state(torch.from_numpy(B).to(dtype), torch.from_numpy(A).to(dtype))
+    tab = get_tableau(method)
+    bound = 2 * h * sum(abs(b) for b in tab.b) * np.linalg.norm(g)
+    moves = {}
+    for name in ("truncate", "none"):
+        y1, _ = rk_step(field_for(lambda X: Gt), y0, [h], tab, get_retraction(name))
+        X1 = (y1[0].B[0].double() @ y1[0].A[0].double()).numpy()
+        moves[name] = np.linalg.norm(X1 - B @ A)
+    assert moves["truncate"] <= bound * (1 + 1e-5)
+    assert not np.isfinite(moves["none"]) or moves["none"] > 100 * bound
+
+
+def test_combination_of_stages_at_other_points(rng):
+    """A stage state reached through the truncation feeds the next combination: checked against
+    the dense projected RK formula for Heun's method."""
+    m, n, r, h = 10, 8, 2, 0.2
+    Y = rng.standard_normal((m, n))
+    B0, A0 = (t.numpy() for t in balance(torch.from_numpy(rng.standard_normal((m, r))), torch.from_numpy(rng.standard_normal((r, n)))))
+    Yt = torch.from_numpy(Y)
+    y1, stages = rk_step(field_for(lambda X: X - Yt), state(B0, A0), [h], get_tableau("heun"), get_retraction("truncate"))
+    X0 = B0 @ A0
+    k1 = -projection_reference(X0 - Y, B0, A0)
+    X_mid = dense_truncation(X0 + h * k1, r)
+    U, _, Vt = np.linalg.svd(X_mid)
+    k2 = -projection_reference(X_mid - Y, U[:, :r], Vt[:r])
+    expected = dense_truncation(X0 + h * (k1 + k2) / 2, r)
+    np.testing.assert_allclose((y1[0].B[0] @ y1[0].A[0]).numpy(), expected, atol=1e-11)
+    assert len(stages) == 2 and stages[0].y[0].frame is not None
