@@ -10,7 +10,7 @@ from odelora.lab import registry
 from odelora.lab.cli import main as cli
 from odelora.lab.registry import get_experiment
 from odelora.lab.report import build_report
-from odelora.lab.runner import load_config, read_results, run_experiment
+from odelora.lab.runner import load_config, run_experiment
 
 TINY = {
     "matrix-sensing": dict(

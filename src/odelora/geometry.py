@@ -50,7 +50,8 @@ class Frame(NamedTuple):
     """Thin SVDs of both factors: ``B = UB diag(sB) PB.T`` and ``A.T = UA diag(sA) PA.T``.
 
     ``UB`` (..., m, k) and ``UA`` (..., n, k') have orthonormal columns, ``PB`` (..., r, k) and
-    ``PA`` (..., r, k') orthonormal columns, ``k = min(m, r)``, ``k' = min(n, r)``.
+    ``PA`` (..., r, k') orthonormal columns; ``k = min(m, r)``, ``k' = min(n, r)`` for a frame
+    computed from factors, ``k = k' = min(m, n, r)`` for one the truncation produced.
     ``balanced`` marks frames with ``sA == sB`` and ``PA == PB`` (``B.T B = A A.T``), which the
     truncation retraction produces; flows then skip an eigendecomposition.
     """

@@ -288,6 +288,7 @@ def attempt(
     parts: int = 1,
     max_tries: int = 10,
     first: Stage | None = None,
+    agree: Callable[[Tensor], Tensor] | None = None,
 ) -> Attempt:
     """Take one step from ``y0``, retrying with a smaller step until one is accepted, at most
     ``max_tries`` times. The step of part p is ``h * unit[p]``.
@@ -295,7 +296,8 @@ def attempt(
     Embedded pairs are accepted when their error norm is <= 1. A :class:`NonFiniteError` at a
     later stage is a rejection (the step shrinks by ``controller.shrink``, for fixed-step methods
     too); one at the first stage is raised, since no smaller step can help. A retry reuses the
-    first stage. ``y0`` itself is never modified.
+    first stage. ``y0`` itself is never modified. ``agree`` maps the error ratios to values every
+    process shares (an all-reduce), so that data-parallel ranks take the same decisions.
     """
     units = list(unit) if isinstance(unit, (list, tuple)) else [float(unit)] * parts
     out = Attempt(None, [], h, h)
@@ -325,6 +327,8 @@ def attempt(
             out.y, out.stages, out.h_next = y1, stages, h
             break
         ratios = space.error_ratios(y0, y1, hs, tableau.b_err, stages, controller.atol, controller.rtol)
+        if agree is not None:
+            ratios = agree(ratios)
         err = float(ratios.double().square().mean().sqrt())
         out.ratios = ratios
         h_next = controller.next_step(h, err, tableau.order_low, previous)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .flows import Flow, get_flow
@@ -120,8 +121,9 @@ class _Field:
         total = sum(t.sum() for k in v for t in k)
         if loss is not None:  # inf * 0 is NaN: a non-finite loss poisons the sum too
             total = total + torch.as_tensor(loss).detach().to(total).sum() * 0
-        if not bool(torch.isfinite(total)):  # one sync: NaN/inf anywhere makes the sum so
-            raise NonFiniteError(self._describe(loss, v))
+        ok = torch.isfinite(total)  # one sync: NaN/inf anywhere makes the sum so
+        if not bool(opt._agree_all(ok)):
+            raise NonFiniteError(self._describe(loss, v) if not bool(ok) else "a non-finite loss or gradient on another rank")
         return v
 
     def _velocity(self, x: Factors, gB: Tensor, gA: Tensor):
@@ -183,6 +185,13 @@ class ODELoRA(torch.optim.Optimizer):
             AdamW with ``companion_lr`` and ``companion_kwargs`` once per accepted step, from the
             gradients at the start of the step. Its groups appear in ``param_groups`` (with
             ``companion=True``), so LR schedulers scale them too.
+        sync_ranks: whether the processes of an initialized ``torch.distributed`` group step
+            together (data parallel: DDP, FSDP2): non-finite values and adaptive step decisions
+            are then agreed by an all-reduce of one scalar per stage. Default: whenever a process
+            group is initialized; pass False for processes that train independently.
+
+    Factors may be sharded (FSDP2's ``fully_shard``, DTensor parameters): each rank gathers the
+    small factors and their gradients, computes the same step and writes its own shard back.
 
     A closure may return None (non-finite detection then relies on the gradients, and ``step``
     returns None). After each ``step``, ``last_step`` is its :class:`StepRecord` and ``stats``
@@ -211,6 +220,7 @@ class ODELoRA(torch.optim.Optimizer):
         companion: Iterable[Tensor] | None = None,
         companion_lr: float = 1e-3,
         companion_kwargs: dict | None = None,
+        sync_ranks: bool | None = None,
     ):
         _check_lr(lr)
         self.tableau = get_tableau(method)
@@ -231,6 +241,7 @@ class ODELoRA(torch.optim.Optimizer):
         self.on_nonfinite = on_nonfinite
         self.flow_options = dict(flow_options or {})
         self.track_imbalance = track_imbalance
+        self.sync_ranks = sync_ranks
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0)
         super().__init__(_param_groups(params), defaults)
         # Stages are evaluated at parameters rounded to their dtype: no tolerance below that.
@@ -298,6 +309,7 @@ class ODELoRA(torch.optim.Optimizer):
             res = attempt(
                 fld, y0, self._rho if self.tableau.adaptive else 1.0, self.tableau, self.retraction, self.controller,
                 unit=[self.param_groups[b.group]["lr"] for b in self.store.buckets], max_tries=self.max_rejects + 1,
+                agree=self._agree_max if self._ranks() > 1 else None,
             )
         except NonFiniteError as exc:
             return self._skip(fld, y0, str(exc), nfe=fld.calls, rejected=1, nonfinite=1)
@@ -311,6 +323,28 @@ class ODELoRA(torch.optim.Optimizer):
             return self._skip(fld, y0, f"the step overflows the {overflow} parameters", nfe=res.nfe, rejected=res.rejected + 1, nonfinite=res.nonfinite + 1)
         self._commit(y, fld, res)
         return fld.loss
+
+    # ------------------------------------------------------------------ ranks
+    def _ranks(self) -> int:
+        """Processes that take this step together: the world size when ``sync_ranks`` (default:
+        whenever torch.distributed is initialized; data-parallel training), else 1."""
+        if self.sync_ranks is False or not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size()
+
+    def _agree_all(self, flag: Tensor) -> Tensor:
+        """True only if ``flag`` holds on every rank: a NaN seen by one rank skips the step on all."""
+        if self._ranks() == 1:
+            return flag
+        f = flag.to(torch.float32).reshape(1)
+        dist.all_reduce(f, op=dist.ReduceOp.MIN)
+        return f[0] > 0
+
+    def _agree_max(self, ratios: Tensor) -> Tensor:
+        """The largest error ratios over ranks, so the step-size controller decides alike on all."""
+        r = ratios.clone()
+        dist.all_reduce(r, op=dist.ReduceOp.MAX)
+        return r
 
     def _stage_source(self, closure):
         stage_closure, self._stage_closure = self._stage_closure, None
@@ -430,10 +464,10 @@ class ODELoRA(torch.optim.Optimizer):
             self.stats.update(extra["stats"])
             frames = extra.get("frames")
             if frames is not None and len(frames) == len(self.store.buckets) and all(f is not None for f in frames):
-                y = [Factors(*_stacked(b), b.scale, Frame(*f)) for b, f in zip(self.store.buckets, frames)]
+                y = [Factors(*self.store.stacked(b), b.scale, Frame(*f)) for b, f in zip(self.store.buckets, frames)]
                 self._last = ((), y, False)  # checked against the parameters at the next step
             if self._companion is not None and "companion" in extra:
-                self._companion.load_state_dict(extra["companion"])
+                self._companion.load_state_dict(_like_params(extra["companion"], self._companion_params()))
         if self._companion is not None:  # re-share the companion's group dicts after the reload
             groups = iter(self._companion.param_groups)
             for i, g in enumerate(self.param_groups):
@@ -470,14 +504,10 @@ class ODELoRA(torch.optim.Optimizer):
                 raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
 
 
-def _stacked(b) -> tuple[Tensor, Tensor]:
-    return torch.stack(b.Bs).to(b.dtype), torch.stack(b.As).to(b.dtype)
-
-
 def _state_matches(y: list[Factors], store: PairStore) -> bool:
     """Whether a restored state (with frames) describes the current parameters."""
     for x, b in zip(y, store.buckets):
-        B, A = _stacked(b)
+        B, A = store.stacked(b)
         tol = 100 * torch.finfo(b.dtype).eps
         fr = x.frame
         if fr is None or fr.UB.shape[:-1] != B.shape[:-1]:
@@ -488,6 +518,23 @@ def _state_matches(y: list[Factors], store: PairStore) -> bool:
             return False
         x.B, x.A = B, A
     return True
+
+
+def _like_params(sd: dict, params: list[Tensor]) -> dict:
+    """A torch optimizer state dict whose per-parameter tensors are laid out like their (possibly
+    sharded) parameters: whole tensors from a checkpoint become this rank's DTensor shards."""
+    from .store import is_sharded
+
+    state = {}
+    for pid, st in sd["state"].items():
+        p = params[int(pid)]
+        state[pid] = {
+            k: torch.distributed.tensor.distribute_tensor(v.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
+            if is_sharded(p) and isinstance(v, Tensor) and not is_sharded(v) and v.shape == p.shape
+            else v
+            for k, v in st.items()
+        }
+    return {**sd, "state": state}
 
 
 def _start_imbalance(x: Factors) -> Tensor:

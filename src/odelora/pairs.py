@@ -22,11 +22,11 @@ class LoRAPair:
     def __post_init__(self):
         B, A = self.B, self.A
         for t in (B, A):
-            if type(t).__name__ in ("DTensor", "FlatParameter") or getattr(t, "_is_flat_param", False):
+            if type(t).__name__ == "FlatParameter" or getattr(t, "_is_flat_param", False):
                 raise NotImplementedError(
-                    f"pair {self.name or '?'}: ODELoRA needs each LoRA factor whole on every rank, but this one "
-                    f"is a {type(t).__name__} (FSDP sharding/flattening). Use DDP (LoRA factors are small), "
-                    "or keep the LoRA modules out of FSDP's sharding"
+                    f"pair {self.name or '?'}: this LoRA factor is a slice of an FSDP1 FlatParameter, whose "
+                    "flattening mixes factors of different layers. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
+                    "which ODELoRA supports, or DDP"
                 )
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(

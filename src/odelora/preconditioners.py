@@ -59,11 +59,13 @@ class Adam:
 
     @staticmethod
     def _state(state, p, dtype) -> dict[str, Any]:
+        """Moments of the whole factor (a sharded one too: the step runs on gathered factors)."""
         st = state[p]
         if "exp_avg" not in st:
+            device = (p.to_local() if hasattr(p, "to_local") else p).device
             st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+            st["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=device)
+            st["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=device)
         return st
 
 

@@ -1,5 +1,11 @@
 """The pairs an optimizer moves, packed into buckets of equal shape: stacked factors out of the
-parameters, and back."""
+parameters, and back.
+
+Sharded factors (FSDP2's ``fully_shard``: DTensor parameters and gradients, any placement) are
+gathered whole on every rank, so each rank computes the same step on the same full factors (a LoRA
+factor is small); the new values are written back to each rank's own shard. Only LoRA factors and
+their gradients are gathered, never a base weight.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,29 @@ from torch import Tensor
 
 from .geometry import compute_dtype
 from .retractions import Factors
+
+try:  # torch built with distributed support
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = distribute_tensor = None
+
+
+def is_sharded(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def whole(t: Tensor) -> Tensor:
+    """The full tensor on every rank (an all-gather for a sharded one)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_sharded(t) else t
+
+
+def _own_part(value: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of a full ``value`` laid out like the DTensor ``like`` (no communication)."""
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 __all__ = ["Bucket", "PairStore"]
 
@@ -28,6 +57,10 @@ class Bucket:
     @property
     def params(self) -> list[Tensor]:
         return self.Bs + self.As
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.Bs[0])
 
     @property
     def exact(self) -> bool:
@@ -50,25 +83,38 @@ class PairStore:
             for i, (B, A) in enumerate(pairs):
                 by_key.setdefault((tuple(B.shape), tuple(A.shape), B.dtype, B.device), []).append(i)
             for (_, _, _, device), idx in by_key.items():
+                device = _local(pairs[idx[0]][0]).device
                 dt = compute_dtype(pairs[idx[0]][0])
                 scale = torch.tensor([g["scales"][i] for i in idx], dtype=dt, device=device)
                 self.buckets.append(
                     Bucket(gi, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], [g["names"][i] for i in idx], scale, dt)
                 )
 
+    @property
+    def sharded(self) -> bool:
+        return any(b.sharded for b in self.buckets)
+
+    @staticmethod
+    def stacked(b: Bucket) -> tuple[Tensor, Tensor]:
+        """A bucket's factors, whole and stacked, in the compute dtype."""
+        return tuple(torch.stack([whole(p.detach()) for p in ts]).to(b.dtype) for ts in (b.Bs, b.As))
+
     def pack(self) -> list[Factors]:
-        return [Factors(torch.stack(b.Bs).to(b.dtype), torch.stack(b.As).to(b.dtype), b.scale) for b in self.buckets]
+        return [Factors(*self.stacked(b), b.scale) for b in self.buckets]
 
     def unpack(self, y: list[Factors]) -> None:
         params, values = [], []
         for b, x in zip(self.buckets, y):
-            params += b.params
-            values += list(x.B.unbind(0)) + list(x.A.unbind(0))
+            vals = list(x.B.unbind(0)) + list(x.A.unbind(0))
+            if b.sharded:
+                vals = [_own_part(v, p) for v, p in zip(vals, b.params)]
+            params += [_local(p.detach()) for p in b.params]
+            values += vals
         torch._foreach_copy_(params, values)
 
     def grads(self) -> list[tuple[Tensor, Tensor]]:
         def stacked(ts, dt):
-            return torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in ts]).to(dt)
+            return torch.stack([whole(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=_local(p).device) for p in ts]).to(dt)
 
         return [(stacked(b.Bs, b.dtype), stacked(b.As, b.dtype)) for b in self.buckets]
 
@@ -81,7 +127,7 @@ class PairStore:
                 p.grad = None
 
     def versions(self) -> tuple[int, ...]:
-        return tuple(p._version for b in self.buckets for p in b.params)
+        return tuple(_local(p)._version for b in self.buckets for p in b.params)
 
     def names_where(self, bad: list[Tensor]) -> list[str]:
         """Names of the pairs flagged by per-bucket boolean tensors (k,)."""

@@ -176,7 +176,9 @@ def _cmd_reproduce(args) -> int:
     print(f"odelora reproduce{' --quick' if args.quick else ''}: {len(plan)} experiments into {root}, {args.jobs} job(s); "
           f"expected about {_minutes(total)} (" + ", ".join(f"{e.name} {_minutes(s)}" for e, _, s in plan)
           + "; finished cases are not rerun)", flush=True)
-    timing = {}
+    import json
+
+    timing, cpu = {}, {}
     for exp, cfg, est in plan:
         t0 = time.time()
         print(f"== {exp.name} (expected {_minutes(est)})", flush=True)
@@ -184,11 +186,13 @@ def _cmd_reproduce(args) -> int:
         claims, _ = build_report(root / exp.name)
         _print_claims(claims)
         timing[exp.name] = time.time() - t0
-        print(f"   {timing[exp.name]:.0f} s", flush=True)
-    counts, report = build_overview(root, [e.name for e, *_ in plan], timing=timing,
+        meta = json.loads((root / exp.name / "meta.json").read_text())
+        cpu[exp.name] = meta.get("case_cpu_seconds", 0.0) + meta.get("prepare_seconds", 0.0)
+        print(f"   {timing[exp.name]:.0f} s ({cpu[exp.name]:.0f} s of CPU time)", flush=True)
+    counts, report = build_overview(root, [e.name for e, *_ in plan], timing=timing, cpu=cpu,
                                     title=f"odelora lab report ({'quick' if args.quick else 'full'} sizes)")
     print(f"\n{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['FINDING']} findings, {counts['REPORTED']} reported; "
-          f"{sum(timing.values()):.0f} s; report: {report}")
+          f"{sum(timing.values()):.0f} s wall, {sum(cpu.values()):.0f} s of CPU time; report: {report}")
     return 0
 
 

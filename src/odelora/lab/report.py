@@ -92,7 +92,7 @@ def build_report(out: Path) -> tuple[list[Claim], Path]:
 
 
 def build_overview(root: Path, names: list[str] | None = None, *, title: str | None = None,
-                   timing: dict[str, float] | None = None) -> tuple[dict[str, int], Path]:
+                   timing: dict[str, float] | None = None, cpu: dict[str, float] | None = None) -> tuple[dict[str, int], Path]:
     """``root/report.md`` from the experiment folders under ``root`` (their claims.json and
     figures, written by ``build_report``): one section per experiment with what it measured, its
     claims, the notes and the plots."""
@@ -125,7 +125,9 @@ def build_overview(root: Path, names: list[str] | None = None, *, title: str | N
         "",
     ]
     if timing:
-        head += [f"Wall time {sum(timing.values()):.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + ".", ""]
+        head += [f"Wall time {sum(timing.values()):.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + "."
+                 + (f" CPU time in the cases (and shared preparation) {sum(cpu.values()):.0f} s: it does not grow when other "
+                    "programs share the cores, the wall time does." if cpu else ""), ""]
     report = root / "report.md"
     atomic_write(report, "\n".join(head + sections) + "\n")
     return total, report

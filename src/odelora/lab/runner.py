@@ -156,12 +156,12 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_one(task: tuple) -> tuple[str, dict, list[dict], float]:
+def _run_one(task: tuple) -> tuple[str, dict, list[dict], tuple[float, float]]:
     exp, cfg_data, case = task
     cfg = exp.Config(**cfg_data)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rows = exp.run_case(cfg, case)
-    return case_id(case), case, rows, time.perf_counter() - t0
+    return case_id(case), case, rows, (time.perf_counter() - t0, time.process_time() - c0)
 
 
 def _write_case(out: Path, cid: str, case: dict, rows: list[dict]) -> None:
@@ -229,7 +229,9 @@ def run_experiment(
     t0 = time.perf_counter()
     if todo:
         exp.prepare(cfg)
+    prepared = time.perf_counter() - t0
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc=exp.name, unit="case", disable=not progress,
                leave=False, mininterval=2.0)
     cfg_data = cfg.model_dump()
@@ -246,9 +248,9 @@ def run_experiment(
             ctx.set_forkserver_preload(["odelora.lab.registry"])
             pool = ctx.Pool(min(jobs, len(todo)), initializer=_worker_init, initargs=(1,))
             results = pool.imap_unordered(_run_one, tasks, chunksize=1)
-        for cid, case, rows, dt in results:
+        for cid, case, rows, (dt, dc) in results:
             _write_case(out, cid, case, rows)
-            timings[cid] = dt
+            timings[cid], cpu[cid] = dt, dc
             bar.update()
     except KeyboardInterrupt:
         done = len(cases) - len(todo) + len(timings)
@@ -262,8 +264,10 @@ def run_experiment(
             pool.join()
         bar.close()
     meta.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cases=len(cases), ran=len(todo),
-                case_seconds=round(sum(timings.values()), 2), wall_seconds=round(time.perf_counter() - t0, 2), jobs=jobs,
-                case_times={cid: round(dt, 2) for cid, dt in sorted(timings.items())})
+                case_seconds=round(sum(timings.values()), 2), case_cpu_seconds=round(sum(cpu.values()), 2),
+                prepare_seconds=round(prepared, 2), wall_seconds=round(time.perf_counter() - t0, 2), jobs=jobs,
+                case_times={cid: round(dt, 2) for cid, dt in sorted(timings.items())},
+                case_cpu_times={cid: round(dc, 2) for cid, dc in sorted(cpu.items())})
     try:  # earlier (interrupted or partial) runs of this folder stay on record
         before = json.loads((out / "meta.json").read_text())
         meta["earlier_runs"] = before.pop("earlier_runs", []) + [

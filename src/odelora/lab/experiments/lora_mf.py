@@ -20,7 +20,6 @@ from typing import Annotated, Literal
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
@@ -174,7 +173,7 @@ class LoraMF(Experiment):
                 if i != "random-sq" or s == "dw<1"]
 
     def case_cost(self, cfg, case):
-        return 10.0 * (0.6 + 0.4 * cfg.seeds / 30) * (0.5 + 0.5 * cfg.points / 240)  # full preset: about 10 s a case
+        return 2.5 * (0.7 + 0.3 * cfg.seeds / 30) * (0.3 + 0.7 * cfg.points / 240)  # full preset: about 2.5 s a case
 
     def run_case(self, cfg, case):
         setting, alpha, init = case["setting"], case["alpha"], case["init"]
@@ -200,11 +199,11 @@ class LoraMF(Experiment):
         common = dict(T1=T1, lambda1=l1, lambda2=l2, lam=lam, mis_limit=limit, nfe=res.stats.nfe)
         rows = []
         logratio = np.log(np.maximum(n1, 1e-300) / np.maximum(n2, 1e-300))
-        q = lambda a, p: np.nanquantile(a, p, axis=1)
+        lo_q, hi_q = np.quantile(loss, 0.1, axis=1), np.quantile(loss, 0.9, axis=1)
+        med = {k: np.median(a, axis=1) for k, a in (("loss", loss), ("normF", normF), ("misalign", mis), ("logratio", logratio))}
         for i, ti in enumerate(t):
-            rows.append(dict(kind="t", t=ti, loss=float(np.median(loss[i])), loss_lo=float(q(loss, 0.1)[i]),
-                             loss_hi=float(q(loss, 0.9)[i]), normF=float(np.median(normF[i])), misalign=float(np.median(mis[i])),
-                             logratio=float(np.median(logratio[i])), **common))
+            rows.append(dict(kind="t", t=ti, loss_lo=float(lo_q[i]), loss_hi=float(hi_q[i]),
+                             **{k: float(v[i]) for k, v in med.items()}, **common))
         i1, ih = ts.index(T1), ts.index(T1 / 2)
         i8 = int(np.searchsorted(t, 0.8 * T))
         lin_err = np.full(cfg.seeds, np.nan)
@@ -413,9 +412,13 @@ class LoraMF(Experiment):
                 if init == "random":
                     axes[3].plot(g.t, g.logratio / math.log(10), styles[init], color=color, label=lab)
                     axes[2].axvline(g.T1.iloc[0], color=color, lw=0.6, alpha=0.5)
+            long = sub.t.max() > 6 * sub.T1.max()  # a long local phase: linear time up to 2 T1, logarithmic after
             for ax, yl, ys in zip(axes, ["loss (median over seeds)", "1 - cos(F's top pair, (u, v))", "||F||_2",
                                          "log10 ||B1A1||^2 / ||B2A2||^2 (random start)"], ["log", "log", "log", "linear"]):
-                ax.set(xlabel="t", ylabel=yl, yscale=ys)
+                ax.set(xlabel="t (linear up to 2 T1, then log)" if long else "t", ylabel=yl, yscale=ys)
+                if long:
+                    ax.set_xscale("symlog", linthresh=2 * float(sub.T1.max()), linscale=2)
+                    ax.set_xlim(left=0)
             sw = SETTINGS[setting]
             axes[0].set_title(f"{setting}: sigma_W1={sw['sigma_W1']}, sigma_W2={sw['sigma_W2']}, spread {sw['spread']}")
             axes[2].set_title("thin lines: T1 per alpha")

@@ -61,8 +61,8 @@ class StronglyConvex(Experiment):
 
     def case_cost(self, cfg, case):
         # seconds per case on one core of the reference machine (full preset: 10 steps, cap 4000)
-        base = {"odelora-adaptive": 24.0, "odelora-rk4": 16.0, "odelora-heun": 4.0}.get(case["method"], 2.5)
-        return base * len(cfg.steps_times_L) / 10 * cfg.max_iters / 4000
+        base = {"odelora-adaptive": 38.0, "odelora-rk4": 29.0, "odelora-heun": 4.4}.get(case["method"], 3.2)
+        return base * len(cfg.steps_times_L) / 10 * (0.5 + 0.5 * cfg.max_iters / 4000)
 
     def run_case(self, cfg, case):
         q = strongly_convex(cfg.m, cfg.n, cfg.rank, cfg.cond, case["seed"])

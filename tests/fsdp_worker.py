@@ -1,0 +1,109 @@
+"""Worker for the FSDP2 tests: ``torchrun --nproc_per_node=N fsdp_worker.py OUT MODE METHOD [CKPT]``.
+
+MODE ``train``: a PEFT model sharded with ``fully_shard`` (``default`` placements, dim 0, which
+splits A along r; or ``custom``: B along m, A along n) trains 6 steps on the ranks' halves of a
+global batch; rank 0 saves the full parameters. MODE ``resume``: train 3 steps, save a
+distributed checkpoint, train 3 more, then rebuild model and optimizer from scratch, load the
+checkpoint and train the last 3 steps again: both endings are saved. MODE ``load``: load CKPT
+(written with any number of ranks) and train 3 steps.
+
+Also importable: ``build``, ``batches`` and ``train`` give the single-process reference."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+
+from odelora.integrations.peft import create_odelora_optimizer
+
+STEPS = 6
+
+
+def build():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 20), torch.nn.Tanh(), torch.nn.Linear(20, 2))
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], modules_to_save=["4"]))
+    return model.double()
+
+
+def batches(steps=STEPS, size=16):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(steps, size, 12, generator=g, dtype=torch.float64)
+    return X, torch.sin(X[..., :2] * 2)
+
+
+def optimizer(model, method):
+    kw = dict(preconditioner="adam") if method == "adam" else dict(method=method)
+    lr = 0.02 if method == "adam" else 0.2
+    return create_odelora_optimizer(model, lr=lr, companion_lr=1e-2, **kw)
+
+
+def train(model, opt, X, Y, steps, lo=0, hi=None):
+    for k in steps:
+        xb, yb = X[k, lo:hi], Y[k, lo:hi]
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def full_params(model):
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def sharded(placement):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    model = build()
+    if placement == "custom":  # B along its rows m, A along its columns n (r stays whole)
+        fn = lambda p: Shard(1) if p.ndim == 2 and p.shape[0] < p.shape[1] else Shard(0)
+        fully_shard(model, shard_placement_fn=fn)
+    else:
+        fully_shard(model)
+    return model
+
+
+def main(out, mode, method, ckpt=None):
+    from odelora.integrations.distributed import load_checkpoint, save_checkpoint
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    X, Y = batches()
+    lo, hi = rank * (X.shape[1] // world), (rank + 1) * (X.shape[1] // world)
+    result = {}
+    placement = "custom" if mode == "custom" else "default"
+    model = sharded(placement)
+    opt = optimizer(model, method)
+    if mode in ("train", "custom"):
+        train(model, opt, X, Y, range(STEPS), lo, hi)
+        result["params"] = full_params(model)
+    elif mode == "resume":
+        train(model, opt, X, Y, range(3), lo, hi)
+        save_checkpoint(ckpt, model, opt)
+        train(model, opt, X, Y, range(3, STEPS), lo, hi)
+        result["continued"] = full_params(model)
+        model2 = sharded(placement)
+        opt2 = optimizer(model2, method)
+        load_checkpoint(ckpt, model2, opt2)
+        train(model2, opt2, X, Y, range(3, STEPS), lo, hi)
+        result["resumed"] = full_params(model2)
+    elif mode == "load":
+        load_checkpoint(ckpt, model, opt)
+        train(model, opt, X, Y, range(3, STEPS), lo, hi)
+        result["params"] = full_params(model)
+    if rank == 0:
+        torch.save(result, out)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)  # skip process-group teardown, which can deadlock on the GIL at exit
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
