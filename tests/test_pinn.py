@@ -24,7 +24,7 @@ NET, POINTS = Net(16, 2), 80
 
 def tiny(tmp_path, **kw):
     base = dict(width=16, depth=2, points=80, pretrain_steps=500, pretrain_lr=1e-2, lbfgs_steps=100, budget=40,
-                eval_every=10, seeds=1, ranks=[2], checkpoints=str(tmp_path / "ckpt"),
+                eval_every=10, seeds=1, ranks=[2],
                 methods=["odelora-rk4", "lora-adam"], grids={"odelora-rk4": [1e-3], "lora-adam": [1e-2, 3e-2]})
     return {**base, **kw}
 
@@ -38,7 +38,7 @@ def test_family_pretrains_finetunes_and_reports(cls, tmp_path):
     exp = cls()
     cfg = exp.Config(**tiny(tmp_path, **EXTRA.get(cls.name, {})))
     df = run_experiment(exp, cfg, tmp_path / "out", jobs=1, progress=False)
-    assert len(list((tmp_path / "ckpt").glob("*.pt"))) == 1  # one checkpoint, shared by the cases
+    assert len(list((tmp_path / "out" / "pretrained").glob("*.pt"))) == 1  # one checkpoint under the output folder, shared
     runs = df[df["final"]]
     adam = runs[runs.method == "lora-adam"]
     start = float(df.start_error.iloc[0])

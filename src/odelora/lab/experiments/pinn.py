@@ -3,7 +3,8 @@ and measure, per method, over a learning-rate grid and seeds at equal gradient e
 the fraction of stable runs, loss spikes, the final relative L2 error and the stable window.
 
 One case is one (method, rank, seed) and runs every rate of the method's grid. The pretrained
-network is made once (``prepare``) and cached in ``checkpoints``; every case loads it.
+network is made once (``prepare``) and cached under the output folder (``pretrained/``, or the
+``checkpoints`` folder); every case loads it.
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ class PinnConfig(ExperimentConfig):
     methods: NonEmpty(PinnMethod) = Field(list(DEFAULT_GRIDS), description="methods to compare")
     grids: dict[PinnMethod, NonEmpty(PositiveFloat)] = Field(DEFAULT_GRIDS, description="learning-rate grid per method (merged into the defaults)")
     budget: PositiveInt = Field(600, description="gradient evaluations per run (an RK4 step costs 4)")
-    eval_every: PositiveInt = Field(30, description="log the error every this many gradient evaluations")
+    eval_every: PositiveInt = Field(10, description="log the error every this many gradient evaluations")
     adaptive_rtol: PositiveFloat = Field(1e-3, description="relative tolerance of the adaptive ODELoRA methods")
     stable_below: float = Field(0.5, gt=0, le=1, description="a run is stable if every loss is finite and its final error < stable_below x the start error")
-    target_below: float = Field(0.5, gt=0, le=1, description="target error = target_below x the start error")
+    target_below: float = Field(0.2, gt=0, le=1, description="target error = target_below x the start error")
     quorum: float = Field(0.8, gt=0, le=1, description="a rate is in a method's window if at least this fraction of its seeds is stable")
     spike_factor: float = Field(10.0, gt=1, description="a loss spike: a step whose loss exceeds spike_factor x the best loss so far")
-    checkpoints: str = Field("runs/pinn-pretrained", description="folder of the cached pretrained networks (shared by all methods and seeds)")
+    checkpoints: str | None = Field(None, description="folder of the cached pretrained networks, shared by all methods and seeds (default: pretrained/ in the output folder)")
     seeds: PositiveInt = Field(5, description="seeds (collocation points and LoRA start)")
 
     @field_validator("grids", mode="before")
@@ -188,7 +189,8 @@ class PinnExperiment(Experiment):
         from ..pinn.train import load_or_pretrain
 
         net, points = self._setup(cfg)
-        return load_or_pretrain(Path(cfg.checkpoints), self.fam(cfg), net, points, adam_steps=cfg.pretrain_steps,
+        folder = Path(cfg.checkpoints) if cfg.checkpoints else Path(self.out or ".") / "pretrained"
+        return load_or_pretrain(folder, self.fam(cfg), net, points, adam_steps=cfg.pretrain_steps,
                                 adam_lr=cfg.pretrain_lr, lbfgs_steps=cfg.lbfgs_steps)
 
     def prepare(self, cfg):
@@ -241,7 +243,9 @@ class PinnExperiment(Experiment):
         n_fin = int(runs.finite.sum())
         return (f"{fam.equation}. Pretrained at {fam.param} = {fam.mu0:g} (error there {float(df.pretrained_error.median()):.2g}), "
                 f"fine-tuned to {fam.param} = {fam.mu1:g}, where the pretrained network's relative L2 error is {e0:.3g}. "
-                f"Network {cfg.depth} x {cfg.width} tanh, LoRA rank {', '.join(map(str, cfg.ranks))} on the hidden layers; "
+                f"Boundary and initial data built into the network ({fam.constraint}), so the loss is the mean squared "
+                f"residual on {cfg.points} points. Network: {cfg.depth} tanh layers of {cfg.width}; LoRA rank "
+                f"{', '.join(map(str, cfg.ranks))} on its {cfg.depth - 1} hidden-to-hidden layers (input and output layers frozen); "
                 f"{len(cfg.methods)} methods, {cfg.budget} gradient evaluations per run, {cfg.seeds} seed(s), "
                 f"{len(runs)} runs ({n_fin} with every loss finite). Stable: every loss finite and final error < {thr:.3g} "
                 f"({cfg.stable_below:g} x start); target error {target:.3g} ({cfg.target_below:g} x start). "
@@ -421,8 +425,8 @@ class PinnExperiment(Experiment):
 
 # ---------------------------------------------------------------------------- the five families
 def _quick(**kw):
-    base = dict(width=16, depth=3, points=200, pretrain_steps=1000, lbfgs_steps=100,
-                budget=150, eval_every=15, seeds=1, grids=QUICK_GRIDS)
+    base = dict(width=16, depth=3, points=200, pretrain_steps=600, lbfgs_steps=100,
+                budget=100, eval_every=5, seeds=1, grids=QUICK_GRIDS)
     return {**base, **kw}
 
 

@@ -27,7 +27,7 @@ import torch
 
 from ..._io import atomic_write
 from ...optim import NonFiniteError, ODELoRA, StepFailure
-from .problems import Family
+from .problems import Family, _dde
 
 __all__ = ["METHODS", "Method", "Net", "Run", "pretrain", "load_or_pretrain", "finetune", "relative_error", "lora_target"]
 
@@ -44,12 +44,6 @@ class Net:
 def lora_target(depth: int) -> str:
     """PEFT's target regex for the hidden-to-hidden Linear layers of a DeepXDE FNN."""
     return r"linears\.(" + "|".join(str(i) for i in range(1, depth)) + ")"
-
-
-def _dde():
-    import deepxde as dde
-
-    return dde
 
 
 def build_net(family: Family, net: Net):
@@ -110,10 +104,8 @@ def pretrain(family: Family, net: Net, points: int, *, adam_steps: int, adam_lr:
 def load_or_pretrain(folder: Path, family: Family, net: Net, points: int, **kw) -> tuple[dict, dict]:
     """The pretrained state for these settings from ``folder``, made and saved there if missing
     (the file name is a hash of the settings, so all methods and seeds share one checkpoint)."""
-    import deepxde
-
     key = dict(family=family.name, equation=family.equation, mu0=family.mu0, mu1=family.mu1, net=asdict(net),
-               points=points, constraint=family.constraint, deepxde=deepxde.__version__, torch=torch.__version__.split("+")[0], **kw)
+               points=points, constraint=family.constraint, deepxde=_dde().__version__, torch=torch.__version__.split("+")[0], **kw)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = Path(folder) / f"{family.name}-{digest}.pt"
     if path.exists():
