@@ -109,11 +109,15 @@ def test_window_is_the_longest_stable_run_of_grid_rates():
 
 def test_run_and_rate_tables():
     rows = []
-    for seed, (errs, finite) in enumerate([([0.5, 0.2, 0.05], True), ([0.5, 0.4, 0.3], True), ([0.5, 9.0, np.nan], False)]):
+    histories = [([0.5, 0.2, 0.05], True), ([0.5, 0.4, 0.3], True), ([0.5, 9.0, np.nan], False),
+                 ([0.5, 0.05, 0.3, 0.08], True)]  # the last one dips below the target, leaves it, and comes back
+    for seed, (errs, finite) in enumerate(histories):
         for i, e in enumerate(errs):
-            rows.append(dict(method="m", rank=2, seed=seed, lr=0.1, nfe=10 * i, error=e, final=i == 2, finite=finite, reason="",
-                             spikes=seed, steps=20, rejected=0, t=np.nan))
+            rows.append(dict(method="m", rank=2, seed=seed, lr=0.1, nfe=10 * i, error=e, final=i == len(errs) - 1, finite=finite,
+                             reason="", spikes=seed, steps=20, rejected=0, t=np.nan))
     runs = run_table(pd.DataFrame(rows), target=0.1)
-    assert runs.to_target.tolist() == [20, np.inf, np.inf] and runs.error.tolist()[2] == np.inf
+    assert runs.to_target.tolist() == [20, np.inf, np.inf, 30] and runs.error.tolist()[2] == np.inf
     r = rate_table(runs, threshold=0.25).iloc[0]
-    assert r.stable == pytest.approx(1 / 3) and r["median"] == pytest.approx(0.3) and r.to_target == np.inf
+    assert r.stable == pytest.approx(1 / 2) and r["median"] == pytest.approx(0.19) and r.to_target == np.inf
+    r = rate_table(runs[runs.seed != 1].assign(to_target=[20, 40, 30]), threshold=0.25).iloc[0]
+    assert r.to_target == 30  # the median over seeds

@@ -89,9 +89,13 @@ def _family(cfg, name: str, dim: int | None = None):
 # ---------------------------------------------------------------------------- analysis
 def run_table(df: pd.DataFrame, target: float) -> pd.DataFrame:
     """One row per run: final error (inf if not finite), finiteness, spikes, cost, and the
-    gradient evaluations at the first logged error <= target (inf if never)."""
+    gradient evaluations from which every logged error is <= target to the end of the run (inf if
+    it never gets there and stays: a transient dip below the target does not count)."""
     fin = df[df["final"]].set_index(RUN)
-    hit = df[df.error <= target].groupby(RUN).nfe.min()
+    above = df.assign(out=~(df.error <= target)).sort_values("nfe")
+    last_out = above[above.out].groupby(RUN).nfe.max()  # the last logged error above the target
+    hit = above[~above.out].join(last_out.rename("last_out"), on=RUN)
+    hit = hit[~(hit.nfe <= hit.last_out)].groupby(RUN).nfe.min()
     out = fin[["finite", "reason", "spikes", "nfe", "steps", "rejected", "t"]].copy()
     out["error"] = fin.error.where(fin.finite & np.isfinite(fin.error), np.inf)
     out["to_target"] = hit.reindex(out.index).fillna(np.inf)
@@ -211,7 +215,9 @@ class PinnExperiment(Experiment):
         return out
 
     def case_cost(self, cfg, case):
-        per_eval = self.EVAL_SECONDS * self._size(cfg) * (1.4 if case["method"] in ODELORA else 1.0)
+        # one cost for every method (ODELoRA's steps cost a little more), so the runner keeps the
+        # seed-major order of ``cases``: an interrupted grid holds every method for its first seeds
+        per_eval = self.EVAL_SECONDS * self._size(cfg) * 1.2
         return 2.0 + len(cfg.grids[case["method"]]) * (cfg.budget * per_eval + 0.3)
 
     def run_case(self, cfg, case):
@@ -305,7 +311,8 @@ class PinnExperiment(Experiment):
             ok = bool(np.isfinite(n) and n < nb)
             claims.append(Claim(
                 f"{v} reaches the target error in fewer gradient evaluations than the best LoRA baseline{tag}",
-                f"fewer evaluations to relative L2 error {target:.3g} (median over seeds, best rate of each grid) than {best}, the fastest of {', '.join(base)}",
+                f"fewer evaluations to reach relative L2 error {target:.3g} and stay below it (median over seeds, best rate of each grid) "
+                f"than {best}, the fastest of {', '.join(base)}",
                 f"{v}: {_evals_text(*fast[v])}; {best}: {_evals_text(*fast[best])}",
                 ok, "Gao & Tan 2026 (abstract)",
                 note="" if ok else ("no rate of either reached the target for most seeds" if not np.isfinite(n) and not np.isfinite(nb)
@@ -328,7 +335,8 @@ class PinnExperiment(Experiment):
                  f"{cfg.quorum:g} of the seeds are stable, in decades (one rate alone is 0 decades). No-divergence window: the "
                  "same with the weaker test 'every loss finite and final error below the start error'. Best lr: lowest median "
                  "final error inside the window (over the grid when there is none). Errors of runs with a non-finite loss count "
-                 "as infinite. Evals to target: the fewest median gradient evaluations over the grid."))
+                 "as infinite. Evals to target: the gradient evaluations from which the error stays below the target to the end "
+                 "of the run (median over seeds; infinite where most seeds never get there), fewest over the grid."))
         ada = [m for m in ADAPTIVE if m in methods]
         if ada:
             parts = []
@@ -425,8 +433,8 @@ class PinnExperiment(Experiment):
 
 # ---------------------------------------------------------------------------- the five families
 def _quick(**kw):
-    base = dict(width=16, depth=3, points=200, pretrain_steps=600, lbfgs_steps=100,
-                budget=100, eval_every=5, seeds=1, grids=QUICK_GRIDS)
+    base = dict(width=16, depth=3, points=200, pretrain_steps=500, lbfgs_steps=50,
+                budget=60, eval_every=5, seeds=1, grids=QUICK_GRIDS)
     return {**base, **kw}
 
 
