@@ -247,12 +247,15 @@ class PinnExperiment(Experiment):
         e0, thr, target = self._levels(df, cfg)
         runs = df[df["final"]]
         n_fin = int(runs.finite.sum())
+        done, cases = df["case"].nunique(), len(self.cases(cfg))
+        seeds = f"{cfg.seeds} seed(s)" + ("" if done == cases else
+                                           f" (only {done} of the {cases} cases finished, from seed(s) {', '.join(map(str, sorted(set(runs.seed))))})")
         return (f"{fam.equation}. Pretrained at {fam.param} = {fam.mu0:g} (error there {float(df.pretrained_error.median()):.2g}), "
                 f"fine-tuned to {fam.param} = {fam.mu1:g}, where the pretrained network's relative L2 error is {e0:.3g}. "
                 f"Boundary and initial data built into the network ({fam.constraint}), so the loss is the mean squared "
                 f"residual on {cfg.points} points. Network: {cfg.depth} tanh layers of {cfg.width}; LoRA rank "
                 f"{', '.join(map(str, cfg.ranks))} on its {cfg.depth - 1} hidden-to-hidden layers (input and output layers frozen); "
-                f"{len(cfg.methods)} methods, {cfg.budget} gradient evaluations per run, {cfg.seeds} seed(s), "
+                f"{len(cfg.methods)} methods, {cfg.budget} gradient evaluations per run, {seeds}, "
                 f"{len(runs)} runs ({n_fin} with every loss finite). Stable: every loss finite and final error < {thr:.3g} "
                 f"({cfg.stable_below:g} x start); target error {target:.3g} ({cfg.target_below:g} x start). "
                 f"Reference: {fam.reference}.")
