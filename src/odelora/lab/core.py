@@ -82,6 +82,7 @@ class Experiment:
     summary: ClassVar[str]
     Config: ClassVar[type[ExperimentConfig]]
     QUICK: ClassVar[dict] = {}
+    out: Path | None = None  # the output folder, set by the runner before ``prepare`` (e.g. for caches)
 
     def quick_config(self) -> ExperimentConfig:
         return self.Config(**self.QUICK)

@@ -7,6 +7,7 @@ from .experiments.feature_learning import FeatureLearning
 from .experiments.lora_gd_rate import LoraGDRate
 from .experiments.lora_mf import LoraMF
 from .experiments.matrix_sensing import MatrixSensing
+from .experiments.pinn import PINN_EXPERIMENTS
 from .experiments.strongly_convex import StronglyConvex
 from .experiments.trajectory_fidelity import TrajectoryFidelity
 
@@ -14,7 +15,7 @@ __all__ = ["EXPERIMENTS", "get_experiment", "names"]
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
     cls.name: cls
-    for cls in (StronglyConvex, MatrixSensing, TrajectoryFidelity, FeatureLearning, LoraMF, LoraGDRate)
+    for cls in (StronglyConvex, MatrixSensing, TrajectoryFidelity, FeatureLearning, LoraMF, LoraGDRate, *PINN_EXPERIMENTS)
 }
 
 

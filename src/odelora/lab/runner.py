@@ -219,6 +219,7 @@ def run_experiment(
 ) -> pd.DataFrame:
     out = check_out_dir(out)
     _claim_folder(out, exp.name, cfg)
+    exp.out = out
     meta = dict(experiment=exp.name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
     cases = exp.cases(cfg)
     ids = [case_id(c) for c in cases]

@@ -1,0 +1,1 @@
+"""PINN fine-tuning: problem families with a parameter, references, methods and the training run."""
