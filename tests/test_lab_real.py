@@ -76,3 +76,15 @@ def test_budget_counts_gradient_evaluations(task):
         for k, v in task.model.named_parameters():
             if k in before:
                 v.copy_(before[k])
+
+
+def test_quick_reproduction_leaves_the_real_networks_out(tmp_path, monkeypatch, capsys):
+    from odelora.lab import registry
+    from odelora.lab.cli import main as cli
+    from test_lab import TINY
+
+    monkeypatch.setattr(registry, "EXPERIMENTS", {n: registry.EXPERIMENTS[n] for n in ("trajectory-fidelity", "init-scale")})
+    monkeypatch.setattr(registry.EXPERIMENTS["trajectory-fidelity"], "QUICK", TINY["trajectory-fidelity"])
+    assert cli(["reproduce", "--quick", "--out", str(tmp_path), "--jobs", "1", "--no-progress"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "1 experiments" in first and "init-scale" not in first and not (tmp_path / "init-scale").exists()

@@ -184,7 +184,7 @@ class TaskSpec(ExperimentConfig):
     vit_mlp: PositiveInt = Field(128, description="ViT MLP width")
     pretrain_epochs: PositiveFloat = Field(4.0, description="ViT pretraining epochs on Fashion-MNIST")
     pretrain_limit: int = Field(0, ge=0, description="use only this many Fashion-MNIST images (0: all; for tests)")
-    digits_train: PositiveInt = Field(4000, le=4500, description="MNIST digits for training (the rest of 5,000 minus 500 are never used; 1,000 held out)")
+    digits_train: PositiveInt = Field(4000, le=4000, description="MNIST digits for training (of the 4,000 not held out; 1,000 held out, 100 per class)")
     bbc_layers: PositiveInt = Field(1, le=6, description="top MiniLM layers with LoRA (query, key, value, attention output)")
     bbc_max_length: PositiveInt = Field(32, le=108, description="tokens per article (every article has more, so no padding)")
     bbc_train: int = Field(0, ge=0, description="use only this many BBC training articles (0: all 1,825)")
