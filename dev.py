@@ -10,6 +10,7 @@ passes that constraints file, so no other torch build is ever pulled in.
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,23 @@ def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist() -> None:
+    """The Debian package with Fashion-MNIST (for the vision experiments): installed when running
+    as root on a system with apt-get; otherwise say how."""
+    if FASHION_MNIST.is_dir() or os.environ.get("ODELORA_FASHION_MNIST"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        sh("apt-get", "install", "-y", "-q", "dataset-fashion-mnist")
+    else:
+        print("note: the vision experiments need Fashion-MNIST: run `sudo apt-get install dataset-fashion-mnist` "
+              "(Debian/Ubuntu), or set ODELORA_FASHION_MNIST to a folder with the four *-idx*-ubyte.gz files", flush=True)
+
+
 def setup() -> None:
+    fashion_mnist()
     files = [ROOT / "pyproject.toml", ROOT / "constraints.txt"]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest:

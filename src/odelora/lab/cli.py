@@ -162,7 +162,7 @@ def _cmd_reproduce(args) -> int:
     from .runner import check_out_dir, estimate_seconds, load_config, run_experiment
 
     root = check_out_dir(Path(args.out or ("runs/quick" if args.quick else "runs/full")))
-    names = args.only or list(EXPERIMENTS)
+    names = args.only or [n for n, cls in EXPERIMENTS.items() if cls.IN_QUICK_REPRODUCTION or not args.quick]
     bad = [n for n in names if n not in EXPERIMENTS]
     if bad:
         raise SystemExit(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from: {', '.join(EXPERIMENTS)}")

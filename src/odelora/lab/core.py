@@ -83,6 +83,9 @@ class Experiment:
     Config: ClassVar[type[ExperimentConfig]]
     QUICK: ClassVar[dict] = {}
     out: Path | None = None  # the output folder, set by the runner before ``prepare`` (e.g. for caches)
+    # False for experiments whose quick preset still takes many minutes (real networks): `odelora
+    # reproduce --quick` leaves them out unless named with --only; the full reproduction runs them.
+    IN_QUICK_REPRODUCTION: ClassVar[bool] = True
 
     def quick_config(self) -> ExperimentConfig:
         return self.Config(**self.QUICK)

@@ -1,4 +1,9 @@
-"""Methods compared in the lab and the one training loop they all run through.
+"""Methods compared in the lab (one table, ``METHODS``) and the matrix training loop.
+
+Every method has a name, a description and up to two builders: ``build`` for the matrix problems
+(a batch of runs ``(B, A, lr)``) and ``for_model`` for a PEFT model (real networks: the
+``finetune``, ``init-scale``, ``step-rules`` and ``sensitivity`` experiments). ``MethodName`` lists
+the methods with a matrix builder, ``ModelMethodName`` those with a model builder.
 
 A *run* is one trajectory: a start ``(B0, A0)`` and a learning rate. ``train`` moves a batch of
 runs of one method together (one optimizer over all of them, one gradient evaluation for the
@@ -20,10 +25,14 @@ from torch import Tensor
 
 from ..optim import NonFiniteError, ODELoRA
 
-__all__ = ["METHODS", "MethodName", "Run", "Outcome", "train"]
+__all__ = ["METHODS", "MethodName", "ModelMethodName", "Run", "Outcome", "train", "model_optimizer", "nfe_of", "PlainStep"]
 
 MethodName = Literal[
     "odelora-euler", "odelora-heun", "odelora-rk4", "odelora-adaptive", "lora-gd", "scaled-gd", "adam", "lora-plus"
+]
+ModelMethodName = Literal[
+    "odelora-euler", "odelora-heun", "odelora-rk4", "odelora-adaptive", "odelora-adam", "lora-gd", "adamw", "lora-plus",
+    "scaled-adamw", "balora",
 ]
 
 
@@ -55,28 +64,123 @@ def _torch(cls, ratio: float | None = None):
     return build
 
 
+class PlainStep:
+    """A torch optimizer driven like ODELoRA: ``step(closure)`` evaluates the closure once, steps,
+    then runs ``after()`` (BaLoRA's balancing); ``last_nfe`` is 1."""
+
+    def __init__(self, opt: torch.optim.Optimizer, after: Callable[[], None] | None = None):
+        self.opt, self.after, self.last_nfe = opt, after, 1
+
+    @property
+    def param_groups(self):
+        return self.opt.param_groups
+
+    def step(self, closure):
+        loss = closure()
+        self.opt.step()
+        if self.after is not None:
+            self.after()
+        return loss
+
+
+def _model_odelora(**kw):
+    def build(model, lr, companion_lr):
+        from ..integrations.peft import create_odelora_optimizer
+
+        return create_odelora_optimizer(model, lr=lr, companion_lr=companion_lr, **kw)
+
+    return build
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _model_sgd(model, lr, companion_lr):
+    return PlainStep(torch.optim.SGD(_trainable(model), lr=lr))
+
+
+def _model_adamw(model, lr, companion_lr):
+    return PlainStep(torch.optim.AdamW(_trainable(model), lr=lr, foreach=True))
+
+
+def _model_loraplus(model, lr, companion_lr):
+    from peft.optimizers import create_loraplus_optimizer
+
+    return PlainStep(create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=16.0))
+
+
+def _model_riemannian(model, lr, companion_lr):
+    from peft.optimizers import create_riemannian_optimizer
+
+    return PlainStep(create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr))
+
+
+def _model_balora(model, lr, companion_lr):
+    from ..geometry import balance
+    from ..integrations.peft import lora_pairs
+
+    pairs = lora_pairs(model)
+
+    @torch.no_grad()
+    def rebalance():
+        for p in pairs:
+            B, A = balance(p.B, p.A)
+            p.B.copy_(B)
+            p.A.copy_(A)
+
+    return PlainStep(torch.optim.AdamW(_trainable(model), lr=lr, foreach=True), after=rebalance)
+
+
 @dataclass(frozen=True)
 class Method:
     description: str
-    build: Callable[[list[tuple[Tensor, Tensor, float]]], torch.optim.Optimizer]
+    build: Callable[[list[tuple[Tensor, Tensor, float]]], torch.optim.Optimizer] | None = None
     batchable: bool = True
     # Steps that follow the gradient field (no momentum): a run that oscillates without progress
     # or falls far behind stays so. Adam's runs often make long excursions and then converge, so
     # they are stopped only when they converge, diverge, stop moving or reach the cap.
     steady: bool = True
+    # (peft_model, lr, companion_lr) -> ODELoRA or PlainStep. Trainable tensors that are not LoRA
+    # pairs (a head) go to ODELoRA's AdamW companion at companion_lr, and to the method's own
+    # optimizer at lr for the torch methods (what handing model.parameters() to them does).
+    for_model: Callable | None = None
 
 
 METHODS: dict[str, Method] = {
-    "odelora-euler": Method("ODELoRA, Euler", _odelora(method="euler")),
-    "odelora-heun": Method("ODELoRA, Heun", _odelora(method="heun")),
-    "odelora-rk4": Method("ODELoRA, RK4", _odelora(method="rk4")),
+    "odelora-euler": Method("ODELoRA, Euler", _odelora(method="euler"), for_model=_model_odelora(method="euler")),
+    "odelora-heun": Method("ODELoRA, Heun", _odelora(method="heun"), for_model=_model_odelora(method="heun")),
+    "odelora-rk4": Method("ODELoRA, RK4", _odelora(method="rk4"), for_model=_model_odelora(method="rk4")),
     "odelora-adaptive": Method("ODELoRA, Bogacki-Shampine 3(2), lr = largest step",
-                               _odelora(method="bs32", rtol=1e-3, atol=1e-12), batchable=False),
-    "lora-gd": Method("LoRA gradient descent", _torch(torch.optim.SGD)),
+                               _odelora(method="bs32", rtol=1e-3, atol=1e-12), batchable=False,
+                               for_model=_model_odelora(method="bs32", rtol=1e-3, atol=1e-6)),
+    "odelora-adam": Method("ODELoRA, Euler with Adam moments of the velocity (preconditioner='adam')",
+                           for_model=_model_odelora(method="euler", preconditioner="adam")),
+    "lora-gd": Method("LoRA gradient descent", _torch(torch.optim.SGD), for_model=_model_sgd),
     "scaled-gd": Method("scaled GD (Riemannian preconditioned)", _odelora(method="euler", flow="scaled")),
     "adam": Method("Adam on the factors", _torch(torch.optim.Adam), steady=False),
-    "lora-plus": Method("LoRA+ (Adam, B's rate x16)", _torch(torch.optim.Adam, ratio=16.0), steady=False),
+    "adamw": Method("AdamW on the factors (torch, weight decay 0.01)", for_model=_model_adamw),
+    "lora-plus": Method("LoRA+ (Adam, B's rate x16; on models PEFT's create_loraplus_optimizer with AdamW)",
+                        _torch(torch.optim.Adam, ratio=16.0), steady=False, for_model=_model_loraplus),
+    "scaled-adamw": Method("scaled AdamW: PEFT's create_riemannian_optimizer (r x r preconditioned gradients, AdamW)",
+                           for_model=_model_riemannian),
+    "balora": Method("BaLoRA: AdamW, then each pair rebalanced (odelora.geometry.balance)", for_model=_model_balora),
 }
+
+
+def model_optimizer(name: str, model, lr: float, companion_lr: float = 2e-3):
+    """The optimizer of method ``name`` for a PEFT model: an ODELoRA or a :class:`PlainStep`,
+    both stepped with ``step(closure)``; gradient evaluations of the last step: :func:`nfe_of`."""
+    spec = METHODS.get(name)
+    if spec is None or spec.for_model is None:
+        usable = [k for k, v in METHODS.items() if v.for_model is not None]
+        raise ValueError(f"method {name!r} has no model builder; choose from {', '.join(usable)}")
+    return spec.for_model(model, lr, companion_lr)
+
+
+def nfe_of(opt) -> int:
+    """Gradient evaluations of the last step (ODELoRA's step record; 1 for other optimizers)."""
+    return opt.last_step.nfe if isinstance(opt, ODELoRA) else getattr(opt, "last_nfe", 1)
 
 
 @dataclass
@@ -136,9 +240,7 @@ def train(
     smoothly before the next escape, meets neither test. Methods that are not ``steady`` (Adam)
     are only stopped by the floor test.
     """
-    def _nfe(opt) -> int:  # gradient evaluations of the last step: the one read of ODELoRA's step record
-        return opt.last_step.nfe if isinstance(opt, ODELoRA) else 1
-
+    _nfe = nfe_of
     spec = METHODS[method]
     if not spec.batchable and len(runs) > 1:
         return [o for r in runs for o in train(method, [r], grad_fn, metric_fn, iters=iters, target=target,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from .core import Experiment
 from .experiments.feature_learning import FeatureLearning
+from .experiments.init_scale import InitScale
 from .experiments.lora_gd_rate import LoraGDRate
 from .experiments.lora_mf import LoraMF
 from .experiments.matrix_sensing import MatrixSensing
 from .experiments.pinn import PINN_EXPERIMENTS
+from .experiments.sensitivity import Sensitivity
+from .experiments.step_rules import StepRules
 from .experiments.strongly_convex import StronglyConvex
 from .experiments.trajectory_fidelity import TrajectoryFidelity
 
@@ -15,7 +18,7 @@ __all__ = ["EXPERIMENTS", "get_experiment", "names"]
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
     cls.name: cls
-    for cls in (StronglyConvex, MatrixSensing, TrajectoryFidelity, FeatureLearning, LoraMF, LoraGDRate, *PINN_EXPERIMENTS)
+    for cls in (StronglyConvex, MatrixSensing, TrajectoryFidelity, FeatureLearning, LoraMF, LoraGDRate, *PINN_EXPERIMENTS, InitScale, Sensitivity, StepRules)
 }
 
 

@@ -228,6 +228,9 @@ def run_experiment(
     todo = [c for c, i in zip(cases, ids) if not (out / "cases" / f"{i}.csv").exists()]
     todo.sort(key=lambda c: -exp.case_cost(cfg, c))  # longest first: better packing on the workers
     t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(max(1, min(jobs, os.cpu_count() or 1)))  # the preparation too: no more threads than jobs
     if todo:
         exp.prepare(cfg)
     prepared = time.perf_counter() - t0
@@ -240,9 +243,6 @@ def run_experiment(
     pool = None
     try:
         if jobs <= 1 or len(todo) <= 1:
-            import torch
-
-            torch.set_num_threads(max(1, min(jobs, os.cpu_count() or 1)))
             results = map(_run_one, tasks)
         else:
             ctx = multiprocessing.get_context("forkserver")

@@ -1,0 +1,189 @@
+"""Starts for LoRA factors: a small Gaussian start and a spectral start from the full-weight gradient.
+
+    gaussian_(model, alpha)            B = 0, A ~ N(0, alpha^2)         (Xu et al.'s small start)
+    spectral_(model, closure, alpha)   B, A from the top-r SVD of -G    (G: the full-weight gradient)
+
+Both work on any model whose LoRA layers look like PEFT's (a module with ``lora_A`` and
+``lora_B`` module dicts keyed by adapter name, a ``scaling`` dict and a base layer), for every
+adapter or the ones named. Per-layer scaling: a layer computes ``W0 + s B A``; in the coordinates
+``B' = sqrt(s) B``, ``A' = sqrt(s) A`` the weight change is ``B' A'`` whatever ``s`` is (``lora_alpha
+/ r``, rsLoRA, ``rank_pattern``), and ``alpha`` is the scale of ``B'`` and ``A'``. So the spectral
+start changes every adapted weight by ``s B A = alpha^2 U_r V_r^T`` and the Gaussian one draws
+``sqrt(s) A`` from N(0, alpha^2); with ``s = 1`` both are literally as written above.
+
+The full-weight gradient ``G = dL/dW`` of an adapted layer ``y = x W^T`` is the sum over all rows
+of ``g^T x``, with ``x`` the layer's input and ``g = dL/dy``: ``dense_gradients`` reads both with
+hooks on the base layers during one closure call (forward and backward), so no base weight needs
+``requires_grad`` and none is changed; the gradients the closure leaves in ``.grad`` are put back
+as they were. This is a core module: it imports nothing from ``integrations`` or ``lab``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AdaptedLayer", "adapted_layers", "dense_gradients", "gaussian_", "spectral_"]
+
+
+@dataclass(frozen=True)
+class AdaptedLayer:
+    """One adapter of one LoRA layer: ``W = W0 + scale * B @ A`` (``path`` names the module)."""
+
+    path: str
+    adapter: str
+    module: nn.Module
+    base: nn.Module
+    B: Tensor
+    A: Tensor
+    scale: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}[{self.adapter}]"
+
+
+def _wanted(adapter: str | Iterable[str] | None) -> set[str] | None:
+    if adapter is None:
+        return None
+    return {adapter} if isinstance(adapter, str) else set(adapter)
+
+
+def adapted_layers(model: nn.Module, adapter: str | Iterable[str] | None = None) -> list[AdaptedLayer]:
+    """Every (layer, adapter) with LoRA factors in ``model``, found by module (PEFT's layout:
+    ``lora_A[name]``, ``lora_B[name]``, ``scaling[name]``, ``base_layer``); ``adapter`` limits it to
+    one name or a list of names. Raises if a named adapter is found nowhere."""
+    wanted = _wanted(adapter)
+    out = []
+    for path, mod in model.named_modules():
+        la, lb, sc = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None), getattr(mod, "scaling", None)
+        if not (isinstance(la, nn.ModuleDict) and isinstance(lb, nn.ModuleDict) and isinstance(sc, dict)):
+            continue
+        base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else getattr(mod, "base_layer", None)
+        for ad in la.keys():
+            if (wanted is not None and ad not in wanted) or ad not in lb or ad not in sc:
+                continue
+            out.append(AdaptedLayer(path, ad, mod, base, lb[ad].weight, la[ad].weight, float(sc[ad])))
+    if wanted is not None:
+        missing = wanted - {x.adapter for x in out}
+        if missing:
+            raise ValueError(f"no LoRA layers with adapter(s) {sorted(missing)} in the model")
+    if not out:
+        raise ValueError("the model has no LoRA layers (modules with lora_A, lora_B and scaling); wrap it with "
+                         "peft.get_peft_model first")
+    return out
+
+
+def _matrix_layers(layers: list[AdaptedLayer]) -> list[AdaptedLayer]:
+    bad = [x.name for x in layers if x.A.ndim != 2 or x.B.ndim != 2 or x.base is None]
+    if bad:
+        raise ValueError(f"spectral starts need LoRA on linear layers (matrix factors); not so for {', '.join(bad)}; "
+                         "pass adapter= to choose others")
+    return layers
+
+
+def dense_gradients(model: nn.Module, closure: Callable[[], object], adapter: str | Iterable[str] | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The full-weight gradient ``dL/dW`` (shape of ``B @ A``: out x in) of every adapted linear
+    layer, from one call of ``closure`` (which must run the forward pass and ``backward()``).
+
+    Keys are module paths. Accumulated over every call of a layer in the closure (a layer used
+    twice, gradient accumulation inside the closure), in ``dtype`` (default: the factors' dtype,
+    at least float32). Base weights are neither changed nor given ``requires_grad``; the ``.grad``
+    of every parameter of ``model`` is restored to what it was before the call.
+    """
+    layers = _matrix_layers(adapted_layers(model, adapter))
+    by_path: dict[str, AdaptedLayer] = {}
+    for x in layers:
+        by_path.setdefault(x.path, x)
+    acc = {p: None for p in by_path}
+    handles = []
+
+    def hook_for(path: str, m: int, n: int):
+        def fwd(mod, args, out):
+            x = args[0] if args else None
+            if not (torch.is_tensor(x) and torch.is_tensor(out) and x.shape[-1] == n and out.shape[-1] == m):
+                raise ValueError(f"{path}: expected a linear base layer with inputs (..., {n}) and outputs (..., {m})")
+            x = x.detach()
+            if not out.requires_grad:  # nothing before this layer is trained: a leaf that receives dL/dy
+                out = out.detach().requires_grad_()
+
+            def grad(g):
+                wd = dtype or torch.promote_types(by_path[path].A.dtype, torch.float32)
+                G = g.reshape(-1, m).to(wd).mT @ x.reshape(-1, n).to(wd)
+                acc[path] = G if acc[path] is None else acc[path] + G
+
+            out.register_hook(grad)
+            return out
+
+        return fwd
+
+    saved = {p: p.grad for p in model.parameters()}
+    try:
+        for p in saved:
+            p.grad = None
+        for path, x in by_path.items():
+            handles.append(x.base.register_forward_hook(hook_for(path, x.B.shape[0], x.A.shape[1])))
+        with torch.enable_grad():
+            closure()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, g in saved.items():
+            p.grad = g
+    missing = [p for p, G in acc.items() if G is None]
+    if missing:
+        raise RuntimeError(f"the closure ran no backward pass through {', '.join(missing)}; it must compute the loss "
+                           "and call loss.backward()")
+    return acc
+
+
+@torch.no_grad()
+def gaussian_(model: nn.Module, alpha: float, *, adapter: str | Iterable[str] | None = None,
+              generator: torch.Generator | None = None) -> list[str]:
+    """Xu et al.'s small start: ``B = 0`` and ``A`` with iid N(0, alpha^2 / s) entries (``s`` the
+    layer's scaling: ``sqrt(s) A ~ N(0, alpha^2)``). Returns the names of the layers set."""
+    if not (alpha >= 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    layers = adapted_layers(model, adapter)
+    for x in layers:
+        x.B.zero_()
+        noise = torch.randn(x.A.shape, generator=generator, dtype=torch.float64, device="cpu")
+        x.A.copy_((alpha / math.sqrt(x.scale)) * noise)
+    return [x.name for x in layers]
+
+
+@torch.no_grad()
+def spectral_(model: nn.Module, closure: Callable[[], object], alpha: float, *,
+              adapter: str | Iterable[str] | None = None) -> dict[str, Tensor]:
+    """A small balanced start along the top-r singular subspaces of the negative full-weight
+    gradient of each adapted layer, from one call of ``closure`` (forward and backward on a batch).
+
+    With ``-G = U S V^T`` and r the layer's rank: ``B = alpha/sqrt(s) U_r`` and ``A = alpha/sqrt(s)
+    V_r^T``, so the weight changes by ``s B A = alpha^2 U_r V_r^T``, which points downhill
+    (``<s B A, -G> = alpha^2 (S_1 + ... + S_r) >= 0``), and the factors are balanced
+    (``B^T B = A A^T = alpha^2 / s I``). Base weights are not changed. Returns the top-r singular
+    values of ``-G`` per layer name.
+    """
+    if not (alpha >= 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    layers = _matrix_layers(adapted_layers(model, adapter))
+    for x in layers:
+        r, (m, n) = x.A.shape[0], (x.B.shape[0], x.A.shape[1])
+        if r > min(m, n):
+            raise ValueError(f"{x.name}: rank {r} exceeds min(out, in) = {min(m, n)}; no r orthonormal singular vectors")
+    grads = dense_gradients(model, closure, adapter)
+    sing = {}
+    for x in layers:
+        r = x.A.shape[0]
+        G = grads[x.path].to(torch.float64)
+        U, S, Vh = torch.linalg.svd(-G, full_matrices=False)
+        c = alpha / math.sqrt(x.scale)
+        x.B.copy_(c * U[:, :r])
+        x.A.copy_(c * Vh[:r])
+        sing[x.name] = S[:r].to(torch.float32)
+    return sing
