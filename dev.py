@@ -35,10 +35,10 @@ def fashion_mnist() -> None:
     if FASHION_MNIST.is_dir() or os.environ.get("ODELORA_FASHION_MNIST"):
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        sh("apt-get", "install", "-y", "-q", "dataset-fashion-mnist")
-    else:
-        print("note: the vision experiments need Fashion-MNIST: run `sudo apt-get install dataset-fashion-mnist` "
-              "(Debian/Ubuntu), or set ODELORA_FASHION_MNIST to a folder with the four *-idx*-ubyte.gz files", flush=True)
+        if subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"], cwd=ROOT).returncode == 0:
+            return
+    print("note: the vision experiments need Fashion-MNIST: run `sudo apt-get install dataset-fashion-mnist` "
+          "(Debian/Ubuntu), or set ODELORA_FASHION_MNIST to a folder with the four *-idx*-ubyte.gz files", flush=True)
 
 
 def setup() -> None:
