@@ -116,7 +116,9 @@ def _model_riemannian(model, lr, companion_lr):
     return PlainStep(create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr))
 
 
-def _model_balora(model, lr, companion_lr):
+def rebalancer(model):
+    """BaLoRA's step after the optimizer's: every LoRA pair of ``model`` refactored in place into
+    balanced factors of the same product."""
     from ..geometry import balance
     from ..integrations.peft import lora_pairs
 
@@ -129,7 +131,11 @@ def _model_balora(model, lr, companion_lr):
             p.B.copy_(B)
             p.A.copy_(A)
 
-    return PlainStep(torch.optim.AdamW(_trainable(model), lr=lr, foreach=True), after=rebalance)
+    return rebalance
+
+
+def _model_balora(model, lr, companion_lr):
+    return PlainStep(torch.optim.AdamW(_trainable(model), lr=lr, foreach=True), after=rebalancer(model))
 
 
 @dataclass(frozen=True)

@@ -160,19 +160,11 @@ def _riemannian(net, lr, **_):
 
 
 def _balora(net, lr, **_):
-    from ...geometry import balance
     from ...integrations.peft import lora_pairs
+    from ..methods import rebalancer
 
     pairs = lora_pairs(net)
-
-    @torch.no_grad()
-    def rebalance():
-        for p in pairs:
-            B, A = balance(p.B, p.A)
-            p.B.copy_(B)
-            p.A.copy_(A)
-
-    return torch.optim.Adam([t for p in pairs for t in (p.B, p.A)], lr=lr), rebalance
+    return torch.optim.Adam([t for p in pairs for t in (p.B, p.A)], lr=lr), rebalancer(net)
 
 
 def _full_adam(net, lr, **_):
