@@ -112,7 +112,10 @@ def main():
     start = {n: q.detach() for n, q in build().named_parameters()}
     diff = max(float((sharded[k] - single[k]).abs().max()) for k in single)
     moved = max(float((single[k] - start[k]).abs().max()) for k in single)
-    print(f"{args.method}, {args.steps} steps: largest |FSDP2 - one process| = {diff:.2e} (parameters moved by up to {moved:.2e})")
+    prods = lambda ps: {k: ps[k.replace("lora_A", "lora_B")] @ ps[k] for k in ps if "lora_A" in k}
+    pdiff = max(float((a - b).abs().max()) for a, b in zip(prods(sharded).values(), prods(single).values()))
+    print(f"{args.method}, {args.steps} steps: largest |FSDP2 - one process| = {diff:.2e} in the parameters "
+          f"(which moved by up to {moved:.2e}), {pdiff:.2e} in the LoRA products B A")
 
 
 if __name__ == "__main__":

@@ -161,6 +161,19 @@ def split_project(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank:
     return U1 @ W, S[..., :k], V1 @ Z, W.mT @ U1tP[..., :a], Z.mT @ (V1.mT @ UR)
 
 
+def drop_rounding(S: Tensor) -> Tensor:
+    """Singular values of a product with those at rounding level sent smoothly to zero:
+    ``S^3 / (S^2 + tau^2)``, ``tau = eps^(3/4) max(S)`` (float64: 1.8e-12, float32: 6.4e-6 of the
+    largest). A product of rank below r (a gradient of rank below r from B = 0) comes out of a
+    decomposition with its missing singular values at rounding level, in directions that rounding
+    chooses; as factor singular values (square roots) they would be weighed by the next step's
+    damped projections like real directions, and the step would depend on rounding. Values above
+    ``10 tau`` change by less than 1%; the map is smooth."""
+    S = S.clamp_min(0)
+    tau = torch.finfo(S.dtype).eps ** 0.75 * S.amax(-1, keepdim=True)
+    return torch.where(tau > 0, S * S * S / (S * S + tau * tau).clamp_min(torch.finfo(S.dtype).tiny), S)
+
+
 def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor, Tensor] | None = None, overlaps=None):
     """Balanced factors of ``U diag(S) V.T`` with r columns: ``B = U diag(S^1/2) Q``,
     ``A = Q.T diag(S^1/2) V.T`` with ``Q`` (k, r) of orthonormal rows, and their :class:`Frame`.
@@ -171,7 +184,7 @@ def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor
     scramble per-coordinate state such as Adam moments. ``overlaps = (U.T B0, V.T A0.T)`` may be
     passed instead of computing them. Without ``near``, ``Q = [I, 0]``.
     """
-    root = S.clamp_min(0).sqrt()
+    root = drop_rounding(S).sqrt()
     k = S.shape[-1]
     if near is None:
         Q = torch.eye(k, r, dtype=U.dtype, device=U.device).expand(*S.shape[:-1], k, r)
