@@ -116,6 +116,29 @@ def _polar(N: Tensor) -> Tensor:
     return W @ Zh
 
 
+def _aligned_polar(N: Tensor) -> Tensor:
+    """The polar factor of ``N`` (k, r), k <= r, where N determines it; where it does not (singular
+    values below ``eps^(1/2)`` of the largest: directions the previous factors do not reach), the
+    orthogonal map between N's left and right null spaces closest to ``[I, 0]`` instead of one
+    that rounding picks. Only the factorization depends on this choice, never the product."""
+    k, r = N.shape[-2], N.shape[-1]
+    W, c, Zh = torch.linalg.svd(N, full_matrices=True)
+    Z = Zh.mT
+    keep = c > torch.finfo(N.dtype).eps ** 0.5 * c.amax(-1, keepdim=True)  # (..., k)
+    Wk = W * keep.unsqueeze(-2)
+    Zk = Z[..., :k] * keep.unsqueeze(-2)
+    informed = Wk @ Zk.mT
+    # projectors on the uninformed parts, and the closest orthogonal map between them to [I, 0]
+    Pw = torch.eye(k, dtype=N.dtype, device=N.device) - Wk @ Wk.mT
+    Pz = torch.eye(r, dtype=N.dtype, device=N.device) - Zk @ Zk.mT
+    E = torch.eye(k, r, dtype=N.dtype, device=N.device)
+    free = Pw @ E @ Pz
+    Wf, cf, Zfh = torch.linalg.svd(free, full_matrices=False)
+    nfree = (~keep).sum(-1, keepdim=True)  # (..., 1)
+    take = (torch.arange(k, device=N.device) < nfree).to(N.dtype)  # its largest nfree singular pairs
+    return informed + (Wf * take.unsqueeze(-2)) @ Zfh
+
+
 def truncate(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int):
     """Best rank-``rank`` approximation of ``Y = [UL, L] @ M @ [UR, R].T`` (the metric projection
     on the rank-``rank`` matrices), without forming Y.
@@ -190,7 +213,7 @@ def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor
         Q = torch.eye(k, r, dtype=U.dtype, device=U.device).expand(*S.shape[:-1], k, r)
     else:
         UB0, VA0 = overlaps if overlaps is not None else (U.mT @ near[0], V.mT @ near[1].mT)
-        Q = _polar(root.unsqueeze(-1) * (UB0 + VA0))
+        Q = _aligned_polar(root.unsqueeze(-1) * (UB0 + VA0))
     B = (U * root.unsqueeze(-2)) @ Q
     A = Q.mT @ (root.unsqueeze(-1) * V.mT)
     return B, A, Frame(U, root, Q.mT, V, root, Q.mT, balanced=True)
