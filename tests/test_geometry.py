@@ -129,3 +129,25 @@ def test_damped_inverse_is_smooth_and_zero_at_zero():
     f = xs * damped_inverse(xs, d)
     assert float(f.max()) <= 1 / (2 * d**0.5) * (1 + 1e-12)
     assert float((f[1:-1] - f[:-2]).abs().max()) < 0.2 * float(f.max())
+
+
+def test_alignment_is_the_polar_factor_and_deterministic_where_uninformed(rng):
+    """Full rank: scipy's polar factor. Rank-deficient (a product gaining rank): orthogonal, the
+    polar factor on the informed part, and a choice that rounding-level noise does not move
+    (the plain polar factor moves by O(1) there)."""
+    from scipy.linalg import polar
+
+    from odelora.geometry import _aligned_polar, _polar
+
+    N = torch.from_numpy(rng.standard_normal((5, 5)))
+    np.testing.assert_allclose(_aligned_polar(N).numpy(), polar(N.numpy())[0], atol=1e-12)
+    W = np.linalg.qr(rng.standard_normal((6, 6)))[0]
+    Z = np.linalg.qr(rng.standard_normal((6, 6)))[0]
+    Nd = (W[:, :3] * [3.0, 2.0, 1.0]) @ Z[:, :3].T  # rank 3
+    noise = lambda: 1e-13 * rng.standard_normal((6, 6))
+    Q1, Q2 = (_aligned_polar(torch.from_numpy(Nd + noise())).numpy() for _ in range(2))
+    np.testing.assert_allclose(Q1 @ Q1.T, np.eye(6), atol=1e-12)
+    np.testing.assert_allclose(Q1 @ Z[:, :3], W[:, :3], atol=1e-10)
+    assert np.abs(Q1 - Q2).max() < 1e-8
+    P1, P2 = (_polar(torch.from_numpy(Nd + noise())).numpy() for _ in range(2))
+    assert np.abs(P1 - P2).max() > 1e-3
