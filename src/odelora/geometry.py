@@ -125,6 +125,8 @@ def _aligned_polar(N: Tensor) -> Tensor:
     W, c, Zh = torch.linalg.svd(N, full_matrices=True)
     Z = Zh.mT
     keep = c > torch.finfo(N.dtype).eps ** 0.5 * c.amax(-1, keepdim=True)  # (..., k)
+    if bool(keep.all()):  # the usual case: N determines the whole polar factor
+        return W @ Zh[..., :k, :]
     Wk = W * keep.unsqueeze(-2)
     Zk = Z[..., :k] * keep.unsqueeze(-2)
     informed = Wk @ Zk.mT
