@@ -10,7 +10,7 @@ prints the largest difference between the final parameters. float64 throughout.
 
 Where a step produces a product of rank below r (a gradient of rank below r from B = 0), the
 missing directions are set by rounding, and layouts that round differently end apart by far more
-than rounding (README, "Known limit"); this example's gradients have full rank.
+than rounding (README, distributed training; docs/robustness.md); this example's gradients have full rank.
 """
 
 from __future__ import annotations
