@@ -8,9 +8,9 @@ LayerNorm, a trainable head) on a synthetic 16-output regression, once under
 dim 0, which splits each A along r), once in a single process on the same global batches, and
 prints the largest difference between the final parameters. float64 throughout.
 
-Where a step produces a product of rank below r (a gradient of rank below r from B = 0), the
-missing directions are set by rounding, and layouts that round differently end apart by far more
-than rounding (README, distributed training; docs/robustness.md); this example's gradients have full rank.
+With gradients of rank below r from B = 0 (try a 3-output head), Euler still matches one process
+but RK4 can end apart by far more than rounding (README, distributed training;
+docs/robustness.md); this example's gradients have full rank.
 """
 
 from __future__ import annotations
