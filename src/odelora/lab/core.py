@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 __all__ = ["ExperimentConfig", "Experiment", "Claim", "NonEmpty", "fmt", "VERDICTS"]
 
@@ -59,6 +59,12 @@ class Claim:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "verdict": self.verdict}
+
+
+def merged_with(field: str, defaults: dict):
+    """A config validator: a dict given for ``field`` is merged into ``defaults`` (keys not given
+    keep their default)."""
+    return field_validator(field, mode="before")(classmethod(lambda cls, v: {**defaults, **v} if isinstance(v, dict) else v))
 
 
 def fmt(x: float, spec: str = ".3g", nonfinite: str = "not finite") -> str:

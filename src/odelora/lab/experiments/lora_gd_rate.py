@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt
 
-from ..core import Claim, Experiment, ExperimentConfig, NonEmpty
+from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
 from ._common import save_fig
 
 RULES = {
@@ -51,10 +51,7 @@ class Config(ExperimentConfig):
     hidden: PositiveInt = Field(64, description="hidden width of the MLP")
     seeds: PositiveInt = 1
 
-    @field_validator("constants", mode="before")
-    @classmethod
-    def _merge(cls, v):
-        return {**DEFAULT_CONSTANTS, **v} if isinstance(v, dict) else v
+    _merge = merged_with("constants", DEFAULT_CONSTANTS)
 
 
 def _ce(logits, Y):

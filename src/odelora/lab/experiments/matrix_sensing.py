@@ -12,9 +12,9 @@ from typing import Annotated, Literal
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ..core import Claim, Experiment, ExperimentConfig, NonEmpty
+from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
 from ..methods import MethodName, Run, train
 from ..problems import quadratic_fns, sensing_family, small_random_start
 from ._common import best_by_method, edge_note, final_rows, save_fig, stall_text, status_text
@@ -46,10 +46,7 @@ class Config(ExperimentConfig):
     log_every: PositiveInt = Field(20, description="log one row every this many iterations")
     seeds: PositiveInt = 3
 
-    @field_validator("grids", mode="before")
-    @classmethod
-    def _merge_grids(cls, v):
-        return {**DEFAULT_GRIDS, **v} if isinstance(v, dict) else v
+    _merge_grids = merged_with("grids", DEFAULT_GRIDS)
 
     @model_validator(mode="after")
     def _check(self):

@@ -16,9 +16,9 @@ from typing import Annotated, ClassVar, Literal
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt
+from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt, merged_with
 from ._common import save_fig
 
 PinnMethod = Literal[
@@ -65,10 +65,7 @@ class PinnConfig(ExperimentConfig):
     checkpoints: str | None = Field(None, description="folder of the cached pretrained networks, shared by all methods and seeds (default: pretrained/ in the output folder)")
     seeds: PositiveInt = Field(5, description="seeds (collocation points and LoRA start)")
 
-    @field_validator("grids", mode="before")
-    @classmethod
-    def _merge_grids(cls, v):
-        return {**DEFAULT_GRIDS, **v} if isinstance(v, dict) else v
+    _merge_grids = merged_with("grids", DEFAULT_GRIDS)
 
     @model_validator(mode="after")
     def _check(self):

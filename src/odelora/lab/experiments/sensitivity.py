@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt
 
-from ..core import Claim, Experiment, NonEmpty, fmt
+from ..core import Claim, Experiment, NonEmpty, fmt, merged_with
 from ..methods import ModelMethodName
 from ..tasks import TaskName, TaskSpec, build_task, train_lora
 from ._common import save_fig
@@ -43,10 +43,7 @@ class Config(TaskSpec):
     batch: PositiveInt = Field(32, description="batch size")
     evals: PositiveInt = Field(8, description="held-out evaluations per run")
 
-    @field_validator("grids", mode="before")
-    @classmethod
-    def _merge(cls, v):
-        return {**DEFAULT_GRIDS, **v} if isinstance(v, dict) else v
+    _merge = merged_with("grids", DEFAULT_GRIDS)
 
 
 class Sensitivity(Experiment):

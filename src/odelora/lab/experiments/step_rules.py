@@ -20,10 +20,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from ...init import adapted_layers
-from ..core import Claim, Experiment, NonEmpty, fmt
+from ..core import Claim, Experiment, NonEmpty, fmt, merged_with
 from ..tasks import TaskSpec, build_task
 from ._common import save_fig
 from .lora_gd_rate import RULES, Rule, _log_times, _step_sizes, fit_rate
@@ -42,10 +42,7 @@ class Config(TaskSpec):
     power_iters: PositiveInt = Field(20, description="power iterations for the smoothness estimate")
     seeds: PositiveInt = 1
 
-    @field_validator("constants", mode="before")
-    @classmethod
-    def _merge(cls, v):
-        return {**DEFAULT_CONSTANTS, **v} if isinstance(v, dict) else v
+    _merge = merged_with("constants", DEFAULT_CONSTANTS)
 
 
 def _setup(cfg: Config, seed: int):
