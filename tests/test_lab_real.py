@@ -88,3 +88,23 @@ def test_quick_reproduction_leaves_the_real_networks_out(tmp_path, monkeypatch, 
     assert cli(["reproduce", "--quick", "--out", str(tmp_path), "--jobs", "1", "--no-progress"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "1 experiments" in first and "init-scale" not in first and not (tmp_path / "init-scale").exists()
+
+
+def test_full_reproduction_runs_the_matrix_suite_and_names_what_it_leaves_out(tmp_path, monkeypatch, capsys):
+    from odelora.lab import registry
+    from odelora.lab.cli import main as cli
+    from test_lab import TINY
+
+    chosen = ("trajectory-fidelity", "pinn-poisson", "init-scale")
+    monkeypatch.setattr(registry, "EXPERIMENTS", {n: registry.EXPERIMENTS[n] for n in chosen})
+    from odelora.lab import runner
+
+    full = runner.load_config  # the full preset of trajectory-fidelity made tiny, so that it runs in seconds
+    monkeypatch.setattr(runner, "load_config", lambda exp, c, s, quick=False: exp.Config(**TINY[exp.name])
+                        if exp.name == "trajectory-fidelity" else full(exp, c, s, quick=quick))
+    assert cli(["reproduce", "--out", str(tmp_path), "--jobs", "1", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "1 experiments" in lines[0] and (tmp_path / "trajectory-fidelity" / "report.md").exists()
+    assert "the pinn suite (pinn-poisson;" in lines[1] and "--suites matrix pinn or --all" in lines[1]
+    assert "the real suite (init-scale;" in lines[2]
+    assert not (tmp_path / "pinn-poisson").exists() and not (tmp_path / "init-scale").exists()

@@ -19,6 +19,10 @@ os.environ.setdefault("DDE_BACKEND", "pytorch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# what `odelora reproduce` runs without --suites/--all/--only: the matrix theory at full sizes fits
+# in 30 minutes on 2 cores; the PINN and real-network grids take hours and are asked for by name
+DEFAULT_SUITES = {False: ("matrix",), True: ("matrix", "pinn")}
+
 # seconds of a fixed workload on one core of the machine the cost models were measured on
 REFERENCE_SPEED = 0.18
 
@@ -157,25 +161,34 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
+    from .core import SUITES
     from .registry import EXPERIMENTS, get_experiment
     from .report import build_overview, build_report
     from .runner import check_out_dir, estimate_seconds, load_config, run_experiment
 
     root = check_out_dir(Path(args.out or ("runs/quick" if args.quick else "runs/full")))
-    names = args.only or [n for n, cls in EXPERIMENTS.items() if cls.IN_QUICK_REPRODUCTION or not args.quick]
+    suites = SUITES if args.all else tuple(args.suites or DEFAULT_SUITES[args.quick])
+    names = args.only or [n for n, cls in EXPERIMENTS.items() if cls.SUITE in suites]
     bad = [n for n in names if n not in EXPERIMENTS]
     if bad:
         raise SystemExit(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from: {', '.join(EXPERIMENTS)}")
-    plan = []
     speed = machine_speed()
-    for name in names:
+
+    def planned(name):
         exp = get_experiment(name)
         cfg = load_config(exp, None, None, quick=args.quick)
-        plan.append((exp, cfg, estimate_seconds(exp, cfg, exp.cases(cfg), args.jobs, speed)))
+        return exp, cfg, estimate_seconds(exp, cfg, exp.cases(cfg), args.jobs, speed)
+
+    plan = [planned(n) for n in names]
     total = sum(e for *_, e in plan)
     print(f"odelora reproduce{' --quick' if args.quick else ''}: {len(plan)} experiments into {root}, {args.jobs} job(s); "
           f"expected about {_minutes(total)} (" + ", ".join(f"{e.name} {_minutes(s)}" for e, _, s in plan)
           + "; finished cases are not rerun)", flush=True)
+    left = [] if args.only else [s for s in SUITES if s not in suites]
+    for suite in left:
+        rest = [planned(n) for n, cls in EXPERIMENTS.items() if cls.SUITE == suite]
+        print(f"  left out: the {suite} suite ({', '.join(e.name for e, *_ in rest)}; about "
+              f"{_minutes(sum(s for *_, s in rest))} more); add --suites {' '.join((*suites, suite))} or --all", flush=True)
     import json
 
     timing, cpu = {}, {}
@@ -203,6 +216,7 @@ def _cmd_finetune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .core import SUITES
     from .registry import EXPERIMENTS
 
     p = OneLineParser(prog="odelora", description="LoRA training as solving an ODE: the lab.")
@@ -223,11 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="rebuild reports from saved files (an experiment folder or a reproduction root)")
     s.add_argument("dir")
     s.set_defaults(func=_cmd_report)
-    s = sub.add_parser("reproduce", help="run every experiment and write one report")
+    s = sub.add_parser("reproduce", help="run the lab's experiments and write one report")
     s.add_argument("--quick", action="store_true", help="reduced sizes (minutes on 2 cores)")
     s.add_argument("--out", type=out_dir, help="output root (default runs/quick or runs/full)")
     s.add_argument("--jobs", type=positive_int, default=max(1, min(2, os.cpu_count() or 1)), help="parallel processes (default: up to 2)")
-    s.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="a subset of experiments")
+    pick = s.add_mutually_exclusive_group()
+    pick.add_argument("--suites", nargs="+", choices=SUITES, metavar="SUITE",
+                      help="which parts of the lab: matrix (the theory on matrix problems), pinn (PINN fine-tuning "
+                           "grids), real (pretrained networks); default: matrix, plus pinn with --quick")
+    pick.add_argument("--all", action="store_true", help="every suite (the full PINN and real-network grids take hours)")
+    pick.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="a subset of experiments")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_reproduce)
     from ..integrations.finetune import add_arguments

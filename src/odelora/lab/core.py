@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+import typing
+from typing import Annotated, Any, ClassVar, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
@@ -76,6 +77,10 @@ def fmt(x: float, spec: str = ".3g", nonfinite: str = "not finite") -> str:
     return format(x, spec) if math.isfinite(x) else nonfinite
 
 
+Suite = Literal["matrix", "pinn", "real"]
+SUITES: tuple[Suite, ...] = typing.get_args(Suite)
+
+
 class Experiment:
     """A grid of independent cases, each producing rows, plus a report drawn from the rows.
 
@@ -89,9 +94,9 @@ class Experiment:
     Config: ClassVar[type[ExperimentConfig]]
     QUICK: ClassVar[dict] = {}
     out: Path | None = None  # the output folder, set by the runner before ``prepare`` (e.g. for caches)
-    # False for experiments whose quick preset still takes many minutes (real networks): `odelora
-    # reproduce --quick` leaves them out unless named with --only; the full reproduction runs them.
-    IN_QUICK_REPRODUCTION: ClassVar[bool] = True
+    # Which part of the lab it belongs to: "matrix" (the theory on matrix problems, minutes), "pinn"
+    # (PINN fine-tuning grids) or "real" (pretrained networks). `odelora reproduce` picks suites.
+    SUITE: ClassVar[Suite] = "matrix"
 
     def quick_config(self) -> ExperimentConfig:
         return self.Config(**self.QUICK)

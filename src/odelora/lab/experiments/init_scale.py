@@ -81,7 +81,7 @@ class InitScale(Experiment):
     name = "init-scale"
     summary = "real networks: final loss, accuracy and alignment with full fine-tuning vs the LoRA start's scale; spectral start"
     Config = Config
-    IN_QUICK_REPRODUCTION = False
+    SUITE = "real"
     QUICK = dict(seeds=3, methods=["adamw"], steps=150, batch=32, evals=2, alphas=[1.0, 1e-1, 1e-2, 1e-3, 1e-4],
                  pretrain_epochs=2.0, digits_train=2000, bbc_train=600, bbc_eval=300, spectral_batch=128)
 

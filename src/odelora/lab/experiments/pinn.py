@@ -175,6 +175,7 @@ class PinnExperiment(Experiment):
 
     family: ClassVar[str]
     Config = PinnConfig
+    SUITE = "pinn"
     # seconds per gradient evaluation of the full preset's network on one core of the reference machine
     EVAL_SECONDS: ClassVar[float] = 0.008
 

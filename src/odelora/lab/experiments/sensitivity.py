@@ -50,7 +50,7 @@ class Sensitivity(Experiment):
     name = "sensitivity"
     summary = "real networks: held-out accuracy vs gradient evaluations and vs the learning rate, ODELoRA against AdamW, LoRA+, scaled AdamW, BaLoRA"
     Config = Config
-    IN_QUICK_REPRODUCTION = False
+    SUITE = "real"
     QUICK = dict(seeds=3, budget=80, batch=32, evals=2, pretrain_epochs=2.0, digits_train=2000, bbc_train=600, bbc_eval=300,
                  tasks=["vision", "bbc"], methods=["odelora-euler", "odelora-rk4", "odelora-adam", "adamw", "lora-plus", "balora"],
                  grids={m: v[::2] for m, v in DEFAULT_GRIDS.items()})

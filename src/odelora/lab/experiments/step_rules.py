@@ -75,7 +75,7 @@ class StepRules(Experiment):
     name = "step-rules"
     summary = "real network: Mu & Klabjan's constant, practical and theory step sizes for LoRA GD on our pretrained ViT"
     Config = Config
-    IN_QUICK_REPRODUCTION = False
+    SUITE = "real"
     QUICK = dict(steps=150, fit_rows=128, power_iters=10, pretrain_epochs=2.0, digits_train=2000,
                  constants={"theory": [1.0, 256.0], "constant": [0.3, 3.0], "practical-gradW": [4.0], "practical-loss": [4.0],
                             "practical-grad": [0.3]})
