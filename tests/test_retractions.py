@@ -188,30 +188,61 @@ def test_combination_of_stages_at_other_points(rng):
     assert len(stages) == 2 and stages[0].y[0].frame is not None
 
 
-def test_a_step_from_a_product_of_rank_below_r_does_not_depend_on_rounding(rng):
+@pytest.mark.parametrize("method", ["euler", "rk4", "bs32", "dopri5"])
+def test_steps_from_a_product_of_rank_below_r_do_not_depend_on_rounding(rng, method):
     """From B = 0 a rank-3 gradient gives a product of rank 3 < r: its other singular values come
-    out at rounding level in directions rounding chooses. The steps that follow must not depend on
-    that choice: a 1e-14 relative perturbation of the gradients may move the products after two
-    more steps by far less than the steps themselves (it moved them by about half their size when
-    rounding-level singular values were kept). The "split" retraction does depend on it there: its
-    K-step uses the previous row basis, whose directions with zero singular values are arbitrary."""
+    out at rounding level in directions rounding chooses, with signs rounding chooses. Nothing
+    after that may depend on those choices. The same loss summed in two parts (what another batch
+    split or process layout does: equal up to rounding) must leave products *and* factors where
+    they were, to 1e-9, after three more steps in which the gradient gains full rank. Before the
+    rounding-level values were dropped this steeply and the signs of singular vectors fixed,
+    products ended 1e-2 to 0.5 apart (RK4, the adaptive pairs) and factors 0.1 to 0.9 apart
+    (every method: the directions the gradient adds were aligned by the signs rounding gave them)."""
     from odelora import ODELoRA
 
-    m, n, r = 32, 32, 6
+    m, n, r, s = 32, 24, 6, 2.0
     A0 = torch.from_numpy(rng.standard_normal((r, n)) / n**0.5)
-    G1 = torch.from_numpy(rng.standard_normal((m, 3)) @ rng.standard_normal((3, n)) * 1e-2)
-    G2 = torch.from_numpy(rng.standard_normal((m, n)) * 1e-2)
+    Gs = [torch.from_numpy(rng.standard_normal((m, 3)) @ rng.standard_normal((3, n)) * 1e-2)]
+    Gs += [torch.from_numpy(rng.standard_normal((m, n)) * 1e-3)] * 3
 
-    def run(noise):
+    def run(split):
         B = torch.zeros(m, r, dtype=torch.float64, requires_grad=True)
         A = A0.clone().requires_grad_()
-        opt = ODELoRA([(B, A, 2.0)], lr=0.1)
-        g = torch.Generator().manual_seed(1)
-        for G in (G1, G2, G2):
-            Gn = G * (1 + noise * torch.randn(G.shape, generator=g, dtype=G.dtype))
-            B.grad, A.grad = 2 * Gn @ A.detach().T, 2 * B.detach().T @ Gn
-            opt.step()
-        return (B @ A).detach()
+        opt = ODELoRA([(B, A, s)], lr=0.1, method=method)
+        for G in Gs:
+            parts = [G * 0.3, G - G * 0.3] if split else [G]
 
-    X, Xp = run(0.0), run(1e-14)
-    assert float((X - Xp).norm() / X.norm()) < 1e-4
+            def closure():
+                opt.zero_grad()
+                X = s * B @ A
+                loss = sum((P * X).sum() for P in parts) + 0.5 * X.square().sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        return B.detach().clone(), A.detach().clone()
+
+    (B, A), (Bp, Ap) = run(False), run(True)
+    X, Xp = B @ A, Bp @ Ap
+    dX = float((X - Xp).norm() / X.norm())
+    dF = max(float((B - Bp).norm() / B.norm()), float((A - Ap).norm() / A.norm()))
+    assert dX < 1e-9 and dF < 1e-9, (dX, dF)
+
+
+def test_balanced_factors_do_not_depend_on_the_signs_of_singular_vectors(rng):
+    """A product of rank 5 < r = 6 whose previous factors reach only 3 of its directions: flipping
+    the signs of some singular vector pairs (as another rounding may) changes nothing."""
+    from odelora.geometry import balanced_factors
+
+    m, n, r = 20, 16, 6
+    U = torch.from_numpy(np.linalg.qr(rng.standard_normal((m, r)))[0])
+    V = torch.from_numpy(np.linalg.qr(rng.standard_normal((n, r)))[0])
+    S = torch.tensor([3.0, 2.0, 1.0, 1e-3, 1e-4, 0.0], dtype=torch.float64)
+    B0 = U[:, :3] @ torch.from_numpy(rng.standard_normal((3, r)))  # reaches the first three only
+    A0 = torch.from_numpy(rng.standard_normal((r, 3))) @ V[:, :3].T
+    flip = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    B1, A1, _ = balanced_factors(U, S, V, r, near=(B0, A0))
+    B2, A2, _ = balanced_factors(U * flip, S, V * flip, r, near=(B0, A0))
+    torch.testing.assert_close(B1 @ A1, (U * S) @ V.T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(B2, B1, atol=1e-12, rtol=0)
+    torch.testing.assert_close(A2, A1, atol=1e-12, rtol=0)
