@@ -55,12 +55,12 @@ def alternate(runs: dict, repeats: int, warmup: int = 3) -> dict:
 
 
 def model_benchmark(targets: str, label: str, repeats: int, device) -> dict:
-    from odelora.integrations.finetune import build_model
+    from odelora.lab.tasks import minilm_classifier
     from odelora.integrations.peft import create_odelora_optimizer
 
     models, opts = {}, {}
     for name in ("odelora", "split", "adamw"):
-        m = build_model(8, 16.0, 0, targets=targets).to(device)
+        m = minilm_classifier(8, 16.0, 0, targets=targets).to(device)
         m.train()
         models[name] = m
         if name != "adamw":

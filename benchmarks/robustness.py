@@ -174,11 +174,11 @@ def pinn(retraction, widths=(20, 64, 128, 256), iterations=200):
 
 def minilm(retraction, steps=20):
     from odelora.data import minilm_path  # noqa: F401  (fails early with a clear message)
-    from odelora.integrations.finetune import build_model, split
+    from odelora.lab.tasks import bbc_split, minilm_classifier
     from odelora.integrations.peft import partition
     from transformers import AutoTokenizer
 
-    texts, labels, tr, _ = split(400, None)
+    texts, labels, tr, _ = bbc_split(400)
     tok = AutoTokenizer.from_pretrained(minilm_path())
     idx = tr[: steps * 16]
     enc = tok([texts[i] for i in idx], truncation=True, max_length=64, padding="max_length", return_tensors="pt")
@@ -187,7 +187,7 @@ def minilm(retraction, steps=20):
     for method in ("euler", "rk4", "bs32"):
 
         def case():
-            model = build_model(8, 16.0, 0)
+            model = minilm_classifier(8, 16.0, 0)
             model.train()
             part = partition(model)
             opt = make(part.pairs, retraction, lr=0.05, method=method, companion=[p for _, p, _ in part.others], companion_lr=2e-3)

@@ -108,6 +108,9 @@ def test_out_that_cannot_be_written(capsys, tmp_path, monkeypatch):
     (["--batch-size", "0"], "argument --batch-size"),
     (["--rank", "x"], "argument --rank"),
     (["--methods", "sgd"], "argument --methods"),
+    (["--methods", "loraplus"], "'loraplus' is called 'lora-plus' in the lab"),
+    (["--lr", "riemannian=1e-3"], "'riemannian' is called 'scaled-adamw' in the lab"),
+    (["--max-length", "200"], "max_length: Input should be less than or equal to 108"),
 ])
 def test_finetune_bad_input(capsys, tmp_path, args, expect):
     assert expect in one_line_error(capsys, ["finetune", "--out", str(tmp_path / "f"), *args])

@@ -47,7 +47,10 @@ TINY["sensitivity"] = dict(REAL, seeds=2, methods=["odelora-euler", "odelora-rk4
                            grids={"odelora-euler": [1e-4, 1e-3, 1e-2], "odelora-rk4": [1e-3], "adamw": [1e-4, 1e-3, 1e-2]})
 TINY["step-rules"] = dict({k: v for k, v in REAL.items() if k != "tasks"}, steps=30, fit_rows=64, power_iters=5,
                          rules=["theory", "constant", "practical-grad"], constants={"theory": [1.0], "constant": [0.3, 30.0], "practical-grad": [0.3]})
-MUST_PASS["init-scale"] = MUST_PASS["sensitivity"] = MUST_PASS["step-rules"] = []  # empirical claims: a tiny run must report them, not pass them
+TINY["finetune"] = dict(seeds=2, methods=["odelora-euler", "odelora-rk4", "adamw"], steps=2, eval_every=1, batch=4, train_docs=16,
+                        eval_docs=16, max_length=16, cache_dir=REAL_CACHE,
+                        grids={"odelora-euler": [0.05], "odelora-rk4": [0.05], "adamw": [1e-3, 2e-3]})
+MUST_PASS["init-scale"] = MUST_PASS["sensitivity"] = MUST_PASS["step-rules"] = MUST_PASS["finetune"] = []  # empirical claims: a tiny run must report them, not pass them
 BARE_NONFINITE = re.compile(r"\b(nan|inf|NaN|Inf)\b")
 
 

