@@ -2,7 +2,8 @@
 
 MODE ``train``: a PEFT model sharded with ``fully_shard`` (``default`` placements, dim 0, which
 splits A along r; or ``custom``: B along m, A along n) trains 6 steps on the ranks' halves of a
-global batch; rank 0 saves the full parameters. MODE ``resume``: train 3 steps, save a
+global batch; rank 0 saves the full parameters. ``narrow``: as ``train``, with no nonlinearity
+between the second LoRA layer and the 2-output head, so that layer's gradients have rank 2 < r. MODE ``resume``: train 3 steps, save a
 distributed checkpoint, train 3 more, then rebuild model and optimizer from scratch, load the
 checkpoint and train the last 3 steps again: both endings are saved. MODE ``load``: load CKPT
 (written with any number of ranks) and train 3 steps.
@@ -21,9 +22,10 @@ from odelora.integrations.peft import create_odelora_optimizer
 STEPS = 6
 
 
-def build():
+def build(narrow=False):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 20), torch.nn.Tanh(), torch.nn.Linear(20, 2))
+    act = torch.nn.Identity() if narrow else torch.nn.Tanh()
+    net = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 20), act, torch.nn.Linear(20, 2))
     model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], modules_to_save=["4"]))
     return model.double()
 
@@ -57,11 +59,11 @@ def full_params(model):
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def sharded(placement):
+def sharded(placement, narrow=False):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    model = build()
+    model = build(narrow)
     if placement == "custom":  # B along its rows m, A along its columns n (r stays whole)
         fn = lambda p: Shard(1) if p.ndim == 2 and p.shape[0] < p.shape[1] else Shard(0)
         fully_shard(model, shard_placement_fn=fn)
@@ -79,9 +81,9 @@ def main(out, mode, method, ckpt=None):
     lo, hi = rank * (X.shape[1] // world), (rank + 1) * (X.shape[1] // world)
     result = {}
     placement = "custom" if mode == "custom" else "default"
-    model = sharded(placement)
+    model = sharded(placement, narrow=mode == "narrow")
     opt = optimizer(model, method)
-    if mode in ("train", "custom"):
+    if mode in ("train", "custom", "narrow"):
         train(model, opt, X, Y, range(STEPS), lo, hi)
         result["params"] = full_params(model)
     elif mode == "resume":

@@ -196,7 +196,7 @@ def test_steps_from_a_product_of_rank_below_r_do_not_depend_on_rounding(rng, met
     split or process layout does: equal up to rounding) must leave products *and* factors where
     they were, to 1e-9, after three more steps in which the gradient gains full rank. Before the
     rounding-level values were dropped this steeply and the signs of singular vectors fixed,
-    products ended 1e-2 to 0.5 apart (RK4, the adaptive pairs) and factors 0.1 to 0.9 apart
+    products ended 1e-2 to 0.5 apart (RK4, the adaptive pairs) and factors up to 0.9 apart
     (every method: the directions the gradient adds were aligned by the signs rounding gave them)."""
     from odelora import ODELoRA
 
