@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
-from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt
+from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt, merged_with
 from ..methods import ModelMethodName
 from ..tasks import TaskSpec, build_task, train_lora
 from ._common import save_fig
@@ -64,23 +64,15 @@ class Config(ExperimentConfig):
     eval_docs: PositiveInt = Field(400, le=1000, description="held-out articles (the fixed split)")
     cache_dir: str = Field("runs/cache", description="cached MiniLM states below the adapted layers")
 
-    @field_validator("methods", mode="before")
+    _merge = merged_with("grids", DEFAULT_GRIDS)
+
+    @field_validator("methods", "grids", mode="before")
     @classmethod
-    def _methods(cls, v):
-        for m in v if isinstance(v, list) else []:
+    def _lab_names(cls, v):
+        for m in v if isinstance(v, (list, dict)) else []:
             if _old_name(m):
                 raise ValueError(f"{m!r} is called {_old_name(m)!r} in the lab")
         return v
-
-    @field_validator("grids", mode="before")
-    @classmethod
-    def _grids(cls, v):
-        if not isinstance(v, dict):
-            return v
-        for m in v:
-            if _old_name(m):
-                raise ValueError(f"{m!r} is called {_old_name(m)!r} in the lab")
-        return {**DEFAULT_GRIDS, **v}
 
     def task_spec(self) -> TaskSpec:
         return TaskSpec(rank=self.rank, lora_alpha=self.alpha, bbc_layers=self.layers, bbc_max_length=self.max_length,
