@@ -201,9 +201,9 @@ def drop_rounding(S: Tensor) -> Tensor:
     ``3 tau`` change by less than 0.14%; the map is smooth."""
     S = S.clamp_min(0)
     tau = torch.finfo(S.dtype).eps ** 0.75 * S.amax(-1, keepdim=True)
-    x2 = (S / tau.clamp_min(torch.finfo(S.dtype).tiny)).square()  # <= eps^(-3/2): no overflow
+    x2 = (S / tau.clamp_min(torch.finfo(S.dtype).tiny)).square()  # <= eps^(-3/2)
     x6 = x2 * x2 * x2
-    return torch.where(tau > 0, S * x6 / (x6 + 1), S)
+    return torch.where(tau > 0, S * (x6 / (x6 + 1)), S)  # the ratio first: S x6 may overflow in float32
 
 
 def _canonical_signs(U: Tensor) -> Tensor:
