@@ -250,12 +250,19 @@ def _peft(model: nn.Module, targets: str, spec: TaskSpec, head: str = "probe") -
     return get_peft_model(model, cfg)
 
 
-def _fresh_head(head: nn.Linear) -> None:
-    """PyTorch's default init of a linear layer from a fixed seed; the global RNG stays where it was
-    (so the LoRA factors start the same as with a probe head)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        head.reset_parameters()
+def _set_head(linear: nn.Linear, head: str, probe_path: Path, probe: Callable[[], dict]) -> None:
+    """``head="train"``: PyTorch's default init of the layer from a fixed seed, the global RNG left
+    where it was (so the LoRA factors start the same as with a probe head); otherwise the linear
+    probe, fitted by ``probe`` once and cached at ``probe_path``."""
+    if head == "train":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            linear.reset_parameters()
+        return
+    probed = cached(probe_path, probe)
+    with torch.no_grad():
+        linear.weight.copy_(probed["W"])
+        linear.bias.copy_(probed["b"])
 
 
 def _vision(spec: TaskSpec, head: str) -> Task:
@@ -282,13 +289,7 @@ def _vision(spec: TaskSpec, head: str) -> Task:
         W, b = linear_probe(Fe, y[train], 10, spec.probe_l2)
         return dict(W=W, b=b)
 
-    if head == "train":
-        _fresh_head(vit.head)
-    else:
-        probed = cached(cache / f"vit-probe-{sha(dict(pre=pre_key, train=spec.digits_train, l2=spec.probe_l2))}.pt", probe)
-        with torch.no_grad():
-            vit.head.weight.copy_(probed["W"])
-            vit.head.bias.copy_(probed["b"])
+    _set_head(vit.head, head, cache / f"vit-probe-{sha(dict(pre=pre_key, train=spec.digits_train, l2=spec.probe_l2))}.pt", probe)
     model = _peft(vit, r"blocks\.\d+\.(qkv|proj|fc1|fc2)", spec, head)
     info = dict(pretrain_test_acc=float(pre["test_acc"]), pretrain_seconds=float(pre["seconds"]))
     return Task("vision", model, X[train], y[train], X[test], y[test], model, info)
@@ -366,14 +367,8 @@ def _bbc(spec: TaskSpec, head: str) -> Task:
         W, b = linear_probe(Fe, y[tr], 5, spec.probe_l2)
         return dict(W=W, b=b)
 
-    if head == "train":
-        _fresh_head(model.head)
-    else:
-        key = dict(first=first, L=spec.bbc_max_length, train=len(tr), eval=spec.bbc_eval, l2=spec.probe_l2)
-        probed = cached(cache / f"minilm-bbc-probe-{sha(key)}.pt", probe)
-        with torch.no_grad():
-            model.head.weight.copy_(probed["W"])
-            model.head.bias.copy_(probed["b"])
+    key = dict(first=first, L=spec.bbc_max_length, train=len(tr), eval=spec.bbc_eval, l2=spec.probe_l2)
+    _set_head(model.head, head, cache / f"minilm-bbc-probe-{sha(key)}.pt", probe)
     model = _peft(model, BBC_TARGETS, spec, head)
     return Task("bbc", model, H[tr], y[tr], H[ev], y[ev], model, dict(adapted_layers=list(range(first, 6))))
 
