@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +104,25 @@ def test_errors_are_clear():
 def test_exponential_closed_form():
     res = integrate(lambda y: [-y[0]], [torch.ones(3, dtype=torch.float64)], (0, 1), method="dopri5", rtol=1e-10, atol=1e-12)
     assert abs(float(res.y[0][0]) - np.exp(-1)) < 1e-9
+
+
+def test_a_failed_final_combination_is_a_rejected_attempt_with_a_smaller_step():
+    """The step's own combination of the stages (a truncation, an SVD) can fail like a stage can
+    (non-finite entries after an overflow): the attempt is rejected and retried with a smaller h,
+    never a raw LinAlgError out of the optimizer."""
+    from odelora.integrators import VectorSpace, attempt
+
+    tab = get_tableau("rk4")
+
+    class Fragile(VectorSpace):
+        def combine(self, y0, h, coeffs, stages):
+            if tuple(coeffs) == tuple(tab.b) and h[0] > 0.15:
+                raise torch.linalg.LinAlgError("linalg.svd: the input matrix contained non-finite values")
+            return super().combine(y0, h, coeffs, stages)
+
+    y0 = [torch.ones(3, dtype=torch.float64)]
+    res = attempt(lambda y: [-y[0]], y0, 0.2, tab, Fragile(), StepController(), unit=[1.0], max_tries=3)
+    assert res.accepted and res.rejected == 1 and res.nonfinite == 1 and res.h < 0.15
+    h = res.h
+    expect = sum(h**k / math.factorial(k) * (-1) ** k for k in range(5))  # RK4 on y' = -y: the degree-4 Taylor factor
+    torch.testing.assert_close(res.y[0], torch.full((3,), expect, dtype=torch.float64))

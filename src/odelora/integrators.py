@@ -203,18 +203,25 @@ def rk_step(
     stages attached.
     """
     stages = [first] if first is not None else []
+
+    def failed(exc: Exception, i: int) -> NonFiniteError:
+        err = exc if isinstance(exc, NonFiniteError) else NonFiniteError(f"linear algebra failed ({exc})")
+        err.stage, err.stages = i, stages
+        return err
+
     for i in range(len(stages), tableau.stages):
         try:
             yi = y0 if i == 0 else space.combine(y0, h, tableau.a[i], stages)
             k = f(yi)
         except (NonFiniteError, torch.linalg.LinAlgError) as exc:
-            err = exc if isinstance(exc, NonFiniteError) else NonFiniteError(f"linear algebra failed ({exc})")
-            err.stage, err.stages = i, stages
-            raise err from None
+            raise failed(exc, i) from None
         stages.append(Stage(yi, k))
     if tableau.fsal:  # the last stage was evaluated at the new state
         return stages[-1].y, stages
-    return space.combine(y0, h, tableau.b, stages), stages
+    try:
+        return space.combine(y0, h, tableau.b, stages), stages
+    except torch.linalg.LinAlgError as exc:  # e.g. the stages' combination overflowed
+        raise failed(exc, tableau.stages) from None
 
 
 @dataclass
