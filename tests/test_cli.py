@@ -193,3 +193,13 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     files = [p for p in (tmp_path / "o").rglob("*") if p.is_file()]
     assert len(files) > 5
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(mode)}
+
+
+def test_list_names_each_experiment_with_its_suite(capsys):
+    from odelora.lab.cli import main
+    from odelora.lab.registry import EXPERIMENTS
+
+    assert main(["list"]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows == {name: cls.SUITE for name, cls in EXPERIMENTS.items()}
+    assert rows["pinn-heat"] == "pinn" and rows["finetune"] == "real" and rows["lora-mf"] == "matrix"

@@ -96,8 +96,9 @@ def _print_claims(claims) -> None:
 def _cmd_list(args) -> int:
     from .registry import EXPERIMENTS
 
+    print(f"{'experiment':22s} {'suite':7s} what it measures")
     for name, cls in EXPERIMENTS.items():
-        print(f"{name:22s} {cls.summary}")
+        print(f"{name:22s} {cls.SUITE:7s} {cls.summary}")
     return 0
 
 
