@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .geometry import Frame, Tangent, compute_dtype, damped_inverse, default_damping, factor_frame
+from .geometry import Frame, Tangent, compute_dtype, damped_inverse, default_damping, factor_frame, tall_mm
 
 __all__ = ["Flow", "gradient", "scaled", "balanced", "FLOWS", "get_flow"]
 
@@ -75,6 +75,13 @@ def _check_shapes(B, A, gB, gA):
         )
 
 
+def _damping(dt: torch.dtype, damping: float | None) -> float:
+    d = default_damping(dt) if damping is None else float(damping)
+    if d < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    return d
+
+
 def _prepare(B, A, gB, gA, scale, frame, damping):
     """Inputs in the compute precision, gradients divided by scale^2, the frame and damping."""
     _check_shapes(B, A, gB, gA)
@@ -85,10 +92,7 @@ def _prepare(B, A, gB, gA, scale, frame, damping):
     inv_s2 = 1.0 / (s * s)
     B, A = B.to(dt), A.to(dt)
     fr = frame if frame is not None else factor_frame(B, A)
-    d = default_damping(dt) if damping is None else float(damping)
-    if d < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
-    return B, A, gB.to(dt) * inv_s2, gA.to(dt) * inv_s2, fr, d
+    return B, A, gB.to(dt) * inv_s2, gA.to(dt) * inv_s2, fr, _damping(dt, damping)
 
 
 def _gradient(B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale=1.0) -> tuple[Tensor, Tensor]:
@@ -106,7 +110,7 @@ def _scaled(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: flo
     velocity."""
     B, A, hB, hA, fr, d = _prepare(B, A, gB, gA, scale, frame, damping)
     invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
-    dB = -((hB @ fr.PA) * invA.unsqueeze(-2)) @ fr.PA.mT  # -hB (MA + lam)^-1
+    dB = -tall_mm(tall_mm(hB, fr.PA) * invA.unsqueeze(-2), fr.PA.mT)  # -hB (MA + lam)^-1
     dA = -fr.PB @ (invB.unsqueeze(-1) * (fr.PB.mT @ hA))  # -(MB + lam)^-1 hA
     return dB, dA
 
@@ -133,18 +137,30 @@ def _balanced_parts(B, A, gB, gA, scale, frame, damping):
     B, A, hB, hA, fr, d = _prepare(B, A, gB, gA, scale, frame, damping)
     invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
     tA = invB.unsqueeze(-1) * (fr.PB.mT @ hA)  # (MB + lam)^-1 hA in PB's coordinates, (k, n)
-    hBi = (hB @ fr.PA) * invA.unsqueeze(-2)  # hB (MA + lam)^-1 in PA's coordinates, (m, k')
+    hBi = tall_mm(hB, fr.PA) * invA.unsqueeze(-2)  # hB (MA + lam)^-1 in PA's coordinates, (m, k')
     core = fr.UB.mT @ hBi  # (k, k')
     return B, A, fr, invB, tA, hBi, core
 
 
 def _balanced_tangent(B, A, gB, gA, *, scale=1.0, frame: Frame, damping: float | None = None) -> Tangent:
     """The balanced flow's product velocity ``-P(G)/s`` as a :class:`Tangent` at ``frame``:
-    ``L = -hB (MA + lam)^-1 A.T``, ``R.T = -B.T (MB + lam)^-1 hA``, ``C = PU-weights * core``."""
-    B, A, fr, invB, tA, hBi, core = _balanced_parts(B, A, gB, gA, scale, frame, damping)
-    phiB = fr.sB * fr.sB * invB
-    sA = fr.sA.unsqueeze(-2)
-    return Tangent(-hBi * sA, -(fr.sB.unsqueeze(-1) * tA).mT, (phiB.unsqueeze(-1) * core) * sA)
+    ``L = -hB (MA + lam)^-1 A.T``, ``R.T = -B.T (MB + lam)^-1 hA``, ``C = PU-weights * core``
+    (the same quantities as :func:`_balanced`, with ``1/s^2`` and the damped inverses folded into
+    per-column weights, so the gradients are touched by one product and one scaling each)."""
+    _check_shapes(B, A, gB, gA)
+    dt = compute_dtype(B, A, gB, gA)
+    s = torch.as_tensor(scale, dtype=dt, device=B.device)
+    inv_s2 = (1.0 / (s * s)).unsqueeze(-1)  # broadcasts over singular values
+    d = _damping(dt, damping)
+    fr = frame
+    invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
+    wA = fr.sA * invA * inv_s2  # (..., k')
+    wB = fr.sB * invB * inv_s2  # (..., k)
+    gP = tall_mm(gB.to(dt), fr.PA)  # gB PA, (m, k')
+    L = gP * (-wA).unsqueeze(-2)
+    R = ((-wB).unsqueeze(-1) * (fr.PB.mT @ gA.to(dt))).mT
+    C = ((fr.sB * fr.sB * invB).unsqueeze(-1) * (fr.UB.mT @ gP)) * wA.unsqueeze(-2)
+    return Tangent(L, R, C)
 
 
 def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: float | None = None, gauge: bool = True):
@@ -160,11 +176,11 @@ def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: f
     # Orthogonal gauge: dA = -(MB + lam)^-1 hA, dB = -(I - PU) hB (MA + lam)^-1, so that
     # dB A + B dA = -(PU G + G PV - PU G PV) / s with the damped projectors PU, PV.
     dA = -fr.PB @ tA
-    dB = -(hBi - fr.UB @ (phiB.unsqueeze(-1) * core)) @ fr.PA.mT
+    dB = -tall_mm(hBi - tall_mm(fr.UB, phiB.unsqueeze(-1) * core), fr.PA.mT)
     if gauge:
         C = fr.PB @ ((fr.sB * invB).unsqueeze(-1) * core) @ fr.PA.mT  # (MB+lam)^-1 B.T hB (MA+lam)^-1
         Gam = _gauge(C, fr)
-        dB = dB - B @ Gam
+        dB = dB - tall_mm(B, Gam)
         dA = dA + Gam @ A
     return dB, dA
 

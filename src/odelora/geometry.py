@@ -34,6 +34,21 @@ __all__ = [
 ]
 
 
+def tall_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for a tall ``a`` (..., m, k) and a small ``b`` (..., k, j), computed as
+    ``(b.T a.T).T``: BLAS fills a wide (j, m) output several times faster than a tall (m, j) one
+    (3x for m = 384, j = 8 on CPU). The result is a column-major view, the layout
+    :func:`cat_columns` and QR take without reordering."""
+    return (b.mT @ a.mT).mT
+
+
+def cat_columns(ts: list[Tensor]) -> Tensor:
+    """``torch.cat(ts, -1)`` of tall matrices, as a column-major matrix: a plain copy when the
+    inputs are column-major (``tall_mm`` results, ``.mT`` of row-major), where a row-major
+    result would interleave them element by element."""
+    return torch.cat([t.mT for t in ts], -2).mT
+
+
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """Precision of Gram-free solves and retractions: float64 if any input is float64, else
     float32 (half-precision factors are processed in float32)."""
@@ -78,7 +93,7 @@ class Tangent(NamedTuple):
 def tangent_of(fr: Frame, dB: Tensor, dA: Tensor) -> Tangent:
     """The :class:`Tangent` of factor velocities: ``dB A + B dA`` at ``B = UB sB PB.T``,
     ``A.T = UA sA PA.T``."""
-    L = (dB @ fr.PA) * fr.sA.unsqueeze(-2)
+    L = tall_mm(dB, fr.PA) * fr.sA.unsqueeze(-2)
     R = ((fr.sB.unsqueeze(-1) * (fr.PB.mT @ dA))).mT
     return Tangent(L, R, L.new_zeros(*L.shape[:-2], fr.sB.shape[-1], fr.sA.shape[-1]))
 
@@ -89,7 +104,7 @@ def _thin_svd(F: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if F.shape[-2] > F.shape[-1]:
         Q, R = torch.linalg.qr(F)
         W, s, Vh = torch.linalg.svd(R)
-        return Q @ W, s, Vh.mT
+        return tall_mm(Q, W), s, Vh.mT
     U, s, Vh = torch.linalg.svd(F, full_matrices=False)
     return U, s, Vh.mT
 
@@ -154,12 +169,12 @@ def truncate(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int)
     to UL even when L is rank-deficient (a rank-1 gradient), and gives ``min(m, a + p)`` columns
     when m is small. Cost O((m + n)(a + p)^2 + (a + p)^3).
     """
-    Ql, Tl = torch.linalg.qr(torch.cat([UL, L], -1))
-    Qr, Tr = torch.linalg.qr(torch.cat([UR, R], -1))
+    Ql, Tl = torch.linalg.qr(cat_columns([UL, L]))
+    Qr, Tr = torch.linalg.qr(cat_columns([UR, R]))
     W, S, Zh = torch.linalg.svd(Tl @ M @ Tr.mT)
     W, Z = W[..., :rank], Zh[..., :rank, :].mT
     a, b = UL.shape[-1], UR.shape[-1]
-    return Ql @ W, S[..., :rank], Qr @ Z, W.mT @ Tl[..., :a], Z.mT @ Tr[..., :b]
+    return tall_mm(Ql, W), S[..., :rank], tall_mm(Qr, Z), W.mT @ Tl[..., :a], Z.mT @ Tr[..., :b]
 
 
 def split_project(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int):
@@ -175,15 +190,15 @@ def split_project(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank:
     """
     b = UR.shape[-1]
     QtUR = torch.cat([torch.eye(b, dtype=UR.dtype, device=UR.device).expand(*UR.shape[:-2], b, b), R.mT @ UR], -2)
-    P = torch.cat([UL, L], -1)
-    U1, _ = torch.linalg.qr(P @ (M @ QtUR))  # K = Y UR
+    P = cat_columns([UL, L])
+    U1, _ = torch.linalg.qr(tall_mm(P, M @ QtUR))  # K = Y UR
     U1tP = U1.mT @ P
-    V1, T = torch.linalg.qr(torch.cat([UR, R], -1) @ (M.mT @ U1tP.mT))  # (U1.T Y).T = V1 T
+    V1, T = torch.linalg.qr(tall_mm(cat_columns([UR, R]), M.mT @ U1tP.mT))  # (U1.T Y).T = V1 T
     W, S, Zh = torch.linalg.svd(T.mT)
     k = min(rank, b)
     W, Z = W[..., :k], Zh[..., :k, :].mT
     a = UL.shape[-1]
-    return U1 @ W, S[..., :k], V1 @ Z, W.mT @ U1tP[..., :a], Z.mT @ (V1.mT @ UR)
+    return tall_mm(U1, W), S[..., :k], tall_mm(V1, Z), W.mT @ U1tP[..., :a], Z.mT @ (V1.mT @ UR)
 
 
 def drop_rounding(S: Tensor) -> Tensor:
@@ -211,8 +226,8 @@ def _canonical_signs(U: Tensor) -> Tensor:
     """+-1 per column of ``U`` that makes its entry of largest magnitude positive. Singular vectors
     are defined up to a sign that rounding may flip; a choice made in terms of them (the
     alignment of directions the previous factors do not reach) must not depend on it."""
-    idx = U.abs().argmax(-2, keepdim=True)
-    return torch.where(U.gather(-2, idx).squeeze(-2) < 0, -1.0, 1.0).to(U.dtype)
+    lo, hi = torch.aminmax(U, dim=-2)  # the largest magnitude is negative iff -lo > hi
+    return torch.where(lo + hi < 0, -1.0, 1.0).to(U.dtype)
 
 
 def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor, Tensor] | None = None, overlaps=None):
@@ -236,7 +251,7 @@ def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor
         if overlaps is not None:  # computed with the unsigned vectors
             UB0, VA0 = sign.unsqueeze(-1) * UB0, sign.unsqueeze(-1) * VA0
         Q = _aligned_polar(root.unsqueeze(-1) * (UB0 + VA0))
-    B = (U * root.unsqueeze(-2)) @ Q
+    B = tall_mm(U * root.unsqueeze(-2), Q)
     A = Q.mT @ (root.unsqueeze(-1) * V.mT)
     return B, A, Frame(U, root, Q.mT, V, root, Q.mT, balanced=True)
 
@@ -250,7 +265,7 @@ def balance_frame(B: Tensor, A: Tensor, fr: Frame | None = None) -> tuple[Tensor
     Z = Zh.mT
     # overlaps with the input: U.T B = W.T diag(sB) PB.T, V.T A.T = Z.T diag(sA) PA.T
     over = (W.mT @ (fr.sB.unsqueeze(-1) * fr.PB.mT), Z.mT @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
-    return balanced_factors(fr.UB @ W, S, fr.UA @ Z, B.shape[-1], near=(B, A), overlaps=over)
+    return balanced_factors(tall_mm(fr.UB, W), S, tall_mm(fr.UA, Z), B.shape[-1], near=(B, A), overlaps=over)
 
 
 def balance(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:

@@ -542,6 +542,8 @@ def _start_imbalance(x: Factors) -> Tensor:
     if x.frame is None:
         return imbalance(x.B, x.A)
     fr = x.frame
+    if fr.balanced:  # sA == sB and PA == PB: MB == MA exactly
+        return fr.sB.new_zeros(fr.sB.shape[:-1])
     MB = (fr.PB * (fr.sB * fr.sB).unsqueeze(-2)) @ fr.PB.mT
     MA = (fr.PA * (fr.sA * fr.sA).unsqueeze(-2)) @ fr.PA.mT
     den = torch.linalg.matrix_norm(MB) + torch.linalg.matrix_norm(MA)

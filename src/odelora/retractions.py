@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .geometry import Frame, Tangent, balance_frame, balanced_factors, factor_frame, split_project, tangent_of, truncate
+from .geometry import Frame, Tangent, balance_frame, balanced_factors, cat_columns, factor_frame, split_project, tangent_of, truncate
 from .integrators import Stage, axpy
 
 __all__ = ["Factors", "Retraction", "FactorSteps", "BalanceSteps", "TruncateSteps", "SplitSteps", "RETRACTIONS", "get_retraction"]
@@ -188,7 +188,7 @@ class TruncateSteps(Retraction):
         if not Ls:  # nothing moved
             return x0
         kB, kA = fr.UB.shape[-1], fr.UA.shape[-1]
-        L, R = torch.cat(Ls, -1), torch.cat(Rs, -1)
+        L, R = cat_columns(Ls), cat_columns(Rs)
         M = C0.new_zeros(*C0.shape[:-2], kB + L.shape[-1], kA + R.shape[-1])
         M[..., :kB, :kA] = C0
         i, j = kB, kA
@@ -231,7 +231,7 @@ class TruncateSteps(Retraction):
                     Mj[..., :kB, kA:] = w * torch.eye(kB, dtype=t.C.dtype, device=t.C.device)
                     Mj[..., kB:, :kA] = w * torch.eye(kA, dtype=t.C.dtype, device=t.C.device)
                     Ms.append(Mj)
-            e2 = _frob2(torch.cat(Ls, -1), _block_diag(Ms), torch.cat(Rs, -1))
+            e2 = _frob2(cat_columns(Ls), _block_diag(Ms), cat_columns(Rs))
             n0, n1 = _product_norm(x0), _product_norm(x1)
             m, n = x0.B.shape[-2], x0.A.shape[-1]
             s = x0.scale
