@@ -226,8 +226,8 @@ def _canonical_signs(U: Tensor) -> Tensor:
     """+-1 per column of ``U`` that makes its entry of largest magnitude positive. Singular vectors
     are defined up to a sign that rounding may flip; a choice made in terms of them (the
     alignment of directions the previous factors do not reach) must not depend on it."""
-    lo, hi = torch.aminmax(U, dim=-2)  # the largest magnitude is negative iff -lo > hi
-    return torch.where(lo + hi < 0, -1.0, 1.0).to(U.dtype)
+    # the largest magnitude is negative iff -min > max (amax and amin: torch.aminmax is 10x slower here)
+    return torch.where(U.amin(-2) + U.amax(-2) < 0, -1.0, 1.0).to(U.dtype)
 
 
 def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor, Tensor] | None = None, overlaps=None):
