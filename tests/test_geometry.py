@@ -172,3 +172,21 @@ def test_drop_rounding_against_its_closed_form(dtype):
         np.testing.assert_allclose(got, expect, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
         assert abs(got[3] / S[3] - 1) < 1.4e-3 and got[5] <= 1.01 * eps**2.5 * top
     assert torch.equal(drop_rounding(torch.zeros(3, dtype=dtype)), torch.zeros(3, dtype=dtype))
+
+
+def test_tall_products_and_column_concatenation_are_the_plain_ones_in_column_major_layout():
+    """``tall_mm`` and ``cat_columns`` return ``a @ b`` and ``torch.cat(.., -1)`` (numpy as the
+    reference), laid out column-major, whatever the inputs' layouts."""
+    from odelora.geometry import cat_columns, tall_mm
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 50, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    for x in (a, a.mT.contiguous().mT):
+        out = tall_mm(x, b)
+        np.testing.assert_allclose(out.numpy(), np.matmul(a.numpy(), b.numpy()), rtol=1e-12, atol=1e-12)
+        assert out.mT.is_contiguous()
+    parts = [a, tall_mm(a, b), torch.randn(3, 50, 2, generator=g, dtype=torch.float64)]
+    out = cat_columns(parts)
+    np.testing.assert_array_equal(out.numpy(), np.concatenate([p.numpy() for p in parts], -1))
+    assert out.mT.is_contiguous()
