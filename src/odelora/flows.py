@@ -82,14 +82,19 @@ def _damping(dt: torch.dtype, damping: float | None) -> float:
     return d
 
 
+def _inverse_square(scale, dt: torch.dtype, device) -> Tensor:
+    """``1 / scale^2``: a number, or one value per stacked pair (shape of the batch)."""
+    s = torch.as_tensor(scale, dtype=dt, device=device)
+    return 1.0 / (s * s)
+
+
 def _prepare(B, A, gB, gA, scale, frame, damping):
     """Inputs in the compute precision, gradients divided by scale^2, the frame and damping."""
     _check_shapes(B, A, gB, gA)
     dt = compute_dtype(B, A, gB, gA)
-    s = torch.as_tensor(scale, dtype=dt, device=B.device)
-    if s.ndim:  # one scale per stacked pair
-        s = s.reshape(*s.shape, 1, 1)
-    inv_s2 = 1.0 / (s * s)
+    inv_s2 = _inverse_square(scale, dt, B.device)
+    if inv_s2.ndim:  # one scale per stacked pair
+        inv_s2 = inv_s2.reshape(*inv_s2.shape, 1, 1)
     B, A = B.to(dt), A.to(dt)
     fr = frame if frame is not None else factor_frame(B, A)
     return B, A, gB.to(dt) * inv_s2, gA.to(dt) * inv_s2, fr, _damping(dt, damping)
@@ -149,8 +154,7 @@ def _balanced_tangent(B, A, gB, gA, *, scale=1.0, frame: Frame, damping: float |
     per-column weights, so the gradients are touched by one product and one scaling each)."""
     _check_shapes(B, A, gB, gA)
     dt = compute_dtype(B, A, gB, gA)
-    s = torch.as_tensor(scale, dtype=dt, device=B.device)
-    inv_s2 = (1.0 / (s * s)).unsqueeze(-1)  # broadcasts over singular values
+    inv_s2 = _inverse_square(scale, dt, B.device).unsqueeze(-1)  # broadcasts over singular values
     d = _damping(dt, damping)
     fr = frame
     invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)

@@ -31,6 +31,8 @@ __all__ = [
     "balance",
     "imbalance",
     "tangent_project",
+    "tall_mm",
+    "cat_columns",
 ]
 
 
