@@ -138,31 +138,30 @@ def _gauge(C: Tensor, fr: Frame) -> Tensor:
 
 
 def _balanced_parts(B, A, gB, gA, scale, frame, damping):
-    """The pieces both forms of the balanced flow share (see :func:`_balanced`)."""
-    B, A, hB, hA, fr, d = _prepare(B, A, gB, gA, scale, frame, damping)
+    """The pieces both forms of the balanced flow share: the factors and frame in the compute
+    precision, the damped inverses ``(x^2 + lam)^-1`` of both factors' singular values, ``1/s^2``
+    per pair (shaped to broadcast over singular values), and the gradients in the frame's
+    coordinates, ``gB PA`` (m, k') and ``PB.T gA`` (k, n). The scalings are applied to these
+    by per-column weights, so each gradient goes through one product."""
+    _check_shapes(B, A, gB, gA)
+    dt = compute_dtype(B, A, gB, gA)
+    B, A = B.to(dt), A.to(dt)
+    fr = frame if frame is not None else factor_frame(B, A)
+    d = _damping(dt, damping)
     invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
-    tA = invB.unsqueeze(-1) * (fr.PB.mT @ hA)  # (MB + lam)^-1 hA in PB's coordinates, (k, n)
-    hBi = tall_mm(hB, fr.PA) * invA.unsqueeze(-2)  # hB (MA + lam)^-1 in PA's coordinates, (m, k')
-    core = fr.UB.mT @ hBi  # (k, k')
-    return B, A, fr, invB, tA, hBi, core
+    inv_s2 = _inverse_square(scale, dt, B.device).unsqueeze(-1)
+    return B, A, fr, invB, invA, inv_s2, tall_mm(gB.to(dt), fr.PA), fr.PB.mT @ gA.to(dt)
 
 
 def _balanced_tangent(B, A, gB, gA, *, scale=1.0, frame: Frame, damping: float | None = None) -> Tangent:
-    """The balanced flow's product velocity ``-P(G)/s`` as a :class:`Tangent` at ``frame``:
-    ``L = -hB (MA + lam)^-1 A.T``, ``R.T = -B.T (MB + lam)^-1 hA``, ``C = PU-weights * core``
-    (the same quantities as :func:`_balanced`, with ``1/s^2`` and the damped inverses folded into
-    per-column weights, so the gradients are touched by one product and one scaling each)."""
-    _check_shapes(B, A, gB, gA)
-    dt = compute_dtype(B, A, gB, gA)
-    inv_s2 = _inverse_square(scale, dt, B.device).unsqueeze(-1)  # broadcasts over singular values
-    d = _damping(dt, damping)
-    fr = frame
-    invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
+    """The balanced flow's product velocity ``-P(G)/s`` as a :class:`Tangent` at ``frame``, with
+    ``h = g / s^2``: ``L = -hB (MA + lam)^-1 A.T``, ``R.T = -B.T (MB + lam)^-1 hA`` and
+    ``C = PU-weights * UB.T hB (MA + lam)^-1 A.T`` (the quantities of :func:`_balanced`)."""
+    B, A, fr, invB, invA, inv_s2, gP, PgA = _balanced_parts(B, A, gB, gA, scale, frame, damping)
     wA = fr.sA * invA * inv_s2  # (..., k')
     wB = fr.sB * invB * inv_s2  # (..., k)
-    gP = tall_mm(gB.to(dt), fr.PA)  # gB PA, (m, k')
     L = gP * (-wA).unsqueeze(-2)
-    R = ((-wB).unsqueeze(-1) * (fr.PB.mT @ gA.to(dt))).mT
+    R = ((-wB).unsqueeze(-1) * PgA).mT
     C = ((fr.sB * fr.sB * invB).unsqueeze(-1) * (fr.UB.mT @ gP)) * wA.unsqueeze(-2)
     return Tangent(L, R, C)
 
@@ -175,7 +174,10 @@ def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: f
     flow (``s (dB A + B dA) = -P(G)``, and with ``gauge=True`` ``B.T B - A A.T`` stays constant);
     at ``B = 0`` it reduces to ``dX = -G PV`` (LoRA-Pro's first step), at ``A = 0`` to ``-PU G``,
     and directions whose singular values vanish drop out continuously."""
-    B, A, fr, invB, tA, hBi, core = _balanced_parts(B, A, gB, gA, scale, frame, damping)
+    B, A, fr, invB, invA, inv_s2, gP, PgA = _balanced_parts(B, A, gB, gA, scale, frame, damping)
+    tA = (invB * inv_s2).unsqueeze(-1) * PgA  # (MB + lam)^-1 hA in PB's coordinates, (k, n)
+    hBi = gP * (invA * inv_s2).unsqueeze(-2)  # hB (MA + lam)^-1 in PA's coordinates, (m, k')
+    core = fr.UB.mT @ hBi  # (k, k')
     phiB = fr.sB * fr.sB * invB  # damped projector weights on B's column space, in [0, 1)
     # Orthogonal gauge: dA = -(MB + lam)^-1 hA, dB = -(I - PU) hB (MA + lam)^-1, so that
     # dB A + B dA = -(PU G + G PV - PU G PV) / s with the damped projectors PU, PV.
