@@ -4,8 +4,9 @@ MODE ``train``: a PEFT model sharded with ``fully_shard`` (``default`` placement
 splits A along r; or ``custom``: B along m, A along n) trains 6 steps on the ranks' halves of a
 global batch; rank 0 saves the full parameters. MODE ``narrow``: as ``train``, with no
 nonlinearity between the second LoRA layer and the 2-output head, so that layer's gradients have
-rank 2 < r. MODE ``resume``: train 3 steps, save a distributed checkpoint, train 3 more, then rebuild model and optimizer from scratch, load the
-checkpoint and train the last 3 steps again: both endings are saved. MODE ``load``: load CKPT
+rank 2 < r. MODE ``resume``: train 3 steps, save a distributed checkpoint, train 3 more, then
+rebuild model and optimizer from scratch, load the checkpoint and train the last 3 steps again:
+both endings are saved. MODE ``load``: load CKPT
 (written with any number of ranks) and train 3 steps.
 
 Also importable: ``build``, ``batches`` and ``train`` give the single-process reference."""
