@@ -138,31 +138,32 @@ def _gauge(C: Tensor, fr: Frame) -> Tensor:
 
 
 def _balanced_parts(B, A, gB, gA, scale, frame, damping):
-    """The pieces both forms of the balanced flow share: the factors and frame in the compute
-    precision, the damped inverses ``(x^2 + lam)^-1`` of both factors' singular values, ``1/s^2``
-    per pair (shaped to broadcast over singular values), and the gradients in the frame's
-    coordinates, ``gB PA`` (m, k') and ``PB.T gA`` (k, n). The scalings are applied to these
-    by per-column weights, so each gradient goes through one product."""
+    """The pieces both forms of the balanced flow share: the factors, gradients and frame in the
+    compute precision, the damped inverses ``(x^2 + lam)^-1`` of both factors' singular values
+    (one computation for a balanced frame, where they agree) and ``1/s^2`` per pair (shaped to
+    broadcast over singular values). The forms fold these scalings into r x r matrices, so each
+    gradient goes through a single tall product."""
     _check_shapes(B, A, gB, gA)
     dt = compute_dtype(B, A, gB, gA)
     B, A = B.to(dt), A.to(dt)
     fr = frame if frame is not None else factor_frame(B, A)
     d = _damping(dt, damping)
-    invB, invA = damped_inverse(fr.sB, d), damped_inverse(fr.sA, d)
+    invB = damped_inverse(fr.sB, d)
+    invA = invB if fr.balanced else damped_inverse(fr.sA, d)
     inv_s2 = _inverse_square(scale, dt, B.device).unsqueeze(-1)
-    return B, A, fr, invB, invA, inv_s2, tall_mm(gB.to(dt), fr.PA), fr.PB.mT @ gA.to(dt)
+    return B, A, gB.to(dt), gA.to(dt), fr, invB, invA, inv_s2
 
 
 def _balanced_tangent(B, A, gB, gA, *, scale=1.0, frame: Frame, damping: float | None = None) -> Tangent:
     """The balanced flow's product velocity ``-P(G)/s`` as a :class:`Tangent` at ``frame``, with
     ``h = g / s^2``: ``L = -hB (MA + lam)^-1 A.T``, ``R.T = -B.T (MB + lam)^-1 hA`` and
     ``C = PU-weights * UB.T hB (MA + lam)^-1 A.T`` (the quantities of :func:`_balanced`)."""
-    B, A, fr, invB, invA, inv_s2, gP, PgA = _balanced_parts(B, A, gB, gA, scale, frame, damping)
+    B, A, gB, gA, fr, invB, invA, inv_s2 = _balanced_parts(B, A, gB, gA, scale, frame, damping)
     wA = fr.sA * invA * inv_s2  # (..., k')
     wB = fr.sB * invB * inv_s2  # (..., k)
-    L = gP * (-wA).unsqueeze(-2)
-    R = ((-wB).unsqueeze(-1) * PgA).mT
-    C = ((fr.sB * fr.sB * invB).unsqueeze(-1) * (fr.UB.mT @ gP)) * wA.unsqueeze(-2)
+    L = tall_mm(gB, fr.PA * (-wA).unsqueeze(-2))  # -gB PA diag(wA)
+    R = (((-wB).unsqueeze(-1) * fr.PB.mT) @ gA).mT  # (-diag(wB) PB.T gA).T
+    C = (fr.sB * fr.sB * invB).unsqueeze(-1) * (fr.UB.mT @ L).neg_()
     return Tangent(L, R, C)
 
 
@@ -174,14 +175,13 @@ def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: f
     flow (``s (dB A + B dA) = -P(G)``, and with ``gauge=True`` ``B.T B - A A.T`` stays constant);
     at ``B = 0`` it reduces to ``dX = -G PV`` (LoRA-Pro's first step), at ``A = 0`` to ``-PU G``,
     and directions whose singular values vanish drop out continuously."""
-    B, A, fr, invB, invA, inv_s2, gP, PgA = _balanced_parts(B, A, gB, gA, scale, frame, damping)
-    tA = (invB * inv_s2).unsqueeze(-1) * PgA  # (MB + lam)^-1 hA in PB's coordinates, (k, n)
-    hBi = gP * (invA * inv_s2).unsqueeze(-2)  # hB (MA + lam)^-1 in PA's coordinates, (m, k')
-    core = fr.UB.mT @ hBi  # (k, k')
-    phiB = fr.sB * fr.sB * invB  # damped projector weights on B's column space, in [0, 1)
+    B, A, gB, gA, fr, invB, invA, inv_s2 = _balanced_parts(B, A, gB, gA, scale, frame, damping)
     # Orthogonal gauge: dA = -(MB + lam)^-1 hA, dB = -(I - PU) hB (MA + lam)^-1, so that
     # dB A + B dA = -(PU G + G PV - PU G PV) / s with the damped projectors PU, PV.
-    dA = -fr.PB @ tA
+    dA = fr.PB @ ((-invB * inv_s2).unsqueeze(-1) * (fr.PB.mT @ gA))  # -PB diag(inv) PB.T hA
+    hBi = tall_mm(gB, fr.PA * (invA * inv_s2).unsqueeze(-2))  # hB (MA + lam)^-1 in PA's coordinates, (m, k')
+    core = fr.UB.mT @ hBi  # (k, k')
+    phiB = fr.sB * fr.sB * invB  # damped projector weights on B's column space, in [0, 1)
     dB = -tall_mm(hBi - tall_mm(fr.UB, phiB.unsqueeze(-1) * core), fr.PA.mT)
     if gauge:
         C = fr.PB @ ((fr.sB * invB).unsqueeze(-1) * core) @ fr.PA.mT  # (MB+lam)^-1 B.T hB (MA+lam)^-1

@@ -158,28 +158,33 @@ def _aligned_polar(N: Tensor) -> Tensor:
     return informed + (Wf * take.unsqueeze(-2)) @ Zfh
 
 
-def truncate(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int):
+def _blocks_list(X) -> list[Tensor]:
+    return [X] if isinstance(X, Tensor) else list(X)
+
+
+def truncate(UL: Tensor, UR: Tensor, M: Tensor, L, R, rank: int):
     """Best rank-``rank`` approximation of ``Y = [UL, L] @ M @ [UR, R].T`` (the metric projection
     on the rank-``rank`` matrices), without forming Y.
 
     ``UL`` (..., m, a) and ``UR`` (..., n, b) have orthonormal columns; ``L`` (..., m, p) and
-    ``R`` (..., n, q) are arbitrary; ``M`` is (..., a + p, b + q). Returns ``(U, S, V, U.T UL,
-    V.T UR)`` with ``Y_rank = U diag(S) V.T``, orthonormal U and V, and their overlaps with the
-    anchors (small matrices, free here, which spare the caller products with the tall bases).
+    ``R`` (..., n, q) are arbitrary (or lists of blocks, concatenated); ``M`` is
+    (..., a + p, b + q). Returns ``(U, S, V, U.T UL, V.T UR)`` with ``Y_rank = U diag(S) V.T``,
+    orthonormal U and V, and their overlaps with the anchors (small matrices, free here, which
+    spare the caller products with the tall bases).
 
     Householder QR of ``[UL, L]`` (not of L alone) keeps the new basis orthonormal and orthogonal
     to UL even when L is rank-deficient (a rank-1 gradient), and gives ``min(m, a + p)`` columns
     when m is small. Cost O((m + n)(a + p)^2 + (a + p)^3).
     """
-    Ql, Tl = torch.linalg.qr(cat_columns([UL, L]))
-    Qr, Tr = torch.linalg.qr(cat_columns([UR, R]))
+    Ql, Tl = torch.linalg.qr(cat_columns([UL, *_blocks_list(L)]))
+    Qr, Tr = torch.linalg.qr(cat_columns([UR, *_blocks_list(R)]))
     W, S, Zh = torch.linalg.svd(Tl @ M @ Tr.mT)
     W, Z = W[..., :rank], Zh[..., :rank, :].mT
     a, b = UL.shape[-1], UR.shape[-1]
     return tall_mm(Ql, W), S[..., :rank], tall_mm(Qr, Z), W.mT @ Tl[..., :a], Z.mT @ Tr[..., :b]
 
 
-def split_project(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank: int):
+def split_project(UL: Tensor, UR: Tensor, M: Tensor, L, R, rank: int):
     """The one-sided projector-splitting retraction of ``Y = [UL, L] @ M @ [UR, R].T``:
     ``P_U1 Y`` with ``U1 = orth(Y @ UR)``, the anchor's row basis ``UR`` kept for the K-step
     (Lubich & Oseledets 2014), without forming Y. Same inputs and outputs as :func:`truncate`,
@@ -191,11 +196,10 @@ def split_project(UL: Tensor, UR: Tensor, M: Tensor, L: Tensor, R: Tensor, rank:
     (``b = UR.shape[-1]``) instead of :func:`truncate`'s ``m x (a + p)``.
     """
     b = UR.shape[-1]
-    QtUR = torch.cat([torch.eye(b, dtype=UR.dtype, device=UR.device).expand(*UR.shape[:-2], b, b), R.mT @ UR], -2)
-    P = cat_columns([UL, L])
-    U1, _ = torch.linalg.qr(tall_mm(P, M @ QtUR))  # K = Y UR
+    P, Q = cat_columns([UL, *_blocks_list(L)]), cat_columns([UR, *_blocks_list(R)])
+    U1, _ = torch.linalg.qr(tall_mm(P, M @ (Q.mT @ UR)))  # K = Y UR
     U1tP = U1.mT @ P
-    V1, T = torch.linalg.qr(tall_mm(cat_columns([UR, R]), M.mT @ U1tP.mT))  # (U1.T Y).T = V1 T
+    V1, T = torch.linalg.qr(tall_mm(Q, M.mT @ U1tP.mT))  # (U1.T Y).T = V1 T
     W, S, Zh = torch.linalg.svd(T.mT)
     k = min(rank, b)
     W, Z = W[..., :k], Zh[..., :k, :].mT
@@ -217,11 +221,10 @@ def drop_rounding(S: Tensor) -> Tensor:
     from B = 0 and r = 6, RK4 and Dormand-Prince products ended 1e-3 to 1e-1 apart, relative,
     within 4 to 8 steps, after a rounding-level change of the gradient). Values above
     ``3 tau`` change by less than 0.14%; the map is smooth."""
+    fi = torch.finfo(S.dtype)
     S = S.clamp_min(0)
-    tau = torch.finfo(S.dtype).eps ** 0.75 * S.amax(-1, keepdim=True)
-    x2 = (S / tau.clamp_min(torch.finfo(S.dtype).tiny)).square()  # <= eps^(-3/2)
-    x6 = x2 * x2 * x2
-    return torch.where(tau > 0, S * (x6 / (x6 + 1)), S)  # the ratio first: S x6 may overflow in float32
+    tau = (fi.eps**0.75 * S.amax(-1, keepdim=True)).clamp_min(fi.tiny)
+    return S / (1 + (tau / S).pow(6))  # = S x^6 / (x^6 + 1); at S = 0, tau / S = inf gives 0
 
 
 def _canonical_signs(U: Tensor) -> Tensor:
@@ -240,21 +243,20 @@ def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor
     ``(B0, A0)`` in Frobenius norm is returned (an orthogonal Procrustes problem), so that factors
     move continuously from step to step: no column sign flips or permutations, which would
     scramble per-coordinate state such as Adam moments. ``overlaps = (U.T B0, V.T A0.T)`` may be
-    passed instead of computing them. Without ``near``, ``Q = [I, 0]``.
+    passed instead of computing them. Without ``near``, ``Q = [I, 0]`` (in the canonical signs of
+    U's columns). All scalings act on the small side: U and V are read, never rescaled.
     """
     root = drop_rounding(S).sqrt()
     k = S.shape[-1]
-    sign = _canonical_signs(U)
-    U, V = U * sign.unsqueeze(-2), V * sign.unsqueeze(-2)
+    sign = _canonical_signs(U).unsqueeze(-1)  # (..., k, 1): U diag(sign) has canonical signs
     if near is None:
         Q = torch.eye(k, r, dtype=U.dtype, device=U.device).expand(*S.shape[:-1], k, r)
     else:
         UB0, VA0 = overlaps if overlaps is not None else (U.mT @ near[0], V.mT @ near[1].mT)
-        if overlaps is not None:  # computed with the unsigned vectors
-            UB0, VA0 = sign.unsqueeze(-1) * UB0, sign.unsqueeze(-1) * VA0
-        Q = _aligned_polar(root.unsqueeze(-1) * (UB0 + VA0))
-    B = tall_mm(U * root.unsqueeze(-2), Q)
-    A = Q.mT @ (root.unsqueeze(-1) * V.mT)
+        Q = _aligned_polar(sign * root.unsqueeze(-1) * (UB0 + VA0))  # in the signed basis
+    Q = sign * Q  # back to U's own columns: U diag(sign) Q_signed = U Q
+    B = tall_mm(U, root.unsqueeze(-1) * Q)
+    A = (Q.mT * root.unsqueeze(-2)) @ V.mT
     return B, A, Frame(U, root, Q.mT, V, root, Q.mT, balanced=True)
 
 

@@ -426,7 +426,7 @@ class ODELoRA(torch.optim.Optimizer):
         g0 = next(g for g in self.param_groups if not g.get("companion"))
         imb = None
         if self.track_imbalance:
-            imb = float(torch.stack([_start_imbalance(x).max() for x in fld.y0]).max())
+            imb = max(_start_imbalance(x) for x in fld.y0)
         loss = fld.loss
         self.last_step = StepRecord(
             nfe=nfe, accepted=accepted, rejected=rejected, nonfinite=nonfinite, h=h * g0["lr"], t=g0["t"], imbalance=imb,
@@ -537,15 +537,15 @@ def _like_params(sd: dict, params: list[Tensor]) -> dict:
     return {**sd, "state": state}
 
 
-def _start_imbalance(x: Factors) -> Tensor:
-    """``geometry.imbalance`` of a state, from its frame when it has one (r x r work)."""
-    if x.frame is None:
-        return imbalance(x.B, x.A)
+def _start_imbalance(x: Factors) -> float:
+    """``geometry.imbalance`` of a state (max over its pairs), from its frame when it has one."""
     fr = x.frame
+    if fr is None:
+        return float(imbalance(x.B, x.A).max())
     if fr.balanced:  # sA == sB and PA == PB: MB == MA exactly
-        return fr.sB.new_zeros(fr.sB.shape[:-1])
+        return 0.0
     MB = (fr.PB * (fr.sB * fr.sB).unsqueeze(-2)) @ fr.PB.mT
     MA = (fr.PA * (fr.sA * fr.sA).unsqueeze(-2)) @ fr.PA.mT
     den = torch.linalg.matrix_norm(MB) + torch.linalg.matrix_norm(MA)
     num = torch.linalg.matrix_norm(MB - MA)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+    return float(torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num)).max())

@@ -152,56 +152,51 @@ class TruncateSteps(Retraction):
     def _tangent(x: Factors, k) -> Tangent:
         return k if isinstance(k, Tangent) else tangent_of(x.ensure_frame(), *k)
 
-    def _blocks(self, b: int, x0: Factors, h: float, coeffs, stages):
-        """``X/s = [UB, L] M [UA, R].T`` for ``X0 + h sum_j c_j s t_j``: stages at X0 share its
-        bases; a stage elsewhere adds ``[UB_j, L_j] [[C_j, I], [I, 0]] [UA_j, R_j].T``."""
+    def _blocks(self, b: int, x0: Factors, h: float, coeffs, stages, start: bool = True):
+        """``[UB, *Ls] M [UA, *Rs].T``: ``X0/s`` (if ``start``) plus ``h sum_j c_j t_j``. The
+        weights go into the small M, never into the tall blocks. A stage at X0 adds its ``L_j``
+        (paired with UA) and ``R_j`` (paired with UB); a stage elsewhere adds its bases too,
+        ``[UB_j, L_j] w [[C_j, I], [I, 0]] [UA_j, R_j].T``. None if nothing moves."""
         fr = x0.ensure_frame()
-        C0 = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
-        L0 = R0 = None
-        Ls, Rs, Ms = [], [], []
+        kB, kA = fr.UB.shape[-1], fr.UA.shape[-1]
+        Ls, Rs, fills = [], [], []  # (row, col, w C, 0) or (row, col, w, n): w I_n
+        i, j = kB, kA
         for cj, st in zip(coeffs, stages):
             if cj == 0.0:
                 continue
             w = h * cj
             t = self._tangent(st.y[b], st.k[b])
             if st.y[b] is x0:
-                C0 = C0 + w * t.C
-                L0 = t.L * w if L0 is None else L0.add_(t.L, alpha=w)
-                R0 = t.R * w if R0 is None else R0.add_(t.R, alpha=w)
+                fills += [(0, 0, w * t.C, 0), (i, 0, w, t.L.shape[-1]), (0, j, w, t.R.shape[-1])]
+                Ls.append(t.L)
+                Rs.append(t.R)
+                i, j = i + t.L.shape[-1], j + t.R.shape[-1]
             else:
                 frj = st.y[b].ensure_frame()
-                Ls += [frj.UB, t.L * w]
+                pB, pA = frj.UB.shape[-1], frj.UA.shape[-1]
+                fills += [(i, j, w * t.C, 0), (i, j + pA, w, pB), (i + pB, j, w, pA)]
+                Ls += [frj.UB, t.L]
                 Rs += [frj.UA, t.R]
-                kB, kA = frj.UB.shape[-1], frj.UA.shape[-1]
-                Mj = C0.new_zeros(*C0.shape[:-2], kB + kA, kA + kB)
-                Mj[..., :kB, :kA] = w * t.C
-                Mj[..., :kB, kA:] = w * torch.eye(kB, dtype=C0.dtype, device=C0.device)
-                Mj[..., kB:, :kA] = torch.eye(kA, dtype=C0.dtype, device=C0.device)
-                Ms.append(Mj)
-        if L0 is not None:  # X0's own moves: L0 pairs with UA, R0 with UB
-            Ls.insert(0, L0)
-            Rs.insert(0, R0)
-        return fr, C0, Ls, Rs, Ms, L0 is not None
+                i, j = i + pB + t.L.shape[-1], j + pA + t.R.shape[-1]
+        if not Ls:
+            return None
+        M = fr.sB.new_zeros(*fr.sB.shape[:-1], i, j)
+        if start:
+            M[..., :kB, :kA] = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+        for r0, c0, v, n in fills:
+            if isinstance(v, Tensor):
+                M[..., r0 : r0 + v.shape[-2], c0 : c0 + v.shape[-1]] += v
+            else:
+                M[..., r0 : r0 + n, c0 : c0 + n].diagonal(dim1=-2, dim2=-1).fill_(v)
+        return fr, M, Ls, Rs
 
     def _combine_bucket(self, b: int, x0: Factors, h: float, coeffs, stages) -> Factors:
-        fr, C0, Ls, Rs, Ms, at_x0 = self._blocks(b, x0, h, coeffs, stages)
-        if not Ls:  # nothing moved
+        blocks = self._blocks(b, x0, h, coeffs, stages)
+        if blocks is None:  # nothing moved
             return x0
-        kB, kA = fr.UB.shape[-1], fr.UA.shape[-1]
-        L, R = cat_columns(Ls), cat_columns(Rs)
-        M = C0.new_zeros(*C0.shape[:-2], kB + L.shape[-1], kA + R.shape[-1])
-        M[..., :kB, :kA] = C0
-        i, j = kB, kA
-        if at_x0:
-            kL0, kR0 = Ls[0].shape[-1], Rs[0].shape[-1]
-            M[..., i : i + kL0, :kA] = torch.eye(kL0, dtype=M.dtype, device=M.device)  # L0 UA.T
-            M[..., :kB, j : j + kR0] = torch.eye(kR0, dtype=M.dtype, device=M.device)  # UB R0.T
-            i, j = i + kL0, j + kR0
-        for Mj in Ms:
-            M[..., i : i + Mj.shape[-2], j : j + Mj.shape[-1]] = Mj
-            i, j = i + Mj.shape[-2], j + Mj.shape[-1]
+        fr, M, Ls, Rs = blocks
         k_out = min(x0.rank, x0.B.shape[-2], x0.A.shape[-1])
-        U, S, V, UtUB, VtUA = self.reduce(fr.UB, fr.UA, M, L, R, k_out)
+        U, S, V, UtUB, VtUA = self.reduce(fr.UB, fr.UA, M, Ls, Rs, k_out)
         # overlaps with the start's factors, for the closest balanced factorization
         over = (UtUB @ (fr.sB.unsqueeze(-1) * fr.PB.mT), VtUA @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
         B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A), overlaps=over)
@@ -217,21 +212,8 @@ class TruncateSteps(Retraction):
         estimate of the product, ``s h sum_j c_j t_j``, from Gram matrices of its factors."""
         out = []
         for b, (x0, x1) in enumerate(zip(y0, y1)):
-            Ls, Rs, Ms = [], [], []
-            for cj, st in zip(coeffs, stages):
-                if cj != 0.0:
-                    frj = st.y[b].ensure_frame()
-                    t = self._tangent(st.y[b], st.k[b])
-                    w = h[b] * cj
-                    Ls += [frj.UB, t.L]
-                    Rs += [frj.UA, t.R]
-                    kB, kA = frj.UB.shape[-1], frj.UA.shape[-1]
-                    Mj = t.C.new_zeros(*t.C.shape[:-2], kB + kA, kA + kB)
-                    Mj[..., :kB, :kA] = w * t.C
-                    Mj[..., :kB, kA:] = w * torch.eye(kB, dtype=t.C.dtype, device=t.C.device)
-                    Mj[..., kB:, :kA] = w * torch.eye(kA, dtype=t.C.dtype, device=t.C.device)
-                    Ms.append(Mj)
-            e2 = _frob2(cat_columns(Ls), _block_diag(Ms), cat_columns(Rs))
+            fr, M, Ls, Rs = self._blocks(b, x0, h[b], coeffs, stages, start=False)
+            e2 = _frob2(cat_columns([fr.UB, *Ls]), M, cat_columns([fr.UA, *Rs]))
             n0, n1 = _product_norm(x0), _product_norm(x1)
             m, n = x0.B.shape[-2], x0.A.shape[-1]
             s = x0.scale
@@ -247,16 +229,6 @@ class SplitSteps(TruncateSteps):
 
     name = "split"
     reduce = staticmethod(split_project)
-
-
-def _block_diag(Ms: list[Tensor]) -> Tensor:
-    rows, cols = sum(M.shape[-2] for M in Ms), sum(M.shape[-1] for M in Ms)
-    out = Ms[0].new_zeros(*Ms[0].shape[:-2], rows, cols)
-    i = j = 0
-    for M in Ms:
-        out[..., i : i + M.shape[-2], j : j + M.shape[-1]] = M
-        i, j = i + M.shape[-2], j + M.shape[-1]
-    return out
 
 
 def _frob2(L: Tensor, M: Tensor, R: Tensor) -> Tensor:

@@ -108,9 +108,10 @@ class PairStore:
             vals = list(x.B.unbind(0)) + list(x.A.unbind(0))
             if b.sharded:
                 vals = [_own_part(v, p) for v, p in zip(vals, b.params)]
-            params += [_local(p.detach()) for p in b.params]
+            params += [_local(p.detach()) for p in b.params] if b.sharded else b.params
             values += vals
-        torch._foreach_copy_(params, values)
+        with torch.no_grad():
+            torch._foreach_copy_(params, values)
 
     def grads(self) -> list[tuple[Tensor, Tensor]]:
         def stacked(ts, dt):
