@@ -159,10 +159,10 @@ def _balanced_tangent(B, A, gB, gA, *, scale=1.0, frame: Frame, damping: float |
     ``h = g / s^2``: ``L = -hB (MA + lam)^-1 A.T``, ``R.T = -B.T (MB + lam)^-1 hA`` and
     ``C = PU-weights * UB.T hB (MA + lam)^-1 A.T`` (the quantities of :func:`_balanced`)."""
     B, A, gB, gA, fr, invB, invA, inv_s2 = _balanced_parts(B, A, gB, gA, scale, frame, damping)
-    wA = fr.sA * invA * inv_s2  # (..., k')
-    wB = fr.sB * invB * inv_s2  # (..., k)
-    L = tall_mm(gB, fr.PA * (-wA).unsqueeze(-2))  # -gB PA diag(wA)
-    R = (((-wB).unsqueeze(-1) * fr.PB.mT) @ gA).mT  # (-diag(wB) PB.T gA).T
+    wB = fr.sB * invB * -inv_s2  # (..., k), negated
+    wA = wB if fr.balanced else fr.sA * invA * -inv_s2  # (..., k')
+    L = tall_mm(gB, fr.PA * wA.unsqueeze(-2))  # -gB PA diag(wA)
+    R = ((wB.unsqueeze(-1) * fr.PB.mT) @ gA).mT  # (-diag(wB) PB.T gA).T
     C = (fr.sB * fr.sB * invB).unsqueeze(-1) * (fr.UB.mT @ L).neg_()
     return Tangent(L, R, C)
 

@@ -121,10 +121,9 @@ def factor_frame(B: Tensor, A: Tensor) -> Frame:
 def damped_inverse(x: Tensor, damping: float) -> Tensor:
     """``1 / (x^2 + lam)`` per singular value, ``lam = damping * max(x)^2`` over the last axis; 0
     where the whole factor is zero (its gradients are then exactly zero too)."""
-    top = x.amax(-1, keepdim=True)
-    lam = damping * top * top
-    out = 1.0 / (x * x + lam)
-    return torch.where(top > 0, out, torch.zeros_like(out))
+    x2 = x * x
+    top2 = x2.amax(-1, keepdim=True)
+    return (x2 + damping * top2).reciprocal_().where(top2 > 0, 0.0)
 
 
 def _polar(N: Tensor) -> Tensor:

@@ -181,7 +181,9 @@ class TruncateSteps(Retraction):
         if not Ls:
             return None
         M = fr.sB.new_zeros(*fr.sB.shape[:-1], i, j)
-        if start:
+        if start and fr.balanced:  # PB.T PA = I: X0/s = UB diag(s^2) UA.T
+            M[..., :kB, :kA].diagonal(dim1=-2, dim2=-1).copy_(fr.sB * fr.sA)
+        elif start:
             M[..., :kB, :kA] = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
         for r0, c0, v, n in fills:
             if isinstance(v, Tensor):

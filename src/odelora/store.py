@@ -128,7 +128,7 @@ class PairStore:
                 p.grad = None
 
     def versions(self) -> tuple[int, ...]:
-        return tuple(_local(p)._version for b in self.buckets for p in b.params)
+        return tuple(v for b in self.buckets for v in ([_local(p)._version for p in b.params] if b.sharded else [p._version for p in b.params]))
 
     def names_where(self, bad: list[Tensor]) -> list[str]:
         """Names of the pairs flagged by per-bucket boolean tensors (k,)."""
