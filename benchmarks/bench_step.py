@@ -8,7 +8,9 @@
    alternating so that both see the same machine state. Targets: step <= 1.5x, whole <= 1.02x.
 2. Growth: 12 synthetic pairs of a square layer, step time against AdamW as the rank grows
    (4 to 64, width 384) and as the width grows (384 to 4096, r = 8), with the optimizer state's
-   size (and, on CUDA, the peak memory of a step).
+   size (and, on CUDA, the peak memory of a step), and the floor of the default step: the time
+   of its decompositions alone (two QRs of m x 2r blocks, SVDs of 2r x 2r and r x r) at the
+   same shapes.
 Medians over ``--repeats`` alternating runs after warm-up; ratios are ODELoRA / AdamW, for the
 default truncation retraction and for ``retraction="split"``.
 """
@@ -124,6 +126,22 @@ def growth_benchmark(width: int, rank: int, repeats: int, device, pairs: int = 1
 
         return once
 
+    # The floor of the default step: only the decompositions one truncation step makes (QRs of the
+    # two m x 2r bases, the 2r x 2r core's SVD, the r x r alignment's SVD), on inputs of its shapes.
+    bases = [mk(pairs, 2 * rank, width).mT for _ in range(2)]
+    core, align = mk(pairs, 2 * rank, 2 * rank), mk(pairs, rank, rank)
+
+    def decompositions():
+        sync(device)
+        t0 = time.perf_counter()
+        for X in bases:
+            torch.linalg.qr(X)
+        torch.linalg.svd(core)
+        torch.linalg.svd(align)
+        sync(device)
+        dt = time.perf_counter() - t0
+        return dt, dt
+
     peak = {}
     if device.type == "cuda":
         for name in sets:
@@ -131,9 +149,10 @@ def growth_benchmark(width: int, rank: int, repeats: int, device, pairs: int = 1
             before = torch.cuda.memory_allocated()
             run(name)()
             peak[name] = torch.cuda.max_memory_allocated() - before
-    med = alternate({k: run(k) for k in sets}, repeats)
+    med = alternate({**{k: run(k) for k in sets}, "decompositions": decompositions}, repeats)
     row = dict(width=width, rank=rank, pairs=pairs, odelora_ms=med["odelora"][0], adamw_ms=med["adamw"][0],
                ratio=med["odelora"][0] / med["adamw"][0], split_ms=med["split"][0], split_ratio=med["split"][0] / med["adamw"][0],
+               decompositions_ms=med["decompositions"][0], decompositions_ratio=med["decompositions"][0] / med["adamw"][0],
                odelora_state_MB=state_bytes(sets["odelora"][0]) / 2**20, adamw_state_MB=state_bytes(sets["adamw"][0]) / 2**20)
     if peak:
         row.update(odelora_peak_MB=peak["odelora"] / 2**20, adamw_peak_MB=peak["adamw"] / 2**20)
