@@ -85,7 +85,7 @@ def test_tangent_project_matches_reference(rng):
 @pytest.mark.parametrize("m,n,a,p", [(30, 20, 4, 4), (30, 20, 4, 12), (5, 20, 4, 4), (30, 3, 2, 6)])
 def test_truncate_is_the_best_rank_r_approximation(m, n, a, p, rng):
     """Against numpy's SVD of the dense sum, also with rank-deficient extra blocks (a rank-1
-    gradient) and with fewer rows than columns to orthogonalize."""
+    gradient), with fewer rows than columns to orthogonalize, and with L given as blocks."""
     b = min(a, n)
     UL = np.linalg.qr(rng.standard_normal((m, min(a, m))))[0]
     UR = np.linalg.qr(rng.standard_normal((n, b)))[0]
@@ -94,7 +94,10 @@ def test_truncate_is_the_best_rank_r_approximation(m, n, a, p, rng):
         R = rng.standard_normal((n, p))
         M = rng.standard_normal((UL.shape[1] + p, b + p))
         k = min(a, m, n)
-        U, S, V, UtUL, VtUR = (t.numpy() for t in truncate(*(torch.from_numpy(x) for x in (UL, UR, M, L, R)), k))
+        t = [torch.from_numpy(x) for x in (UL, UR, M, L, R)]
+        if rank_L == 1:  # the extra columns as a list of blocks
+            t[3] = [t[3][:, :1], t[3][:, 1:]]
+        U, S, V, UtUL, VtUR = (x.numpy() for x in truncate(*t, k))
         np.testing.assert_allclose(UtUL, U.T @ UL, atol=1e-12)
         np.testing.assert_allclose(VtUR, V.T @ UR, atol=1e-12)
         Y = np.hstack([UL, L]) @ M @ np.hstack([UR, R]).T

@@ -157,7 +157,8 @@ def _aligned_polar(N: Tensor) -> Tensor:
     return informed + (Wf * take.unsqueeze(-2)) @ Zfh
 
 
-def _blocks_list(X) -> list[Tensor]:
+def _as_list(X) -> list[Tensor]:
+    """A block or a list of blocks, as a list."""
     return [X] if isinstance(X, Tensor) else list(X)
 
 
@@ -175,8 +176,8 @@ def truncate(UL: Tensor, UR: Tensor, M: Tensor, L, R, rank: int):
     to UL even when L is rank-deficient (a rank-1 gradient), and gives ``min(m, a + p)`` columns
     when m is small. Cost O((m + n)(a + p)^2 + (a + p)^3).
     """
-    Ql, Tl = torch.linalg.qr(cat_columns([UL, *_blocks_list(L)]))
-    Qr, Tr = torch.linalg.qr(cat_columns([UR, *_blocks_list(R)]))
+    Ql, Tl = torch.linalg.qr(cat_columns([UL, *_as_list(L)]))
+    Qr, Tr = torch.linalg.qr(cat_columns([UR, *_as_list(R)]))
     W, S, Zh = torch.linalg.svd(Tl @ M @ Tr.mT)
     W, Z = W[..., :rank], Zh[..., :rank, :].mT
     a, b = UL.shape[-1], UR.shape[-1]
@@ -195,7 +196,7 @@ def split_project(UL: Tensor, UR: Tensor, M: Tensor, L, R, rank: int):
     (``b = UR.shape[-1]``) instead of :func:`truncate`'s ``m x (a + p)``.
     """
     b = UR.shape[-1]
-    P, Q = cat_columns([UL, *_blocks_list(L)]), cat_columns([UR, *_blocks_list(R)])
+    P, Q = cat_columns([UL, *_as_list(L)]), cat_columns([UR, *_as_list(R)])
     U1, _ = torch.linalg.qr(tall_mm(P, M @ (Q.mT @ UR)))  # K = Y UR
     U1tP = U1.mT @ P
     V1, T = torch.linalg.qr(tall_mm(Q, M.mT @ U1tP.mT))  # (U1.T Y).T = V1 T

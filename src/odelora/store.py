@@ -128,7 +128,10 @@ class PairStore:
                 p.grad = None
 
     def versions(self) -> tuple[int, ...]:
-        return tuple(v for b in self.buckets for v in ([_local(p)._version for p in b.params] if b.sharded else [p._version for p in b.params]))
+        out = []
+        for b in self.buckets:
+            out += [p._version for p in ([_local(p) for p in b.params] if b.sharded else b.params)]
+        return tuple(out)
 
     def names_where(self, bad: list[Tensor]) -> list[str]:
         """Names of the pairs flagged by per-bucket boolean tensors (k,)."""
