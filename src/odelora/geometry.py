@@ -126,12 +126,6 @@ def damped_inverse(x: Tensor, damping: float) -> Tensor:
     return (x2 + damping * top2).reciprocal_().where(top2 > 0, 0.0)
 
 
-def _polar(N: Tensor) -> Tensor:
-    """The orthogonal (semi-orthogonal) factor ``W Z.T`` of ``N = W diag(c) Z.T``."""
-    W, _, Zh = torch.linalg.svd(N, full_matrices=False)
-    return W @ Zh
-
-
 def _aligned_polar(N: Tensor) -> Tensor:
     """The polar factor of ``N`` (k, r), k <= r, where N determines it; where it does not (singular
     values below ``eps^(1/2)`` of the largest: directions the previous factors do not reach), the
