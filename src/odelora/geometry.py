@@ -271,30 +271,29 @@ def balance(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     choosing among such factorizations the one closest to ``(B, A)``. The product is unchanged up
     to rounding; computed in the compute precision, returned in the input dtype. A rank-deficient
     product gives factors with matching zero directions (``B = 0`` balances to ``(0, 0)``)."""
-    dtype, wd = B.dtype, compute_dtype(B, A)
-    B0, A0 = B.to(wd), A.to(wd)
-    Bn, An, _ = balance_frame(B0, A0)
-    return Bn.to(dtype), An.to(dtype)
+    dt = compute_dtype(B, A)
+    Bn, An, _ = balance_frame(B.to(dt), A.to(dt))
+    return Bn.to(B.dtype), An.to(A.dtype)
 
 
 def imbalance(B: Tensor, A: Tensor) -> Tensor:
     """``||B.T B - A A.T||_F / (||B.T B||_F + ||A A.T||_F)`` per pair, in [0, 1]: 0 for balanced
     factors, 1 when one factor is zero and the other is not (PEFT's start), 0 when both are."""
-    wd = compute_dtype(B, A)
-    B, A = B.to(wd), A.to(wd)
+    dt = compute_dtype(B, A)
+    B, A = B.to(dt), A.to(dt)
     MB, MA = B.mT @ B, A @ A.mT
     den = torch.linalg.matrix_norm(MB) + torch.linalg.matrix_norm(MA)
     num = torch.linalg.matrix_norm(MB - MA)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(wd).tiny), torch.zeros_like(num))
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(num))
 
 
 def tangent_project(G: Tensor, B: Tensor, A: Tensor) -> Tensor:
     """Orthogonal projection of ``G`` (..., m, n) on the tangent space of the rank-r matrices at
     ``X = B @ A``: ``PU G + G PV - PU G PV`` with PU, PV the projectors on the column space of B and
     the row space of A (full-rank factors). A dense reference for tests and diagnostics."""
-    wd = compute_dtype(G, B, A)
-    QB = torch.linalg.qr(B.to(wd))[0]
-    QA = torch.linalg.qr(A.to(wd).mT)[0]
-    G = G.to(wd)
+    dt = compute_dtype(G, B, A)
+    QB = torch.linalg.qr(B.to(dt))[0]
+    QA = torch.linalg.qr(A.to(dt).mT)[0]
+    G = G.to(dt)
     UG = QB @ (QB.mT @ G)
     return UG + (G - UG) @ QA @ QA.mT

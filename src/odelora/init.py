@@ -113,8 +113,8 @@ def dense_gradients(model: nn.Module, closure: Callable[[], object], adapter: st
                 out = out.detach().requires_grad_()
 
             def grad(g):
-                wd = dtype or torch.promote_types(by_path[path].A.dtype, torch.float32)
-                G = g.reshape(-1, m).to(wd).mT @ x.reshape(-1, n).to(wd)
+                dt = dtype or torch.promote_types(by_path[path].A.dtype, torch.float32)
+                G = g.reshape(-1, m).to(dt).mT @ x.reshape(-1, n).to(dt)
                 acc[path] = G if acc[path] is None else acc[path] + G
 
             out.register_hook(grad)
