@@ -281,10 +281,10 @@ def test_load_state_dict_validates_with_clear_errors():
     with pytest.raises(ValueError, match="expected the keys 'state' and 'param_groups'"):
         opt.load_state_dict({"state": {}})
     bad = {**sd, "param_groups": [{**sd["param_groups"][0], "lr": -1.0}]}
-    with pytest.raises(ValueError, match="lr must be a positive finite"):
+    with pytest.raises(ValueError, match="lr must be a non-negative finite"):
         opt.load_state_dict(bad)
     bad = {**sd, "param_groups": [{**sd["param_groups"][0], "lr": float("nan")}]}
-    with pytest.raises(ValueError, match="lr must be a positive finite"):
+    with pytest.raises(ValueError, match="lr must be a non-negative finite"):
         opt.load_state_dict(bad)
     Y2, B2, A2 = problem(7, m=10)
     other = ODELoRA([(B2, A2)], lr=0.1, preconditioner="adam")
@@ -531,3 +531,165 @@ def test_adam_preconditioner_trains_resumes_and_keeps_its_coordinates():
         opt.step(closure)
         opt2.step(make_closure(opt2, B2, A2, Y))
     assert torch.equal(B2.detach(), B.detach()) and torch.equal(A2.detach(), A.detach())
+
+
+def peft_start(seed=0, m=10, n=8, r=2):
+    g = torch.Generator().manual_seed(seed)
+    Y = torch.randn(m, n, generator=g)
+    return Y, torch.zeros(m, r, requires_grad=True), (0.1 * torch.randn(r, n, generator=g)).requires_grad_()
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+@pytest.mark.parametrize("retraction", [None, "split", "balance"])
+def test_a_step_that_leaves_the_product_at_zero_keeps_PEFTs_start(method, retraction):
+    """At B = 0 a zero gradient or h = 0 (an LR warm-up's first step) leaves the product at zero;
+    the factors must stay (0, A): (0, 0) is a state no flow leaves. Reference: the same run
+    without that step."""
+    runs = []
+    for zero_step in (False, True):
+        Y, B, A = peft_start()
+        opt = ODELoRA([(B, A)], lr=0.05, method=method, retraction=retraction)
+
+        def closure(k=1.0):
+            opt.zero_grad()
+            loss = 0.5 * k * ((B @ A - Y) ** 2).sum()
+            loss.backward()
+            return loss
+
+        A0 = A.detach().clone()
+        if zero_step:
+            opt.step(lambda: closure(0.0))
+            assert torch.equal(A.detach(), A0) and not B.detach().any()
+        for _ in range(10):
+            opt.step(closure)
+        runs.append((B.detach().clone(), A.detach().clone(), float(closure().detach())))
+    (B1, A1, l1), (B2, A2, l2) = runs
+    assert l1 < 0.8 * 0.5 * float((Y**2).sum())
+    assert torch.allclose(B1 @ A1, B2 @ A2, rtol=0, atol=1e-6) and l2 == pytest.approx(l1, rel=1e-5)
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_lr_warm_up_from_zero_starts_training_at_B_zero(preconditioner):
+    Y, B, A = peft_start(1)
+    opt = ODELoRA([(B, A)], lr=0.05, preconditioner=preconditioner)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 5))
+    closure = make_closure(opt, B, A, Y.double())
+    A0 = A.detach().clone()
+    opt.step(closure)  # lr = 0
+    sched.step()
+    assert torch.equal(A.detach(), A0) and not B.detach().any()
+    start = float(closure())
+    for _ in range(30):
+        opt.step(closure)
+        sched.step()
+    assert float(closure()) < 0.8 * start and B.detach().abs().max() > 0
+
+
+def test_bad_options_and_inputs_fail_at_construction_with_what_to_do():
+    Y, B, A = problem(20, dtype=torch.float32)
+    with pytest.raises(ValueError, match="does not require grad.*requires_grad_"):
+        ODELoRA([(B.detach(), A)])
+    with pytest.raises(TypeError, match="floating point"):
+        LoRAPair(torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="also a factor"):
+        ODELoRA([(B, A)], companion=[B])
+    with pytest.raises(ValueError, match="weight_decay acts only with preconditioner='adam'"):
+        ODELoRA([(B, A)], weight_decay=0.1)
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        ODELoRA([(B, A)], betas=(0.9,))
+    with pytest.raises(ValueError, match="eps and weight_decay"):
+        ODELoRA([(B, A)], preconditioner="adam", eps=-1.0)
+    with pytest.raises(ValueError, match=r"\['dampnig'\] are not options.*'damping'"):
+        ODELoRA([(B, A)], flow_options={"dampnig": 1e-3})
+    with pytest.raises(ValueError, match="rtol and atol must be finite"):
+        ODELoRA([(B, A)], method="bs32", rtol=float("nan"))
+    with pytest.raises(ValueError, match="a float or a one-element tensor"):
+        ODELoRA([(B, A)], lr="0.1")
+    for lr in (np.float32(0.1), torch.tensor(0.1)):
+        assert ODELoRA([(B, A)], lr=lr).param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_errors_during_a_step_leave_the_parameters_untouched():
+    Y, B, A = problem(21)
+    B0, A0 = B.detach().clone(), A.detach().clone()
+    opt = ODELoRA([(B, A)], lr=0.1, method="rk4")
+    with pytest.raises(RuntimeError, match="no gradient on the LoRA pairs.*backward"):
+        opt.step(lambda: 0.5 * ((B @ A - Y) ** 2).sum())  # forgot backward()
+    calls = [0]
+
+    def failing():  # user code failing at the third stage, after the parameters moved
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyError("batch")
+        return make_closure(opt, B, A, Y)()
+
+    with pytest.raises(KeyError):
+        opt.step(failing)
+    opt.param_groups[0]["lr"] = -0.1  # e.g. a scheduler gone wrong
+    with pytest.raises(ValueError, match="param group 0: lr must be a non-negative"):
+        opt.step(make_closure(opt, B, A, Y))
+    assert torch.equal(B.detach(), B0) and torch.equal(A.detach(), A0)
+
+
+def test_a_skipped_step_changes_nothing_later_steps_see():
+    """NaN at the start of a step: the following steps match a run without that step, bit for bit."""
+    Y, B0, A0 = problem(22, dtype=torch.float32)
+    runs = []
+    for with_nan in (False, True):
+        B, A = B0.detach().clone().requires_grad_(), A0.detach().clone().requires_grad_()
+        opt = ODELoRA([(B, A)], lr=0.05, method="rk4")
+        closure = make_closure(opt, B, A, Y)
+        for i in range(6):
+            if with_nan and i == 3:
+                with pytest.warns(RuntimeWarning, match="skipped"):
+                    opt.step(lambda: make_closure(opt, B, A, Y * float("nan"))())
+            opt.step(closure)
+        runs.append((B.detach(), A.detach()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_overflow_skip_leaves_adam_moments_and_half_precision_resume_is_exact():
+    g = torch.Generator().manual_seed(23)
+    B = torch.randn(6, 2, generator=g).half().requires_grad_()
+    A = torch.randn(2, 5, generator=g).half().requires_grad_()
+    opt = ODELoRA([(B, A)], lr=0.05, preconditioner="adam")
+
+    def closure():
+        opt.zero_grad()
+        loss = ((B.float() @ A.float()) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    before = [{k: v.clone() for k, v in opt.state[p].items()} for p in (B, A)]
+    opt.param_groups[0]["lr"] = 1e6
+    with pytest.warns(RuntimeWarning, match="overflows the float16"):
+        opt.step(closure)
+    for p, st in zip((B, A), before):
+        assert all(torch.equal(st[k], opt.state[p][k]) for k in st)
+    for dtype in (torch.bfloat16, torch.float16):  # moments are float32; a reload must not round them
+        Y, Bd, Ad = problem(24, dtype=dtype)
+        finals = []
+        for reload in (False, True):
+            Bx, Ax = Bd.detach().clone().requires_grad_(), Ad.detach().clone().requires_grad_()
+            o = ODELoRA([(Bx, Ax)], lr=0.05, preconditioner="adam")
+            step = make_closure(o, Bx, Ax, Y)
+            for _ in range(4):
+                o.step(step)
+            if reload:
+                o2 = ODELoRA([(Bx, Ax)], lr=0.05, preconditioner="adam")
+                o2.load_state_dict(torch.load(saved(o.state_dict()), weights_only=True))
+                o, step = o2, make_closure(o2, Bx, Ax, Y)
+            for _ in range(4):
+                o.step(step)
+            finals.append(torch.cat([Bx.detach().flatten(), Ax.detach().flatten()]))
+        assert torch.equal(finals[0], finals[1])
+
+
+def test_a_state_dict_of_another_rank_is_refused():
+    Y, B, A = problem(25)
+    opt = ODELoRA([(B, A)], lr=0.05)
+    opt.step(make_closure(opt, B, A, Y))
+    _, B3, A3 = problem(25, r=3)
+    with pytest.raises(ValueError, match=r"12 x 2 x 9 \(m x r x n\).*12 x 3 x 9.*same model and LoRA rank"):
+        ODELoRA([(B3, A3)], lr=0.05).load_state_dict(opt.state_dict())

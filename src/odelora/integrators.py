@@ -194,11 +194,13 @@ class VectorSpace:
 
 
 def rk_step(
-    f: Callable[[Any], Any], y0: Any, h: Sequence[float], tableau: Tableau, space: Space, first: Stage | None = None
+    f: Callable[[Any], Any], y0: Any, h: Sequence[float], tableau: Tableau, space: Space, first: Stage | None = None,
+    combine: bool = True,
 ) -> tuple[Any, list[Stage]]:
     """One explicit RK step from ``y0``: returns the new state and the stages.
 
-    ``first`` (the stage at ``y0``) is reused when given, saving one evaluation. A
+    ``first`` (the stage at ``y0``) is reused when given, saving one evaluation. With
+    ``combine=False`` the stages are all the caller needs: the new state is not formed (None). A
     :class:`NonFiniteError` raised by ``f`` comes out with the stage index and the completed
     stages attached.
     """
@@ -218,6 +220,8 @@ def rk_step(
         stages.append(Stage(yi, k))
     if tableau.fsal:  # the last stage was evaluated at the new state
         return stages[-1].y, stages
+    if not combine:
+        return None, stages
     try:
         return space.combine(y0, h, tableau.b, stages), stages
     except torch.linalg.LinAlgError as exc:  # e.g. the stages' combination overflowed
@@ -244,8 +248,8 @@ class StepController:
     h_max: float = math.inf
 
     def __post_init__(self):
-        if self.rtol < 0 or self.atol < 0 or self.rtol + self.atol <= 0:
-            raise ValueError("rtol and atol must be non-negative and not both zero")
+        if not (0 <= self.rtol < math.inf and 0 <= self.atol < math.inf) or self.rtol + self.atol <= 0:
+            raise ValueError(f"rtol and atol must be finite, non-negative and not both zero, got rtol={self.rtol}, atol={self.atol}")
         if not 0 < self.shrink <= 1 <= self.grow:
             raise ValueError("need 0 < shrink <= 1 <= grow")
 
@@ -266,8 +270,9 @@ class StepController:
 
 @dataclass
 class Attempt:
-    """What :func:`attempt` did: the accepted state (None if every try failed), its stages, the
-    step taken, the proposed next step, and the counts."""
+    """What :func:`attempt` did: whether a try was accepted, its state (None if every try failed,
+    or if only the stages were asked for), its stages, the step taken, the proposed next step, and
+    the counts."""
 
     y: Any
     stages: list[Stage]
@@ -277,10 +282,7 @@ class Attempt:
     rejected: int = 0
     nonfinite: int = 0
     ratios: Tensor | None = None  # error ratios of the last try (adaptive methods)
-
-    @property
-    def accepted(self) -> bool:
-        return self.y is not None
+    accepted: bool = False
 
 
 def attempt(
@@ -296,6 +298,7 @@ def attempt(
     max_tries: int = 10,
     first: Stage | None = None,
     agree: Callable[[Tensor], Tensor] | None = None,
+    combine: bool = True,
 ) -> Attempt:
     """Take one step from ``y0``, retrying with a smaller step until one is accepted, at most
     ``max_tries`` times. The step of part p is ``h * unit[p]``.
@@ -303,7 +306,8 @@ def attempt(
     Embedded pairs are accepted when their error norm is <= 1. A :class:`NonFiniteError` at a
     later stage is a rejection (the step shrinks by ``controller.shrink``, for fixed-step methods
     too); one at the first stage is raised, since no smaller step can help. A retry reuses the
-    first stage. ``y0`` itself is never modified. ``agree`` maps the error ratios to values every
+    first stage. ``y0`` itself is never modified. ``combine=False`` (fixed-step methods only):
+    return the stages without forming the new state. ``agree`` maps the error ratios to values every
     process shares (an all-reduce), so that data-parallel ranks take the same decisions.
     """
     units = list(unit) if isinstance(unit, (list, tuple)) else [float(unit)] * parts
@@ -319,7 +323,7 @@ def attempt(
         hs = [h * u for u in units]
         out.h = h
         try:
-            y1, stages = rk_step(counted, y0, hs, tableau, space, first)
+            y1, stages = rk_step(counted, y0, hs, tableau, space, first, combine or tableau.adaptive)
         except NonFiniteError as exc:
             if exc.stage == 0:
                 out.nfe = calls[0]
@@ -331,7 +335,7 @@ def attempt(
             out.h_next = h
             continue
         if not tableau.adaptive:
-            out.y, out.stages, out.h_next = y1, stages, h
+            out.y, out.stages, out.h_next, out.accepted = y1, stages, h, True
             break
         ratios = space.error_ratios(y0, y1, hs, tableau.b_err, stages, controller.atol, controller.rtol)
         if agree is not None:
@@ -340,7 +344,7 @@ def attempt(
         out.ratios = ratios
         h_next = controller.next_step(h, err, tableau.order_low, previous)
         if err <= 1.0:
-            out.y, out.stages, out.h_next = y1, stages, h_next
+            out.y, out.stages, out.h_next, out.accepted = y1, stages, h_next, True
             break
         previous = (h, err) if math.isfinite(err) else None
         out.rejected += 1

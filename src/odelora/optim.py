@@ -11,6 +11,7 @@ A step is a short pipeline of named parts::
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .flows import Flow, get_flow
 from .geometry import Frame, imbalance
 from .integrators import Attempt, NonFiniteError, StepController, get_tableau, attempt
 from .pairs import LoRAPair, as_pairs
-from .preconditioners import get_preconditioner
+from .preconditioners import Move, get_preconditioner
 from .retractions import Factors, get_retraction
 from .store import PairStore
 
@@ -72,14 +73,53 @@ def _param_groups(params: Any) -> list[dict]:
         if "params" in rest:
             raise ValueError("ODELoRA param groups take 'pairs', not 'params'")
         if "lr" in rest:
-            _check_lr(rest["lr"])
+            rest["lr"] = _check_lr(rest["lr"])
         out.append(dict(params=[t for p in pairs for t in (p.B, p.A)], scales=[float(p.scale) for p in pairs], names=[p.name for p in pairs], **rest))
     return out
 
 
-def _check_lr(lr) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+def _check_adam_options(preconditioner, betas, eps, weight_decay) -> None:
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}") from None
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"betas must lie in [0, 1), got {betas}")
+    if not (eps >= 0 and math.isfinite(eps)) or not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"eps and weight_decay must be finite and >= 0, got eps={eps!r}, weight_decay={weight_decay!r}")
+    if weight_decay and preconditioner != "adam":
+        raise ValueError("weight_decay acts only with preconditioner='adam' (decoupled, as in AdamW); plain ODE steps have none")
+
+
+def _check_flow_options(flow: Flow, options: dict) -> None:
+    """Unknown keyword arguments for the flow, reported now rather than at the first step."""
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    accepted = set()
+    for fn in (flow.fn, flow.tangent):
+        try:
+            params = inspect.signature(fn).parameters.values() if fn is not None else []
+        except (TypeError, ValueError):  # no signature to read
+            return
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return
+        accepted |= {p.name for p in params if p.kind in named}
+    accepted -= {"B", "A", "gB", "gA", "scale", "frame"}  # the optimizer passes these
+    bad = sorted(set(options) - accepted)
+    if bad:
+        raise ValueError(f"flow_options {bad} are not options of the {flow.name!r} flow; it takes {sorted(accepted)}")
+
+
+def _check_lr(lr, zero: bool = False) -> float:
+    """``lr`` as a float: a positive finite number (a Python or NumPy number, or a one-element
+    tensor); ``zero`` also admits 0, which an LR scheduler's warm-up may set."""
+    try:
+        value = math.nan if isinstance(lr, (bool, str, bytes)) else float(lr)
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if not ((value > 0 or (zero and value == 0)) and math.isfinite(value)):
+        what = "non-negative" if zero else "positive"
+        raise ValueError(f"lr must be a {what} finite number (a float or a one-element tensor), got {lr!r}")
+    return value
 
 
 class _Field:
@@ -113,6 +153,11 @@ class _Field:
             store.clear_grads()
             with torch.enable_grad():
                 loss = self.closure()
+            if not store.has_grads():
+                raise RuntimeError(
+                    "the closure left no gradient on the LoRA pairs: it must zero the gradients, compute the loss, "
+                    "call loss.backward() and return the loss"
+                )
         if first:
             self.loss = loss
             if opt._companion is not None:
@@ -222,7 +267,7 @@ class ODELoRA(torch.optim.Optimizer):
         companion_kwargs: dict | None = None,
         sync_ranks: bool | None = None,
     ):
-        _check_lr(lr)
+        lr = _check_lr(lr)
         self.tableau = get_tableau(method)
         self.flow = get_flow(flow)
         self.retraction = get_retraction(retraction or self.flow.retraction)
@@ -231,8 +276,8 @@ class ODELoRA(torch.optim.Optimizer):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
         if preconditioner and self.tableau.adaptive:
             raise ValueError("preconditioner='adam' needs a fixed-step method (euler, heun, midpoint, rk4)")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        _check_adam_options(preconditioner, betas, eps, weight_decay)
+        _check_flow_options(self.flow, flow_options or {})
         if int(max_rejects) < 0 or int(max_skipped_steps) < 1:
             raise ValueError("need max_rejects >= 0 and max_skipped_steps >= 1")
         self.controller = StepController(rtol=rtol, atol=atol, h_max=1.0)
@@ -249,6 +294,9 @@ class ODELoRA(torch.optim.Optimizer):
         self.controller.rtol = max(self.controller.rtol, float(floor))
         self._companion = None
         companion = [p for p in (companion or []) if p.requires_grad]
+        factors = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in factors for p in companion):
+            raise ValueError("a companion parameter is also a factor of a LoRA pair: list each tensor once (pairs or companion)")
         if companion:
             self._companion = torch.optim.AdamW(companion, lr=companion_lr, **(companion_kwargs or {}))
             for g in self._companion.param_groups:  # shared dicts: LR schedulers reach them too
@@ -303,26 +351,41 @@ class ODELoRA(torch.optim.Optimizer):
         With ``closure=None`` only Euler can run, from the gradients already in ``.grad``.
         """
         closure, from_grad = self._stage_source(closure)
+        units = self._step_units()
         y0 = self._start_state()
         fld = _Field(self, closure, from_grad, y0)
         try:
             res = attempt(
                 fld, y0, self._rho if self.tableau.adaptive else 1.0, self.tableau, self.retraction, self.controller,
-                unit=[self.param_groups[b.group]["lr"] for b in self.store.buckets], max_tries=self.max_rejects + 1,
-                agree=self._agree_max if self._ranks() > 1 else None,
+                unit=units, max_tries=self.max_rejects + 1, agree=self._agree_max if self._ranks() > 1 else None,
+                combine=self.preconditioner.uses_step,
             )
         except NonFiniteError as exc:
             return self._skip(fld, y0, str(exc), nfe=fld.calls, rejected=1, nonfinite=1)
+        except BaseException:  # an error in the closure at a later stage: put the parameters back
+            self.store.unpack(y0)
+            raise
         if not res.accepted:
             if self.tableau.adaptive:
                 self._rho = res.h_next
             return self._skip(fld, y0, self._tolerance_failure(res), nfe=res.nfe, rejected=res.rejected, nonfinite=res.nonfinite)
-        y = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
-        overflow = self._overflow(y)
+        move = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
+        overflow = self._overflow(move.y)
         if overflow:
             return self._skip(fld, y0, f"the step overflows the {overflow} parameters", nfe=res.nfe, rejected=res.rejected + 1, nonfinite=res.nonfinite + 1)
-        self._commit(y, fld, res)
+        self._commit(move, fld, res)
         return fld.loss
+
+    def _step_units(self) -> list[float]:
+        """Each bucket's lr (its group's, as an LR scheduler left it): the unit of its time step."""
+        units = []
+        for b in self.store.buckets:
+            lr = self.param_groups[b.group]["lr"]
+            try:
+                units.append(_check_lr(lr, zero=True))
+            except ValueError as err:
+                raise ValueError(f"param group {b.group}: {err}") from None
+        return units
 
     # ------------------------------------------------------------------ ranks
     def _ranks(self) -> int:
@@ -381,10 +444,12 @@ class ODELoRA(torch.optim.Optimizer):
                     return str(b.Bs[0].dtype).replace("torch.", "")
         return None
 
-    def _commit(self, y: list[Factors], fld: _Field, res: Attempt) -> None:
-        store = self.store
+    def _commit(self, move: Move, fld: _Field, res: Attempt) -> None:
+        store, y = self.store, move.y
         store.unpack(y)
         self._last = (store.versions(), y, True)
+        for p, entries in move.state.items():
+            self.state[p].update(entries)
         if self._companion is not None:
             for p, g in zip(self._companion_params(), fld.companion_grads):
                 p.grad = g
@@ -399,7 +464,10 @@ class ODELoRA(torch.optim.Optimizer):
 
     def _skip(self, fld: _Field, y0: list[Factors], why: str, *, nfe: int, rejected: int = 0, nonfinite: int = 0):
         """Restore the parameters, count the skipped step, warn or raise."""
-        self.store.unpack(y0)
+        store = self.store
+        store.unpack(y0)
+        if all(b.exact for b in store.buckets):  # keep y0's frames: the next step computes as if this one never ran
+            self._last = (store.versions(), y0, True)
         self._skips += 1
         self.stats["skipped"] += 1
         self._record(fld, nfe, False, rejected, nonfinite, 0.0)
@@ -452,11 +520,15 @@ class ODELoRA(torch.optim.Optimizer):
         extra = state_dict.pop("odelora", None)
         super().load_state_dict(state_dict)
         self._store = None
-        for b in self.store.buckets:  # torch casts state to the parameter dtype; moments live in the compute dtype
+        # torch casts state to the parameter dtype; Adam moments live in the compute dtype (float32
+        # for half-precision factors), so take them from the state dict itself, not from the cast
+        saved = {id(p): pid for g, h in zip(self.param_groups, state_dict["param_groups"]) for p, pid in zip(g["params"], h["params"])}
+        for b in self.store.buckets:
             for p in b.params:
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in self.state.get(p, {}):
-                        self.state[p][key] = self.state[p][key].to(b.dtype)
+                        value = state_dict["state"][saved[id(p)]][key]
+                        self.state[p][key] = value.to(device=self.state[p][key].device, dtype=b.dtype, copy=True)
         self._last = None
         if extra is not None:
             self._rho = float(extra["rho"])
@@ -488,7 +560,7 @@ class ODELoRA(torch.optim.Optimizer):
                 raise ValueError(f"param group {i}: the state dict has {len(h.get('params', []))} tensors, this optimizer {len(g['params'])}")
             if not g.get("companion"):
                 try:
-                    _check_lr(h.get("lr"))
+                    _check_lr(h.get("lr"), zero=True)
                 except ValueError as err:
                     raise ValueError(f"param group {i} of the state dict: {err}") from None
                 if list(h.get("scales", [])) != list(g["scales"]):
@@ -499,6 +571,14 @@ class ODELoRA(torch.optim.Optimizer):
                         raise ValueError(f"state '{key}' of parameter {pid} has shape {tuple(val.shape)}, the parameter {tuple(p.shape)}")
         extra = sd.get("odelora")
         if extra is not None:
+            for b, f in zip(self.store.buckets, extra.get("frames") or []):
+                (m, r), n = b.Bs[0].shape, b.As[0].shape[-1]
+                if f is not None and (f[0].shape[-2] != m or f[2].shape[-2] != r or f[3].shape[-2] != n or f[0].shape[0] != len(b.Bs)):
+                    raise ValueError(
+                        f"the state dict was saved for {f[0].shape[0]} pairs of shape {f[0].shape[-2]} x {f[2].shape[-2]} x "
+                        f"{f[3].shape[-2]} (m x r x n), this optimizer has {len(b.Bs)} of {m} x {r} x {n}: build it on the "
+                        "same model and LoRA rank"
+                    )
             rho = extra.get("rho")
             if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
                 raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -21,22 +22,31 @@ class LoRAPair:
 
     def __post_init__(self):
         B, A = self.B, self.A
+        who = f"pair {self.name}" if self.name else "LoRAPair"
         for t in (B, A):
             if type(t).__name__ == "FlatParameter" or getattr(t, "_is_flat_param", False):
                 raise NotImplementedError(
-                    f"pair {self.name or '?'}: this LoRA factor is a slice of an FSDP1 FlatParameter, whose "
+                    f"{who}: this LoRA factor is a slice of an FSDP1 FlatParameter, whose "
                     "flattening mixes factors of different layers. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
                     "which ODELoRA supports, or DDP"
                 )
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(
-                f"pair {self.name or '?'}: expected B (m, r) and A (r, n), got B {tuple(B.shape)} "
+                f"{who}: expected B (m, r) and A (r, n), got B {tuple(B.shape)} "
                 f"and A {tuple(A.shape)}. PEFT's lora_B.weight is B and lora_A.weight is A"
             )
         if B.dtype != A.dtype or B.device != A.device:
-            raise ValueError(f"pair {self.name or '?'}: B and A must share dtype and device")
-        if not isinstance(self.scale, (int, float)) or not self.scale > 0:
-            raise ValueError(f"pair {self.name or '?'}: scale must be a positive number, got {self.scale!r}")
+            raise ValueError(f"{who}: B and A must share dtype and device")
+        if not B.is_floating_point():
+            raise TypeError(f"{who}: factors must be floating point, got {B.dtype}")
+        if not (B.requires_grad and A.requires_grad):
+            frozen = " and ".join(n for n, t in (("B", B), ("A", A)) if not t.requires_grad)
+            raise ValueError(
+                f"{who}: {frozen} does not require grad, so it would get no gradient while the optimizer rewrites "
+                "both factors. Train both factors (requires_grad_()) or leave the pair out"
+            )
+        if not isinstance(self.scale, (int, float)) or not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"{who}: scale must be a positive finite number, got {self.scale!r}")
 
     @property
     def rank(self) -> int:

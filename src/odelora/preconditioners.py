@@ -1,12 +1,14 @@
 """What turns a step's velocity into a move: nothing (plain ODE steps) or Adam moments.
 
-A preconditioner gets the start state, the accepted RK attempt and the retraction, and returns the
-new state. Its per-parameter state lives in the optimizer's ``state`` (saved with
-``state_dict``).
+A preconditioner gets the start state, the accepted RK attempt and the retraction, and returns a
+:class:`Move`: the new state and the per-parameter optimizer state to store (in the optimizer's
+``state``, saved with ``state_dict``) if the step is committed; a step skipped afterwards (an
+overflow) leaves that state as it was.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +18,15 @@ from .integrators import Attempt, Tableau, axpy
 from .retractions import Factors, Retraction
 from .store import Bucket
 
-__all__ = ["Plain", "Adam", "PRECONDITIONERS", "get_preconditioner"]
+__all__ = ["Move", "Plain", "Adam", "PRECONDITIONERS", "get_preconditioner"]
+
+
+@dataclass
+class Move:
+    """The new state, and per-parameter state entries to write when the step is committed."""
+
+    y: list[Factors]
+    state: dict[Any, dict[str, Any]] = field(default_factory=dict)
 
 
 class Plain:
@@ -24,9 +34,10 @@ class Plain:
 
     name = "none"
     per_coordinate = False  # only the product of the velocity matters
+    uses_step = True  # the attempt's new state is the move
 
-    def __call__(self, y0, res: Attempt, tableau: Tableau, retraction: Retraction, buckets, groups, state) -> list[Factors]:
-        return res.y
+    def __call__(self, y0, res: Attempt, tableau: Tableau, retraction: Retraction, buckets, groups, state) -> Move:
+        return Move(res.y)
 
 
 class Adam:
@@ -37,36 +48,38 @@ class Adam:
 
     name = "adam"
     per_coordinate = True  # the factor velocity itself, gauge included, is the input
+    uses_step = False  # only the attempt's stages: the RK step itself is not formed
 
-    def __call__(self, y0, res: Attempt, tableau: Tableau, retraction: Retraction, buckets: list[Bucket], groups, state) -> list[Factors]:
+    def __call__(self, y0, res: Attempt, tableau: Tableau, retraction: Retraction, buckets: list[Bucket], groups, state) -> Move:
         ks = [st.k for st in res.stages]
-        out = []
+        out, new_state = [], {}
         for b, (x0, bucket) in enumerate(zip(y0, buckets)):
             g = groups[bucket.group]
             vB, vA = axpy([torch.zeros_like(x0.B), torch.zeros_like(x0.A)], [1.0, 1.0], tableau.b, [k[b] for k in ks])
             B, A = x0.B.clone(), x0.A.clone()
             params = list(B.unbind(0)) + list(A.unbind(0))  # views: updated in place
             grads = list(vB.neg_().unbind(0)) + list(vA.neg_().unbind(0))
-            sts = [self._state(state, p, bucket.dtype) for p in bucket.params]
+            sts = [self._state(state, p, bucket.dtype) for p in bucket.params]  # copies, stored on commit
             beta1, beta2 = g["betas"]
             adamw(
                 params, grads, [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts], [], [s["step"] for s in sts],
                 foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=g["lr"],
                 weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
             )
+            new_state.update(zip(bucket.params, sts))
             out.append(Factors(B, A, x0.scale))
-        return retraction.retract(out)
+        return Move(retraction.retract(out), new_state)
 
     @staticmethod
     def _state(state, p, dtype) -> dict[str, Any]:
-        """Moments of the whole factor (a sharded one too: the step runs on gathered factors)."""
-        st = state[p]
-        if "exp_avg" not in st:
-            device = (p.to_local() if hasattr(p, "to_local") else p).device
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=device)
-            st["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=device)
-        return st
+        """Copies of the moments of the whole factor (a sharded one too: the step runs on gathered
+        factors), zeros before the first step."""
+        st = state.get(p, {})
+        if "exp_avg" in st:
+            return {k: st[k].clone() for k in ("step", "exp_avg", "exp_avg_sq")}
+        device = (p.to_local() if hasattr(p, "to_local") else p).device
+        zeros = lambda: torch.zeros(p.shape, dtype=dtype, device=device)
+        return dict(step=torch.zeros((), dtype=torch.float32), exp_avg=zeros(), exp_avg_sq=zeros())
 
 
 PRECONDITIONERS = {"none": Plain, "adam": Adam}

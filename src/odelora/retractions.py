@@ -110,10 +110,29 @@ class FactorSteps(Retraction):
         return out
 
 
+def _zero_product(fr: Frame) -> Tensor:
+    """Per pair: whether the frame's product ``B A`` is zero (one factor is)."""
+    return (fr.sB.amax(-1) == 0) | (fr.sA.amax(-1) == 0)
+
+
+def _keep_where(keep: Tensor, x: Factors, y: Factors) -> Factors:
+    """``y``, with the pairs flagged by ``keep`` taken from ``x``. Used where a product stays zero:
+    its only balanced factors are ``(0, 0)``, a state no flow leaves, while PEFT's ``(0, A)``
+    carries A's directions, along which the first real gradient moves the product. A step of
+    h = 0 (an LR warm-up) or a zero gradient at ``B = 0`` must leave them in place."""
+    if not bool(keep.any()):
+        return y
+    if bool(keep.all()):
+        return x
+    k = keep.view(-1, 1, 1)
+    return Factors(torch.where(k, x.B, y.B), torch.where(k, x.A, y.A), y.scale)
+
+
 def _balanced_state(x: Factors) -> Factors:
-    """The balanced factors of ``x``'s product closest to ``x``'s factors."""
-    B, A, fr = balance_frame(x.B, x.A, x.frame)
-    return Factors(B, A, x.scale, fr)
+    """The balanced factors of ``x``'s product closest to ``x``'s factors (``x`` itself where the
+    product is zero)."""
+    B, A, fr = balance_frame(x.B, x.A, x.ensure_frame())
+    return _keep_where(_zero_product(x.frame), x, Factors(B, A, x.scale, fr))
 
 
 class BalanceSteps(FactorSteps):
@@ -202,7 +221,7 @@ class TruncateSteps(Retraction):
         # overlaps with the start's factors, for the closest balanced factorization
         over = (UtUB @ (fr.sB.unsqueeze(-1) * fr.PB.mT), VtUA @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
         B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A), overlaps=over)
-        return Factors(B, A, x0.scale, frame)
+        return _keep_where(_zero_product(fr) & (S.amax(-1) == 0), x0, Factors(B, A, x0.scale, frame))
 
     reduce = staticmethod(truncate)  # rank <= (2s + 1) r in the bases -> rank r
 
