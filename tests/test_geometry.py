@@ -174,7 +174,14 @@ def test_drop_rounding_against_its_closed_form(dtype):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, expect, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
         assert abs(got[3] / S[3] - 1) < 1.4e-3 and got[5] <= 1.01 * eps**2.5 * top
+        # values continuing carried directions: tau (1 - carried)
+        carried = np.array([1.0, 0.0, 0.5, 1.0, 0.9, 1.0, 1.0])
+        ratio = np.divide(tau * (1 - carried), S, out=np.full_like(S, np.inf), where=S > 0)  # 1 / x
+        expect = S / (1 + ratio**6)
+        got = drop_rounding(torch.tensor(S, dtype=dtype), torch.tensor(carried, dtype=dtype)).double().numpy()
+        np.testing.assert_allclose(got, expect, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
     assert torch.equal(drop_rounding(torch.zeros(3, dtype=dtype)), torch.zeros(3, dtype=dtype))
+    assert torch.equal(drop_rounding(torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)), torch.zeros(3, dtype=dtype))
 
 
 def test_tall_products_and_column_concatenation_are_the_plain_ones_in_column_major_layout():

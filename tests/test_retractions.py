@@ -246,3 +246,31 @@ def test_balanced_factors_do_not_depend_on_the_signs_of_singular_vectors(rng):
     torch.testing.assert_close(B1 @ A1, (U * S) @ V.T, atol=1e-12, rtol=0)
     torch.testing.assert_close(B2, B1, atol=1e-12, rtol=0)
     torch.testing.assert_close(A2, A1, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("retraction", ["truncate", "split"])
+@pytest.mark.parametrize("start", [1e-6, 1e-5])
+def test_small_real_directions_follow_the_flow_in_float32(retraction, start):
+    """Target and start diagonal in the same bases: Euler on the balanced flow moves each singular
+    value as ``s_k = t + (s_0 - t)(1 - h)^k``. A float32 direction at 1e-6 or 1e-5 of the largest
+    is real: it must grow to the target's 1e-3, not be taken for rounding (the rounding filter
+    used to erase it in the first steps, for good)."""
+    from odelora import ODELoRA
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))[0][:, :2]
+    V = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))[0][:, :2]
+    t = torch.tensor([1.0, 1e-3], dtype=torch.float64)
+    root = torch.tensor([1.0, start], dtype=torch.float64).sqrt()
+    B = (U * root).float().requires_grad_()
+    A = (root[:, None] * V.T).float().requires_grad_()
+    T = (U * t) @ V.T
+    h = 1e-3
+    opt = ODELoRA([(B, A)], lr=h, retraction=retraction)
+    for k in range(1, 101):
+        opt.zero_grad()
+        (0.5 * ((B @ A - T.float()) ** 2).sum()).backward()
+        opt.step()
+        if k in (1, 10, 100):
+            s2 = float(torch.linalg.svdvals((B @ A).detach().double())[1])
+            assert s2 == pytest.approx(1e-3 + (start - 1e-3) * (1 - h) ** k, rel=2e-2), k

@@ -201,7 +201,7 @@ def split_project(UL: Tensor, UR: Tensor, M: Tensor, L, R, rank: int):
     return tall_mm(U1, W), S[..., :k], tall_mm(V1, Z), W.mT @ U1tP[..., :a], Z.mT @ (V1.mT @ UR)
 
 
-def drop_rounding(S: Tensor) -> Tensor:
+def drop_rounding(S: Tensor, carried: Tensor | None = None) -> Tensor:
     """Singular values of a product with those at rounding level sent smoothly to zero:
     ``S x^6 / (x^6 + 1)`` with ``x = S / tau``, ``tau = eps^(3/4) max(S)`` (float64: 1.8e-12,
     float32: 6.4e-6 of the largest). A product of rank below r (a gradient of rank below r from
@@ -214,11 +214,19 @@ def drop_rounding(S: Tensor) -> Tensor:
     stage takes the direction as a real one, and steps depend on rounding (with a rank-3 gradient
     from B = 0 and r = 6, RK4 and Dormand-Prince products ended 1e-3 to 1e-1 apart, relative,
     within 4 to 8 steps, after a rounding-level change of the gradient). Values above
-    ``3 tau`` change by less than 0.14%; the map is smooth."""
+    ``3 tau`` change by less than 0.14%; the map is smooth.
+
+    Only new directions can be rounding: ``carried`` (..., k) in [0, 1] says how much each value's
+    direction continues one the previous state carried (above rounding), and such a value is
+    mapped with ``tau (1 - carried)``. Applied every step to all values, the map would erase real
+    small directions for good (a float32 value at 1e-6 of the largest in one step, one at 1e-5
+    within some tens), and the projected flow never brings such a direction back."""
     fi = torch.finfo(S.dtype)
     S = S.clamp_min(0)
     tau = (fi.eps**0.75 * S.amax(-1, keepdim=True)).clamp_min(fi.tiny)
-    return S / (1 + (tau / S).pow(6))  # = S x^6 / (x^6 + 1); at S = 0, tau / S = inf gives 0
+    if carried is not None:
+        tau = tau * (1 - carried.clamp(0, 1))
+    return S / (1 + (tau / S.clamp_min(fi.tiny)).pow(6))  # = S x^6 / (x^6 + 1), 0 at S = 0
 
 
 def _canonical_signs(U: Tensor) -> Tensor:
@@ -229,7 +237,7 @@ def _canonical_signs(U: Tensor) -> Tensor:
     return torch.where(U.amin(-2) + U.amax(-2) < 0, -1.0, 1.0).to(U.dtype)
 
 
-def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor, Tensor] | None = None, overlaps=None):
+def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor, Tensor] | None = None, overlaps=None, carried=None):
     """Balanced factors of ``U diag(S) V.T`` with r columns: ``B = U diag(S^1/2) Q``,
     ``A = Q.T diag(S^1/2) V.T`` with ``Q`` (k, r) of orthonormal rows, and their :class:`Frame`.
 
@@ -239,8 +247,9 @@ def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor
     scramble per-coordinate state such as Adam moments. ``overlaps = (U.T B0, V.T A0.T)`` may be
     passed instead of computing them. Without ``near``, ``Q = [I, 0]`` (in the canonical signs of
     U's columns). All scalings act on the small side: U and V are read, never rescaled.
+    ``carried``: see :func:`drop_rounding`.
     """
-    root = drop_rounding(S).sqrt()
+    root = drop_rounding(S, carried).sqrt()
     k = S.shape[-1]
     sign = _canonical_signs(U).unsqueeze(-1)  # (..., k, 1): U diag(sign) has canonical signs
     if near is None:

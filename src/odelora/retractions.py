@@ -156,6 +156,21 @@ def _product_norm(x: Factors) -> Tensor:
     return torch.linalg.matrix_norm(core)
 
 
+def _carried(fr: Frame, UtUB: Tensor, VtUA: Tensor) -> Tensor:
+    """Per new singular pair ``(u_j, v_j)``: how much it continues a direction the start's product
+    ``X0`` carried above rounding, ``|P u_j|^2 |Q v_j|^2`` with P, Q the projectors on X0's
+    singular vectors of value above ``eps`` times the largest (for :func:`drop_rounding`).
+    ``UtUB = U.T UB``, ``VtUA = V.T UA``: the new bases against the start's frame."""
+    if fr.balanced:  # X0 / s = UB diag(sB^2) UA.T
+        S0, WL, WR = fr.sB * fr.sB, UtUB, VtUA
+    else:  # X0 / s = UB core UA.T: its singular vectors in the frame's bases
+        core = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+        W0, S0, Z0h = torch.linalg.svd(core)
+        WL, WR = UtUB @ W0, VtUA @ Z0h.mT
+    real = (S0 > torch.finfo(S0.dtype).eps * S0.amax(-1, keepdim=True)).to(S0.dtype).unsqueeze(-2)
+    return (WL.square() * real).sum(-1) * (WR.square() * real).sum(-1)
+
+
 class TruncateSteps(Retraction):
     """``"truncate"``: projected Runge-Kutta on the rank-r matrices (see the module docstring).
     Stage velocities may be factor velocities or :class:`~odelora.geometry.Tangent` vectors at
@@ -220,7 +235,8 @@ class TruncateSteps(Retraction):
         U, S, V, UtUB, VtUA = self.reduce(fr.UB, fr.UA, M, Ls, Rs, k_out)
         # overlaps with the start's factors, for the closest balanced factorization
         over = (UtUB @ (fr.sB.unsqueeze(-1) * fr.PB.mT), VtUA @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
-        B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A), overlaps=over)
+        carried = _carried(fr, UtUB, VtUA)
+        B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A), overlaps=over, carried=carried)
         return _keep_where(_zero_product(fr) & (S.amax(-1) == 0), x0, Factors(B, A, x0.scale, frame))
 
     reduce = staticmethod(truncate)  # rank <= (2s + 1) r in the bases -> rank r
