@@ -32,7 +32,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import torch
 
-from odelora import ODELoRA, lora_pairs
+from odelora import ODELoRA
+from odelora.integrations.peft import lora_pairs
 from odelora.integrators import TABLEAUS
 
 warnings.simplefilter("ignore")

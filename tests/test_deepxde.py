@@ -10,7 +10,8 @@ import torch
 
 dde = pytest.importorskip("deepxde")
 
-from odelora import ODELoRA, lora_pairs  # noqa: E402
+from odelora import ODELoRA  # noqa: E402
+from odelora.integrations.peft import lora_pairs  # noqa: E402
 from odelora.integrations.deepxde import add_lora  # noqa: E402
 
 

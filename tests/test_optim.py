@@ -693,3 +693,18 @@ def test_a_state_dict_of_another_rank_is_refused():
     _, B3, A3 = problem(25, r=3)
     with pytest.raises(ValueError, match=r"12 x 2 x 9 \(m x r x n\).*12 x 3 x 9.*same model and LoRA rank"):
         ODELoRA([(B3, A3)], lr=0.05).load_state_dict(opt.state_dict())
+
+
+def test_core_modules_never_import_integrations_or_the_lab():
+    """Arrows run one way: a fresh interpreter importing the core (and stepping) loads neither."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, odelora, odelora.init\n"
+        "B = torch.zeros(4, 2, requires_grad=True); A = torch.randn(2, 3, requires_grad=True)\n"
+        "opt = odelora.ODELoRA([(B, A)], lr=0.1); (B @ A).sum().backward(); opt.step()\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('odelora.integrations', 'odelora.lab'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

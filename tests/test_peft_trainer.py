@@ -9,8 +9,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from odelora import ODELoRA, lora_pairs  # noqa: E402
-from odelora.integrations.peft import create_odelora_optimizer, partition  # noqa: E402
+from odelora import ODELoRA  # noqa: E402
+from odelora.integrations.peft import create_odelora_optimizer, lora_pairs, partition  # noqa: E402
 
 
 class Net(torch.nn.Module):

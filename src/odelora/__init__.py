@@ -2,7 +2,8 @@
 
 Two independent choices make a method: a flow (what moves: ``odelora.flows``) and an integrator
 (how time advances: ``odelora.integrators``, stepping the factors as ``odelora.retractions``
-says). ``ODELoRA`` puts them in a torch optimizer.
+says). ``ODELoRA`` puts them in a torch optimizer. PEFT models: ``odelora.integrations.peft``
+(``lora_pairs``, ``create_odelora_optimizer``).
 """
 
 from . import flows, geometry, integrators, retractions
@@ -12,19 +13,11 @@ from .optim import ODELoRA, StepFailure, StepRecord
 from .pairs import LoRAPair
 
 
-def lora_pairs(model, adapter=None):
-    """The trainable LoRA pairs of a PEFT model, found by module, each with its own scaling."""
-    from .integrations.peft import lora_pairs as _lora_pairs
-
-    return _lora_pairs(model, adapter)
-
-
 __version__ = "0.2.0"
 
 __all__ = [
     "ODELoRA",
     "LoRAPair",
-    "lora_pairs",
     "NonFiniteError",
     "StepFailure",
     "StepRecord",

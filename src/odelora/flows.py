@@ -56,11 +56,6 @@ class Flow:
     def __call__(self, B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale=1.0, **options):
         return self.fn(B, A, gB, gA, scale=scale, **options)
 
-    @property
-    def doc(self) -> str:
-        """What the flow computes (its function's docstring)."""
-        return self.fn.__doc__ or ""
-
 
 def _check_shapes(B, A, gB, gA):
     if B.shape[-1] != A.shape[-2] or B.shape[:-2] != A.shape[:-2]:
@@ -121,8 +116,9 @@ def _scaled(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: flo
 
 
 def _gauge(C: Tensor, fr: Frame) -> Tensor:
-    """``C/2 + D``: the shift ``dB -= B Gamma``, ``dA += Gamma A`` that keeps ``B.T B - A A.T``
-    constant (MATH.md section 2.3). D solves a Lyapunov equation in the eigenbasis of
+    """``C/2 + D``: the shift ``dB -= B Gamma``, ``dA += Gamma A`` that keeps balanced factors
+    balanced, ``d/dt (B.T B - A A.T) = 0`` where ``B.T B = A A.T`` (MATH.md section 2.3; away
+    from balance the difference is not conserved). D solves a Lyapunov equation in the eigenbasis of
     ``M = (A A.T + B.T B) / 2``, which a balanced frame already is; each entry of D is at most
     one entry of ``C - C.T`` in size."""
     if fr.balanced:
@@ -172,7 +168,7 @@ def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: f
 
     The projectors on B's column space and A's row space are taken from the factors themselves,
     damped as above, so one formula covers every start: at full rank it is the exact projected
-    flow (``s (dB A + B dA) = -P(G)``, and with ``gauge=True`` ``B.T B - A A.T`` stays constant);
+    flow (``s (dB A + B dA) = -P(G)``, and with ``gauge=True`` balanced factors stay balanced);
     at ``B = 0`` it reduces to ``dX = -G PV`` (LoRA-Pro's first step), at ``A = 0`` to ``-PU G``,
     and directions whose singular values vanish drop out continuously."""
     B, A, gB, gA, fr, invB, invA, inv_s2 = _balanced_parts(B, A, gB, gA, scale, frame, damping)

@@ -90,10 +90,6 @@ class PairStore:
                     Bucket(gi, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], [g["names"][i] for i in idx], scale, dt)
                 )
 
-    @property
-    def sharded(self) -> bool:
-        return any(b.sharded for b in self.buckets)
-
     @staticmethod
     def stacked(b: Bucket) -> tuple[Tensor, Tensor]:
         """A bucket's factors, whole and stacked, in the compute dtype."""

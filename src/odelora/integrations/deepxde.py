@@ -1,7 +1,7 @@
 """DeepXDE (pytorch backend): LoRA on a PINN's network, trained by DeepXDE's own loop.
 
     net = odelora.integrations.deepxde.add_lora(model.net, r=4)     # base weights frozen
-    opt = ODELoRA(lora_pairs(net), lr=1e-2, method="rk4")
+    opt = ODELoRA(odelora.integrations.peft.lora_pairs(net), lr=1e-2, method="rk4")
     model = dde.Model(data, net); model.compile(opt); model.train(iterations=500)
 
 DeepXDE's pytorch ``train_step`` already calls ``optimizer.step(closure)``, so every RK stage

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write
+from .._io import atomic_write
 
 __all__ = ["bbc_news", "minilm_path", "embed_texts", "cache_dir", "BBC_TOPICS", "fashion_mnist", "mnist_digits",
            "FASHION_MNIST_DIR"]

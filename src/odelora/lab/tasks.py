@@ -127,7 +127,7 @@ class ViT(nn.Module):
 
 def pretrain_vit(spec: ViTSpec, epochs: float, seed: int = 0, limit: int | None = None, batch: int = 256, lr: float = 3e-3) -> dict:
     """Train the ViT on Fashion-MNIST (AdamW, cosine schedule); returns its state and test accuracy."""
-    from ..data import fashion_mnist
+    from .data import fashion_mnist
 
     X, y = (torch.from_numpy(a) for a in fashion_mnist("train"))
     Xt, yt = (torch.from_numpy(a) for a in fashion_mnist("test"))
@@ -266,7 +266,7 @@ def _set_head(linear: nn.Linear, head: str, probe_path: Path, probe: Callable[[]
 
 
 def _vision(spec: TaskSpec, head: str) -> Task:
-    from ..data import mnist_digits
+    from .data import mnist_digits
 
     vs = spec.vit()
     cache = Path(spec.cache_dir)
@@ -314,7 +314,7 @@ def _minilm():
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    from ..data import minilm_path
+    from .data import minilm_path
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -324,7 +324,7 @@ def _minilm():
 def bbc_split(n_eval: int = 400, n_train: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """All BBC News articles, their labels, and the fixed split: training and held-out indices
     (the first ``n_train`` training articles if given)."""
-    from ..data import bbc_news
+    from .data import bbc_news
 
     texts, labels = bbc_news()
     perm = np.random.default_rng(1234).permutation(len(texts))
@@ -333,7 +333,7 @@ def bbc_split(n_eval: int = 400, n_train: int | None = None) -> tuple[list[str],
 
 
 def _bbc(spec: TaskSpec, head: str) -> Task:
-    from ..data import minilm_path
+    from .data import minilm_path
 
     cache = Path(spec.cache_dir)
     first = 6 - spec.bbc_layers
