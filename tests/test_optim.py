@@ -708,3 +708,17 @@ def test_core_modules_never_import_integrations_or_the_lab():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_writes_through_data_are_seen_by_the_next_step():
+    """``.data`` writes bypass version counters; the next step must start from the new values,
+    as a fresh optimizer on those parameters does."""
+    Y, B, A = problem(26)
+    opt = ODELoRA([(B, A)], lr=0.05)
+    opt.step(make_closure(opt, B, A, Y))
+    B.data.copy_(torch.full_like(B, 0.5))
+    B2, A2 = B.detach().clone().requires_grad_(), A.detach().clone().requires_grad_()
+    fresh = ODELoRA([(B2, A2)], lr=0.05)
+    opt.step(make_closure(opt, B, A, Y))
+    fresh.step(make_closure(fresh, B2, A2, Y))
+    assert torch.allclose(B.detach() @ A.detach(), B2.detach() @ A2.detach(), rtol=0, atol=1e-12)

@@ -124,8 +124,8 @@ def _gauge(C: Tensor, fr: Frame) -> Tensor:
     if fr.balanced:
         Q, lam = fr.PB, fr.sB * fr.sB
     else:
-        M = (fr.PA * (fr.sA * fr.sA).unsqueeze(-2)) @ fr.PA.mT + (fr.PB * (fr.sB * fr.sB).unsqueeze(-2)) @ fr.PB.mT
-        lam, Q = torch.linalg.eigh(0.5 * M)
+        MB, MA = fr.grams()
+        lam, Q = torch.linalg.eigh(0.5 * (MA + MB))
     Om = Q.mT @ (C - C.mT) @ Q
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
     den = li + lj

@@ -81,6 +81,14 @@ class Frame(NamedTuple):
     PA: Tensor
     balanced: bool = False
 
+    def core(self) -> Tensor:
+        """``diag(sB) PB.T PA diag(sA)``: the product in the frame's bases, ``B A = UB core UA.T``."""
+        return (self.sB.unsqueeze(-1) * (self.PB.mT @ self.PA)) * self.sA.unsqueeze(-2)
+
+    def grams(self) -> tuple[Tensor, Tensor]:
+        """``(B.T B, A A.T) = (PB diag(sB^2) PB.T, PA diag(sA^2) PA.T)``, both r x r."""
+        return (self.PB * (self.sB * self.sB).unsqueeze(-2)) @ self.PB.mT, (self.PA * (self.sA * self.sA).unsqueeze(-2)) @ self.PA.mT
+
 
 class Tangent(NamedTuple):
     """A tangent vector at a pair's frame, ``dX/s = UB C UA.T + UB R.T + L UA.T`` with ``L``
@@ -267,7 +275,7 @@ def balance_frame(B: Tensor, A: Tensor, fr: Frame | None = None) -> tuple[Tensor
     """Balanced factors of ``B @ A`` closest to ``(B, A)``, with their frame (``fr``: the input's
     frame, if known)."""
     fr = fr if fr is not None else factor_frame(B, A)
-    core = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+    core = fr.core()
     W, S, Zh = torch.linalg.svd(core, full_matrices=False)
     Z = Zh.mT
     # overlaps with the input: U.T B = W.T diag(sB) PB.T, V.T A.T = Z.T diag(sA) PA.T
@@ -285,15 +293,19 @@ def balance(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     return Bn.to(B.dtype), An.to(A.dtype)
 
 
-def imbalance(B: Tensor, A: Tensor) -> Tensor:
+def imbalance(B: Tensor, A: Tensor, frame: Frame | None = None) -> Tensor:
     """``||B.T B - A A.T||_F / (||B.T B||_F + ||A A.T||_F)`` per pair, in [0, 1]: 0 for balanced
-    factors, 1 when one factor is zero and the other is not (PEFT's start), 0 when both are."""
+    factors, 1 when one factor is zero and the other is not (PEFT's start), 0 when both are.
+    With the pair's ``frame`` the Gram matrices come from it."""
     dt = compute_dtype(B, A)
-    B, A = B.to(dt), A.to(dt)
-    MB, MA = B.mT @ B, A @ A.mT
+    if frame is not None:
+        MB, MA = frame.grams()
+    else:
+        B, A = B.to(dt), A.to(dt)
+        MB, MA = B.mT @ B, A @ A.mT
     den = torch.linalg.matrix_norm(MB) + torch.linalg.matrix_norm(MA)
     num = torch.linalg.matrix_norm(MB - MA)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(dt).tiny), torch.zeros_like(num))
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
 def tangent_project(G: Tensor, B: Tensor, A: Tensor) -> Tensor:

@@ -426,11 +426,14 @@ class ODELoRA(torch.optim.Optimizer):
 
     def _start_state(self) -> list[Factors]:
         """The parameters as stacked factors; the last committed state (with its frames) when the
-        parameters still hold exactly what was written."""
+        parameters still hold exactly what was written (compared by value: writes through
+        ``.data`` leave no version behind)."""
         store = self.store
         if self._last is not None and all(b.exact for b in store.buckets):
             versions, y, trusted = self._last
-            if (trusted and versions == store.versions()) or (not trusted and _state_matches(y, store)):
+            if trusted and versions == store.versions() and all(_holds(x, b) for x, b in zip(y, store.buckets)):
+                return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
+            if not trusted and _state_matches(y, store):
                 return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
         self._last = None
         return store.pack()
@@ -584,6 +587,15 @@ class ODELoRA(torch.optim.Optimizer):
                 raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
 
 
+def _holds(x: Factors, b) -> bool:
+    """Whether a bucket's parameters hold the factors last written (sharded ones: trusted to their
+    versions, since comparing would gather them)."""
+    if b.sharded:
+        return True
+    B, A = PairStore.stacked(b)
+    return torch.equal(B, x.B) and torch.equal(A, x.A)
+
+
 def _state_matches(y: list[Factors], store: PairStore) -> bool:
     """Whether a restored state (with frames) describes the current parameters."""
     for x, b in zip(y, store.buckets):
@@ -620,12 +632,6 @@ def _like_params(sd: dict, params: list[Tensor]) -> dict:
 def _start_imbalance(x: Factors) -> float:
     """``geometry.imbalance`` of a state (max over its pairs), from its frame when it has one."""
     fr = x.frame
-    if fr is None:
-        return float(imbalance(x.B, x.A).max())
-    if fr.balanced:  # sA == sB and PA == PB: MB == MA exactly
+    if fr is not None and fr.balanced:  # sA == sB and PA == PB: B.T B == A A.T exactly
         return 0.0
-    MB = (fr.PB * (fr.sB * fr.sB).unsqueeze(-2)) @ fr.PB.mT
-    MA = (fr.PA * (fr.sA * fr.sA).unsqueeze(-2)) @ fr.PA.mT
-    den = torch.linalg.matrix_norm(MB) + torch.linalg.matrix_norm(MA)
-    num = torch.linalg.matrix_norm(MB - MA)
-    return float(torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num)).max())
+    return float(imbalance(x.B, x.A, fr).max())

@@ -152,7 +152,7 @@ def _product_norm(x: Factors) -> Tensor:
     fr = x.ensure_frame()
     if fr.balanced:
         return torch.linalg.vector_norm(fr.sB * fr.sB, dim=-1)
-    core = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+    core = fr.core()
     return torch.linalg.matrix_norm(core)
 
 
@@ -164,7 +164,7 @@ def _carried(fr: Frame, UtUB: Tensor, VtUA: Tensor) -> Tensor:
     if fr.balanced:  # X0 / s = UB diag(sB^2) UA.T
         S0, WL, WR = fr.sB * fr.sB, UtUB, VtUA
     else:  # X0 / s = UB core UA.T: its singular vectors in the frame's bases
-        core = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+        core = fr.core()
         W0, S0, Z0h = torch.linalg.svd(core)
         WL, WR = UtUB @ W0, VtUA @ Z0h.mT
     real = (S0 > torch.finfo(S0.dtype).eps * S0.amax(-1, keepdim=True)).to(S0.dtype).unsqueeze(-2)
@@ -218,7 +218,7 @@ class TruncateSteps(Retraction):
         if start and fr.balanced:  # PB.T PA = I: X0/s = UB diag(s^2) UA.T
             M[..., :kB, :kA].diagonal(dim1=-2, dim2=-1).copy_(fr.sB * fr.sA)
         elif start:
-            M[..., :kB, :kA] = (fr.sB.unsqueeze(-1) * (fr.PB.mT @ fr.PA)) * fr.sA.unsqueeze(-2)
+            M[..., :kB, :kA] = fr.core()
         for r0, c0, v, n in fills:
             if isinstance(v, Tensor):
                 M[..., r0 : r0 + v.shape[-2], c0 : c0 + v.shape[-1]] += v
