@@ -116,6 +116,7 @@ def test_finetune_bad_input(capsys, tmp_path, args, expect):
     assert expect in one_line_error(capsys, ["finetune", "--out", str(tmp_path / "f"), *args])
 
 
+@pytest.mark.slow
 def test_no_traceback_from_a_real_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     for args in (["run", "matrix-sensing", "--set", "m=0"], ["run", "matrix-sensing", "--jobs", "0"]):

@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402
 from torchrun_util import torchrun  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: processes, trainings, reports
+
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])
 def test_ddp_matches_single_process(method, tmp_path):

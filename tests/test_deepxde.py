@@ -14,6 +14,8 @@ from odelora import ODELoRA  # noqa: E402
 from odelora.integrations.peft import lora_pairs  # noqa: E402
 from odelora.integrations.deepxde import add_lora  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: processes, trainings, reports
+
 
 def poisson(a):
     """-u'' = a pi^2 sin(pi x) on [-1, 1], u(+-1) = 0; exact u = a sin(pi x)."""

@@ -14,6 +14,8 @@ from odelora.lab.cli import main as cli  # noqa: E402
 from odelora.lab.experiments.finetune import Finetune  # noqa: E402
 from test_lab import REAL_CACHE  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: processes, trainings, reports
+
 TINY = dict(steps=2, eval_every=2, batch=4, train_docs=16, eval_docs=16, max_length=16, seeds=1, cache_dir=REAL_CACHE)
 
 

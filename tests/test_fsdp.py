@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_worker  # noqa: E402
 from torchrun_util import torchrun  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: processes, trainings, reports
+
 WORKER = Path(__file__).parent / "fsdp_worker.py"
 
 

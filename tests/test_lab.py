@@ -72,6 +72,7 @@ def test_registry_is_one_table_and_imports_run_one_way():
     assert not {i for i in imports(root / "runner.py") if "registry" in i or "experiments" in i}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TINY))
 def test_experiment_claims_at_tiny_scale(name, tmp_path):
     exp = get_experiment(name)

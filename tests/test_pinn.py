@@ -19,6 +19,8 @@ from odelora.lab.pinn.train import Net, finetune, load_or_pretrain
 from odelora.lab.report import build_report
 from odelora.lab.runner import run_experiment
 
+pytestmark = pytest.mark.slow  # end-to-end: processes, trainings, reports
+
 NET, POINTS = Net(16, 2), 80
 
 

@@ -486,7 +486,8 @@ class ODELoRA(torch.optim.Optimizer):
         return fld.loss
 
     def _tolerance_failure(self, res: Attempt) -> str:
-        why = f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {self.max_rejects + 1} tries"
+        why = (f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {self.max_rejects + 1} tries "
+               "(the next step starts from the last step size tried)")
         if res.ratios is not None and res.ratios.numel():
             names = [n for b in self.store.buckets for n in b.names]
             worst = int(res.ratios.argmax())

@@ -317,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="start from the quick preset")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_run)
-    s = sub.add_parser("report", help="rebuild reports from saved files (an experiment folder or a reproduction root)")
-    s.add_argument("dir")
+    s = sub.add_parser("report", help="rebuild reports from saved files (an experiment folder or a reproduction root)",
+                       description="Rebuild report.md and the plots from the results a run saved, without rerunning anything.")
+    s.add_argument("dir", help="an experiment's output folder (runs/<name>) or a reproduction root (runs/quick)")
     s.set_defaults(func=_cmd_report)
     s = sub.add_parser("reproduce", help="run the lab's experiments and write one report")
     s.add_argument("--quick", action="store_true", help="reduced sizes (minutes on 2 cores)")

@@ -61,7 +61,7 @@ def _ce(logits, Y):
 
 
 def _logistic(cfg, seed):
-    from ...data import bbc_news, embed_texts
+    from ..data import bbc_news, embed_texts
 
     texts, y = bbc_news()
     idx = np.sort(np.random.default_rng(0).permutation(len(texts))[: cfg.bbc_docs])
@@ -132,7 +132,7 @@ class LoraGDRate(Experiment):
 
     def prepare(self, cfg):
         if "logistic-bbc" in cfg.problems:  # embed once in the parent, workers read the cache
-            from ...data import bbc_news, embed_texts
+            from ..data import bbc_news, embed_texts
 
             texts, _ = bbc_news()
             idx = np.sort(np.random.default_rng(0).permutation(len(texts))[: cfg.bbc_docs])
