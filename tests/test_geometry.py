@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -182,6 +184,13 @@ def test_drop_rounding_against_its_closed_form(dtype):
         np.testing.assert_allclose(got, expect, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
     assert torch.equal(drop_rounding(torch.zeros(3, dtype=dtype)), torch.zeros(3, dtype=dtype))
     assert torch.equal(drop_rounding(torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)), torch.zeros(3, dtype=dtype))
+    # above 512 tau nothing moves, whatever is carried: callers skip computing it
+    from odelora.geometry import reaches_rounding
+
+    S = torch.logspace(0, math.log10(513 * eps**0.75), 50, dtype=dtype)
+    assert not reaches_rounding(S) and reaches_rounding(torch.cat([S, S[-1:] / 2]))
+    for carried in (None, torch.zeros_like(S), torch.rand(50, dtype=dtype)):
+        assert torch.equal(drop_rounding(S, carried), S)
 
 
 def test_tall_products_and_column_concatenation_are_the_plain_ones_in_column_major_layout():

@@ -710,15 +710,22 @@ def test_core_modules_never_import_integrations_or_the_lab():
     assert out.strip() == "[]"
 
 
-def test_writes_through_data_are_seen_by_the_next_step():
-    """``.data`` writes bypass version counters; the next step must start from the new values,
-    as a fresh optimizer on those parameters does."""
-    Y, B, A = problem(26)
-    opt = ODELoRA([(B, A)], lr=0.05)
-    opt.step(make_closure(opt, B, A, Y))
-    B.data.copy_(torch.full_like(B, 0.5))
-    B2, A2 = B.detach().clone().requires_grad_(), A.detach().clone().requires_grad_()
-    fresh = ODELoRA([(B2, A2)], lr=0.05)
-    opt.step(make_closure(opt, B, A, Y))
-    fresh.step(make_closure(fresh, B2, A2, Y))
-    assert torch.allclose(B.detach() @ A.detach(), B2.detach() @ A2.detach(), rtol=0, atol=1e-12)
+def test_writes_to_the_factors_between_steps_are_seen_by_the_next_step():
+    """A write under no_grad, a new tensor assigned to ``.data``, a state dict loaded into the
+    model: the next step starts from the new values, as a fresh optimizer on them does."""
+    writes = [
+        lambda B: B.copy_(torch.full_like(B, 0.5)),
+        lambda B: setattr(B, "data", torch.full_like(B, 0.5)),
+        lambda B: torch.nn.init.constant_(B, 0.5),
+    ]
+    for write in writes:
+        Y, B, A = problem(26)
+        opt = ODELoRA([(B, A)], lr=0.05)
+        opt.step(make_closure(opt, B, A, Y))
+        with torch.no_grad():
+            write(B)
+        B2, A2 = B.detach().clone().requires_grad_(), A.detach().clone().requires_grad_()
+        fresh = ODELoRA([(B2, A2)], lr=0.05)
+        opt.step(make_closure(opt, B, A, Y))
+        fresh.step(make_closure(fresh, B2, A2, Y))
+        assert torch.allclose(B.detach() @ A.detach(), B2.detach() @ A2.detach(), rtol=0, atol=1e-12)

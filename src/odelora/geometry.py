@@ -28,6 +28,8 @@ __all__ = [
     "truncate",
     "balanced_factors",
     "balance_frame",
+    "drop_rounding",
+    "reaches_rounding",
     "balance",
     "imbalance",
     "tangent_project",
@@ -209,6 +211,19 @@ def split_project(UL: Tensor, UR: Tensor, M: Tensor, L, R, rank: int):
     return tall_mm(U1, W), S[..., :k], tall_mm(V1, Z), W.mT @ U1tP[..., :a], Z.mT @ (V1.mT @ UR)
 
 
+def _rounding_scale(S: Tensor) -> Tensor:
+    """``tau = eps^(3/4) max(S)`` of :func:`drop_rounding`, per row."""
+    fi = torch.finfo(S.dtype)
+    return (fi.eps**0.75 * S.amax(-1, keepdim=True)).clamp_min(fi.tiny)
+
+
+def reaches_rounding(S: Tensor) -> bool:
+    """Whether :func:`drop_rounding` can change any value of ``S``, whatever ``carried`` says:
+    values above ``512 tau`` come out exactly as they went in (``1 + (tau / S)^6`` rounds to 1
+    even in float64), so callers may skip computing ``carried``."""
+    return bool((S < 512 * _rounding_scale(S)).any())
+
+
 def drop_rounding(S: Tensor, carried: Tensor | None = None) -> Tensor:
     """Singular values of a product with those at rounding level sent smoothly to zero:
     ``S x^6 / (x^6 + 1)`` with ``x = S / tau``, ``tau = eps^(3/4) max(S)`` (float64: 1.8e-12,
@@ -231,7 +246,7 @@ def drop_rounding(S: Tensor, carried: Tensor | None = None) -> Tensor:
     within some tens), and the projected flow never brings such a direction back."""
     fi = torch.finfo(S.dtype)
     S = S.clamp_min(0)
-    tau = (fi.eps**0.75 * S.amax(-1, keepdim=True)).clamp_min(fi.tiny)
+    tau = _rounding_scale(S)
     if carried is not None:
         tau = tau * (1 - carried.clamp(0, 1))
     return S / (1 + (tau / S.clamp_min(fi.tiny)).pow(6))  # = S x^6 / (x^6 + 1), 0 at S = 0

@@ -426,12 +426,12 @@ class ODELoRA(torch.optim.Optimizer):
 
     def _start_state(self) -> list[Factors]:
         """The parameters as stacked factors; the last committed state (with its frames) when the
-        parameters still hold exactly what was written (compared by value: writes through
-        ``.data`` leave no version behind)."""
+        parameters still hold what was written: same versions and storage (see
+        :meth:`PairStore.versions`; in-place writes through ``.data`` are not seen)."""
         store = self.store
         if self._last is not None and all(b.exact for b in store.buckets):
             versions, y, trusted = self._last
-            if trusted and versions == store.versions() and all(_holds(x, b) for x, b in zip(y, store.buckets)):
+            if trusted and versions == store.versions():
                 return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
             if not trusted and _state_matches(y, store):
                 return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
@@ -586,15 +586,6 @@ class ODELoRA(torch.optim.Optimizer):
             rho = extra.get("rho")
             if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
                 raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
-
-
-def _holds(x: Factors, b) -> bool:
-    """Whether a bucket's parameters hold the factors last written (sharded ones: trusted to their
-    versions, since comparing would gather them)."""
-    if b.sharded:
-        return True
-    B, A = PairStore.stacked(b)
-    return torch.equal(B, x.B) and torch.equal(A, x.A)
 
 
 def _state_matches(y: list[Factors], store: PairStore) -> bool:

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .geometry import Frame, Tangent, balance_frame, balanced_factors, cat_columns, factor_frame, split_project, tangent_of, truncate
+from .geometry import Frame, Tangent, balance_frame, balanced_factors, cat_columns, factor_frame, reaches_rounding, split_project, tangent_of, truncate
 from .integrators import Stage, axpy
 
 __all__ = ["Factors", "Retraction", "FactorSteps", "BalanceSteps", "TruncateSteps", "SplitSteps", "RETRACTIONS", "get_retraction"]
@@ -112,6 +112,8 @@ class FactorSteps(Retraction):
 
 def _zero_product(fr: Frame) -> Tensor:
     """Per pair: whether the frame's product ``B A`` is zero (one factor is)."""
+    if fr.balanced:
+        return fr.sB.amax(-1) == 0
     return (fr.sB.amax(-1) == 0) | (fr.sA.amax(-1) == 0)
 
 
@@ -235,9 +237,11 @@ class TruncateSteps(Retraction):
         U, S, V, UtUB, VtUA = self.reduce(fr.UB, fr.UA, M, Ls, Rs, k_out)
         # overlaps with the start's factors, for the closest balanced factorization
         over = (UtUB @ (fr.sB.unsqueeze(-1) * fr.PB.mT), VtUA @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
-        carried = _carried(fr, UtUB, VtUA)
+        carried = _carried(fr, UtUB, VtUA) if reaches_rounding(S) else None
         B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A), overlaps=over, carried=carried)
-        return _keep_where(_zero_product(fr) & (S.amax(-1) == 0), x0, Factors(B, A, x0.scale, frame))
+        y = Factors(B, A, x0.scale, frame)
+        zero = _zero_product(fr)
+        return _keep_where(zero & (S.amax(-1) == 0), x0, y) if bool(zero.any()) else y
 
     reduce = staticmethod(truncate)  # rank <= (2s + 1) r in the bases -> rank r
 

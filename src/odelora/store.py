@@ -123,10 +123,13 @@ class PairStore:
             for p in b.params:
                 p.grad = None
 
-    def versions(self) -> tuple[int, ...]:
+    def versions(self) -> tuple[tuple[int, int], ...]:
+        """Version counter and storage address of every factor: a write under ``torch.no_grad()``
+        bumps the first, ``p.data = t`` changes the second. (In-place writes through ``.data``
+        change neither: PyTorch does not count them.)"""
         out = []
         for b in self.buckets:
-            out += [p._version for p in ([_local(p) for p in b.params] if b.sharded else b.params)]
+            out += [(p._version, p.data_ptr()) for p in ([_local(p) for p in b.params] if b.sharded else b.params)]
         return tuple(out)
 
     def names_where(self, bad: list[Tensor]) -> list[str]:
