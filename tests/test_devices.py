@@ -1,6 +1,7 @@
 """The step on every device this machine has (the CPU always, CUDA where a GPU is present), against
 references computed in float64 numpy or torch on the CPU: exact Euler steps of both retractions,
-the Adam path against torch's AdamW, PEFT's start in low precision, resume across devices."""
+the Adam path against torch's AdamW, PEFT's start in low precision, resume across devices.
+"cpu-cholesky-qr" runs on the CPU with the QR that CUDA uses (Cholesky QR, Householder fallback)."""
 
 import io
 
@@ -15,7 +16,18 @@ from odelora.retractions import Factors, get_retraction
 from conftest import projection_reference
 from test_retractions import dense_split, dense_truncation, field_for
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+DEVICES = ["cpu", "cpu-cholesky-qr", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.fixture
+def device(request, monkeypatch):
+    name = request.param
+    if name == "cpu-cholesky-qr":
+        from odelora import geometry
+
+        monkeypatch.setattr(geometry, "CHOLESKY_QR_DEVICES", {"cpu", "cuda"})
+        return "cpu"
+    return name
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
@@ -24,7 +36,7 @@ def on(device, dtype, *arrays):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_euler_steps_of_both_retractions_match_dense_references(device, dtype, rng):
     m, n, r, s, h = 40, 30, 4, 2.0, 0.2
     B, A = (t.numpy() for t in balance(torch.from_numpy(rng.standard_normal((m, r))), torch.from_numpy(rng.standard_normal((r, n)))))
@@ -47,7 +59,7 @@ def test_euler_steps_of_both_retractions_match_dense_references(device, dtype, r
     np.testing.assert_allclose(X1, expected, atol=TOL[dtype] * np.linalg.norm(expected))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_adam_path_matches_torch_adamw_on_the_cpu(device, rng):
     """Reference: torch's AdamW on the CPU fed minus the balanced flow's velocity, then the closest
     balanced factorization; the optimizer runs on ``device``."""
@@ -85,7 +97,7 @@ def test_adam_path_matches_torch_adamw_on_the_cpu(device, rng):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["euler", "dopri5"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_peft_start_with_rank_one_gradients_trains_in_low_precision(device, method, dtype):
     """B = 0, a batch of one (rank-1 gradients): every step moves the product by at most
     2 h sum|b_j| max|G| (G the dense gradient in float64) and the full-batch loss halves."""
@@ -119,7 +131,7 @@ def test_peft_start_with_rank_one_gradients_trains_in_low_precision(device, meth
     assert full() < 0.5 * l0, (full(), l0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_peft_model_trains_on_the_device_and_resumes_on_the_cpu(device):
     """A PEFT LoRA model with a trained head: 5 steps on ``device``, the optimizer state saved and
     loaded into a CPU copy; 5 more steps on each give the same factors (float64)."""

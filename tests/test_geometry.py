@@ -209,3 +209,47 @@ def test_tall_products_and_column_concatenation_are_the_plain_ones_in_column_maj
     out = cat_columns(parts)
     np.testing.assert_array_equal(out.numpy(), np.concatenate([p.numpy() for p in parts], -1))
     assert out.mT.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["plain", "scaled columns", "rank-deficient", "zero column", "orthonormal plus small", "wide"])
+def test_cholesky_qr_is_a_qr_and_falls_back_where_it_would_not_be(case, dtype, rng, monkeypatch):
+    """``geometry.qr`` on the devices that use Cholesky QR (the CPU here): Q orthonormal to the
+    dtype's rounding, Q R = X, and Q's span that of numpy's QR, in every case; the Householder
+    fallback runs where Cholesky QR's Q is not orthonormal (or cannot be formed)."""
+    from odelora import geometry
+
+    monkeypatch.setattr(geometry, "CHOLESKY_QR_DEVICES", {"cpu"})
+    householder = []
+    plain_qr = torch.linalg.qr
+    monkeypatch.setattr(geometry.torch.linalg, "qr", lambda X: householder.append(1) or plain_qr(X))
+    k, m, c = 5, 60, 6
+    X = rng.standard_normal((k, m, c))
+    if case == "scaled columns":  # column norms from 1 to 1e-7 (a step's velocity next to an orthonormal basis)
+        X *= np.logspace(0, -7, c)
+    if case == "rank-deficient":
+        X[1, :, 5] = X[1, :, 0] - 2 * X[1, :, 3]
+    if case == "zero column":
+        X[2, :, 4] = 0
+    if case == "orthonormal plus small":  # [U, L] with L nearly inside span(U)
+        U = np.linalg.qr(rng.standard_normal((k, m, 3)))[0]
+        X = np.concatenate([U, U @ rng.standard_normal((k, 3, 3)) + 1e-9 * rng.standard_normal((k, m, 3))], -1)
+    if case == "wide":
+        X = X[:, :4]
+    Xt = torch.tensor(X, dtype=dtype)
+    Q, R = geometry.qr(Xt)
+    Qn, Rn, Xn = Q.double().numpy(), R.double().numpy(), Xt.double().numpy()
+    eps = torch.finfo(dtype).eps
+    cols = Qn.shape[-1]
+    assert np.abs(np.swapaxes(Qn, -1, -2) @ Qn - np.eye(cols)).max() <= 20 * cols * eps
+    assert np.linalg.norm(Qn @ Rn - Xn) <= 20 * eps * np.linalg.norm(Xn)
+    if case in ("plain", "scaled columns"):  # full-rank: the same column space as numpy's QR
+        Qref = np.linalg.qr(Xn)[0]
+        for i in range(k):
+            np.testing.assert_allclose(Qn[i] @ (Qn[i].T @ Qref[i]), Qref[i], atol=100 * eps)
+    # well-conditioned blocks take the Cholesky path; zero columns and wide blocks never do (in
+    # between, Cholesky QR is kept exactly when its Q passed the orthonormality check above)
+    if case in ("plain", "scaled columns"):
+        assert not householder
+    if case in ("zero column", "wide"):
+        assert householder

@@ -35,6 +35,7 @@ __all__ = [
     "tangent_project",
     "tall_mm",
     "cat_columns",
+    "qr",
 ]
 
 
@@ -51,6 +52,40 @@ def cat_columns(ts: list[Tensor]) -> Tensor:
     inputs are column-major (``tall_mm`` results, ``.mT`` of row-major), where a row-major
     result would interleave them element by element."""
     return torch.cat([t.mT for t in ts], -2).mT
+
+
+# Devices on which :func:`qr` tries Cholesky QR first. CUDA's batched Householder QR factors one
+# matrix of the batch at a time (a dozen kernel launches each, most of ODELoRA's launches per
+# step); on CPUs LAPACK's is faster than Cholesky QR at these shapes. Tests add "cpu" here.
+CHOLESKY_QR_DEVICES = {"cuda"}
+
+
+def qr(X: Tensor) -> tuple[Tensor, Tensor]:
+    """Reduced QR of tall blocks (..., m, k), ``X = Q R``, Q with orthonormal columns.
+
+    On :data:`CHOLESKY_QR_DEVICES`: Cholesky QR twice, in float64 on equilibrated columns (a fixed
+    handful of batched kernels), accepted where every block's Q is orthonormal to ``eps(X.dtype)``
+    (``8 k eps`` in float64); otherwise (a failed Cholesky factorization or a Q that is not
+    orthonormal, as ill-conditioned blocks give; a zero column; a wide block) Householder QR, which
+    is orthonormal for any block. Accepted results are QRs like Householder's (for a full-rank
+    block the same Q up to column signs; a rank-deficient block's extra columns are any
+    orthonormal completion, as with Householder)."""
+    if X.device.type not in CHOLESKY_QR_DEVICES or X.shape[-2] < X.shape[-1] or X.numel() == 0:
+        return torch.linalg.qr(X)
+    Xd = X.mT.to(torch.float64).contiguous().mT  # column-major: rounding independent of X's layout
+    norms = torch.linalg.vector_norm(Xd, dim=-2, keepdim=True)  # (..., 1, k)
+    Xs = Xd / norms.where(norms > 0, 1.0)
+    R1, info1 = torch.linalg.cholesky_ex(Xs.mT @ Xs, upper=True)
+    Q1 = torch.linalg.solve_triangular(R1, Xs, upper=True, left=False)
+    R2, info2 = torch.linalg.cholesky_ex(Q1.mT @ Q1, upper=True)
+    Q = torch.linalg.solve_triangular(R2, Q1, upper=True, left=False)
+    k = X.shape[-1]
+    off = (Q.mT @ Q - torch.eye(k, dtype=Q.dtype, device=Q.device)).abs().amax()
+    tol = max(torch.finfo(X.dtype).eps, 8 * k * torch.finfo(torch.float64).eps)
+    ok = ((info1 | info2) == 0).all() & (off <= tol)  # a zero column fails the first Cholesky
+    if not bool(ok):
+        return torch.linalg.qr(X)
+    return Q.to(X.dtype), ((R2 @ R1) * norms).to(X.dtype)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -114,7 +149,7 @@ def _thin_svd(F: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``F = U diag(s) P.T`` for a tall or wide (..., p, r) matrix: QR first when p > r (cheaper
     than an SVD of the tall matrix), then an SVD of the small triangular factor."""
     if F.shape[-2] > F.shape[-1]:
-        Q, R = torch.linalg.qr(F)
+        Q, R = qr(F)
         W, s, Vh = torch.linalg.svd(R)
         return tall_mm(Q, W), s, Vh.mT
     U, s, Vh = torch.linalg.svd(F, full_matrices=False)
@@ -176,12 +211,12 @@ def truncate(UL: Tensor, UR: Tensor, M: Tensor, L, R, rank: int):
     orthonormal U and V, and their overlaps with the anchors (small matrices, free here, which
     spare the caller products with the tall bases).
 
-    Householder QR of ``[UL, L]`` (not of L alone) keeps the new basis orthonormal and orthogonal
-    to UL even when L is rank-deficient (a rank-1 gradient), and gives ``min(m, a + p)`` columns
-    when m is small. Cost O((m + n)(a + p)^2 + (a + p)^3).
+    The QR of ``[UL, L]`` (not of L alone; :func:`qr`) keeps the new basis orthonormal and
+    orthogonal to UL even when L is rank-deficient (a rank-1 gradient), and gives
+    ``min(m, a + p)`` columns when m is small. Cost O((m + n)(a + p)^2 + (a + p)^3).
     """
-    Ql, Tl = torch.linalg.qr(cat_columns([UL, *_as_list(L)]))
-    Qr, Tr = torch.linalg.qr(cat_columns([UR, *_as_list(R)]))
+    Ql, Tl = qr(cat_columns([UL, *_as_list(L)]))
+    Qr, Tr = qr(cat_columns([UR, *_as_list(R)]))
     W, S, Zh = torch.linalg.svd(Tl @ M @ Tr.mT)
     W, Z = W[..., :rank], Zh[..., :rank, :].mT
     a, b = UL.shape[-1], UR.shape[-1]
@@ -201,9 +236,9 @@ def split_project(UL: Tensor, UR: Tensor, M: Tensor, L, R, rank: int):
     """
     b = UR.shape[-1]
     P, Q = cat_columns([UL, *_as_list(L)]), cat_columns([UR, *_as_list(R)])
-    U1, _ = torch.linalg.qr(tall_mm(P, M @ (Q.mT @ UR)))  # K = Y UR
+    U1, _ = qr(tall_mm(P, M @ (Q.mT @ UR)))  # K = Y UR
     U1tP = U1.mT @ P
-    V1, T = torch.linalg.qr(tall_mm(Q, M.mT @ U1tP.mT))  # (U1.T Y).T = V1 T
+    V1, T = qr(tall_mm(Q, M.mT @ U1tP.mT))  # (U1.T Y).T = V1 T
     W, S, Zh = torch.linalg.svd(T.mT)
     k = min(rank, b)
     W, Z = W[..., :k], Zh[..., :k, :].mT
