@@ -31,6 +31,7 @@ import time
 import torch
 
 from odelora import ODELoRA
+from odelora.geometry import qr
 
 
 def sync(device):
@@ -87,7 +88,7 @@ def floor(opt: ODELoRA, device, companion: bool = False):
         t0 = time.perf_counter()
         for bases, core, align in shapes:
             for X in bases:
-                torch.linalg.qr(X)
+                qr(X)  # the step's QR (Cholesky QR on CUDA)
             torch.linalg.svd(core)
             torch.linalg.svd(align)
         if head is not None:
