@@ -26,3 +26,12 @@ def test_step_benchmark_prints_both_ratios_counts_and_growth(tmp_path):
     assert {c["optimizer"] for c in data["counts"]} == {"odelora", "split", "adamw"} and all(c["ops"] > 0 for c in data["counts"])
     assert [(r["width"], r["rank"]) for r in data["growth"]] == [(384, 4), (384, 8), (384, 16), (384, 32), (384, 64), (1024, 8), (2048, 8), (4096, 8)]
     assert "step_ratio" in res.stdout and "## Growth" in res.stdout
+
+
+@pytest.mark.slow
+def test_qr_benchmark_compares_both_qrs_and_restores_the_default():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_qr.py"), "--repeats", "1", "--random-weights"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cholesky_ratio" in res.stdout and "householder_ratio" in res.stdout and "MiniLM q/k/v/o" in res.stdout
