@@ -8,7 +8,8 @@
    alternating so that both see the same machine state. Targets: step <= 1.5x, whole <= 1.02x.
    "floor": the decompositions of the default step at the model's shapes plus the companion
    AdamW step on the head, the part of ODELoRA's step that a faster implementation of the same
-   algorithm would still pay.
+   algorithm would still pay (on CUDA its QRs are Cholesky QR's best case, one pass: random
+   bases are well-conditioned).
 2. Growth: 12 synthetic pairs of a square layer, step time against AdamW as the rank grows
    (4 to 64, width 384) and as the width grows (384 to 4096, r = 8), with the optimizer state's
    size (and, on CUDA, the peak memory of a step), and the floor of the default step: the time

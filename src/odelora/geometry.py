@@ -63,41 +63,40 @@ CHOLESKY_QR_DEVICES = {"cuda"}
 def qr(X: Tensor) -> tuple[Tensor, Tensor]:
     """Reduced QR of tall blocks (..., m, k), ``X = Q R``, Q with orthonormal columns.
 
-    On :data:`CHOLESKY_QR_DEVICES`: Cholesky QR in float64 on equilibrated columns (a fixed
-    handful of batched kernels), once if its Q is already orthonormal to ``eps(X.dtype)`` (``8 k
-    eps`` in float64), twice if that is off by at most 1/2 (the second pass then reaches float64
-    rounding; checked again for float64 blocks); otherwise (a failed Cholesky factorization, as
-    a zero column gives, or an ill-conditioned block; a wide block) Householder QR, which is
-    orthonormal for any block. Accepted results are QRs like Householder's: for a full-rank block
-    the same Q up to column signs, for a rank-deficient one any orthonormal completion."""
+    On :data:`CHOLESKY_QR_DEVICES`: Cholesky QR in float64 (a fixed handful of batched kernels).
+    With ``E = Q.T Q - I`` and ``e`` its largest row sum of magnitudes (>= its 2-norm): one pass
+    is kept where ``e <= eps(X.dtype)`` (``8 k eps`` in float64); a second where ``e <= 1/2``
+    (then ``cond(Q)^2 <= 3`` and the second pass is orthonormal to float64 rounding; checked
+    again for float64 blocks); otherwise (a failed Cholesky factorization, an ill-conditioned or
+    rank-deficient block; also a wide block) Householder QR, which is orthonormal for any block.
+    Kept results are QRs like Householder's: the same Q up to column signs."""
     if X.device.type not in CHOLESKY_QR_DEVICES or X.shape[-2] < X.shape[-1] or X.numel() == 0:
         return torch.linalg.qr(X)
     k, f64 = X.shape[-1], X.dtype == torch.float64
     tol = max(torch.finfo(X.dtype).eps, 8 * k * torch.finfo(torch.float64).eps)
     Xd = X.mT.to(torch.float64).contiguous().mT  # column-major: rounding independent of X's layout
-    norms = torch.linalg.vector_norm(Xd, dim=-2, keepdim=True)  # (..., 1, k)
-    Xs = Xd / norms.where(norms > 0, 1.0)
-    Q, R, off = _cholesky_qr(Xs)
-    off = float(off)
-    if not off <= tol:  # (NaN: a failed factorization)
-        if not off <= 0.5:
+    Q, R, e = _cholesky_qr(Xd)
+    e = float(e)
+    if not e <= tol:  # (NaN: a failed factorization)
+        if not e <= 0.5:
             return torch.linalg.qr(X)
-        Q, R2, off2 = _cholesky_qr(Q)
+        Q, R2, e2 = _cholesky_qr(Q)
         R = R2 @ R
-        if f64 and not float(off2) <= tol:
+        if f64 and not float(e2) <= tol:
             return torch.linalg.qr(X)
-    return Q.to(X.dtype), (R * norms).to(X.dtype)
+    return Q.to(X.dtype), R.to(X.dtype)
 
 
 def _cholesky_qr(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One pass of Cholesky QR and how far its Q is from orthonormal (max entry of Q.T Q - I;
-    NaN where a Cholesky factorization failed)."""
+    """One pass of Cholesky QR, and the largest row sum of ``|Q.T Q - I|`` over the batch (NaN
+    where a Cholesky factorization failed)."""
     R, info = torch.linalg.cholesky_ex(X.mT @ X, upper=True)
     Q = torch.linalg.solve_triangular(R, X, upper=True, left=False)
-    E = Q.mT @ Q
+    Qd = Q.detach()
+    E = Qd.mT @ Qd
     E.diagonal(dim1=-2, dim2=-1).sub_(1)
-    off = E.abs().amax((-2, -1)).where(info == 0, torch.nan).amax()
-    return Q, R, off
+    e = E.abs().sum(-1).amax(-1).where(info == 0, torch.nan).amax()
+    return Q, R, e
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
