@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import time
 
 import torch
 
-from bench_step import alternate, sync, table
+from bench_step import alternate, minilm_batch, table, timed_train_step
 from odelora import geometry
 
 
@@ -29,24 +28,12 @@ def compare(label: str, targets: str, device, repeats: int, pretrained: bool) ->
         models[name] = m
         opts[name] = (torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3, foreach=True) if name == "adamw"
                       else create_odelora_optimizer(m, lr=0.05, method="euler", companion_lr=1e-3, companion_kwargs={"foreach": True}))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (16, 64), generator=g).to(device)
-    mask, y = torch.ones_like(ids), torch.randint(0, 5, (16,), generator=g).to(device)
+    batch = minilm_batch(device)
 
     def run(name):
         def once():
             geometry.CHOLESKY_QR_DEVICES = set() if name == "householder" else {device.type}
-            m, opt = models[name], opts[name]
-            sync(device)
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            m(ids, mask, y)[0].backward()
-            sync(device)
-            t1 = time.perf_counter()
-            opt.step()
-            sync(device)
-            t2 = time.perf_counter()
-            return t2 - t1, t2 - t0
+            return timed_train_step(models[name], opts[name], batch, device)
 
         return once
 

@@ -132,6 +132,27 @@ def step_counts(opt, prepare, device, steps: int = 3) -> dict:
     return out
 
 
+def minilm_batch(device) -> tuple:
+    """The benchmarks' batch: 16 sequences of 64 random token ids, labels of 5 classes."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (16, 64), generator=g).to(device)
+    return ids, torch.ones_like(ids), torch.randint(0, 5, (16,), generator=g).to(device)
+
+
+def timed_train_step(model, opt, batch, device) -> tuple[float, float]:
+    """One training step: (seconds of ``opt.step()``, seconds of the whole step)."""
+    sync(device)
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    model(*batch)[0].backward()
+    sync(device)
+    t1 = time.perf_counter()
+    opt.step()
+    sync(device)
+    t2 = time.perf_counter()
+    return t2 - t1, t2 - t0
+
+
 def model_benchmark(targets: str, label: str, repeats: int, device, pretrained: bool = True, counts: list | None = None) -> dict:
     from odelora.lab.tasks import minilm_classifier
     from odelora.integrations.peft import create_odelora_optimizer
@@ -146,33 +167,17 @@ def model_benchmark(targets: str, label: str, repeats: int, device, pretrained: 
             opts[name] = create_odelora_optimizer(m, lr=0.05, method="euler", retraction=retraction, companion_lr=1e-3, companion_kwargs={"foreach": True})
         else:
             opts[name] = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3, foreach=True)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (16, 64), generator=g).to(device)
-    mask = torch.ones_like(ids)
-    y = torch.randint(0, 5, (16,), generator=g).to(device)
+    batch = minilm_batch(device)
 
     def run(name):
-        def once():
-            m, opt = models[name], opts[name]
-            sync(device)
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            m(ids, mask, y)[0].backward()
-            sync(device)
-            t1 = time.perf_counter()
-            opt.step()
-            sync(device)
-            t2 = time.perf_counter()
-            return t2 - t1, t2 - t0
-
-        return once
+        return lambda: timed_train_step(models[name], opts[name], batch, device)
 
     med = alternate({**{k: run(k) for k in models}, "floor": floor(opts["odelora"], device, companion=True)}, repeats)
     if counts is not None:
         for name in models:
             def grads(m=models[name], opt=opts[name]):
                 opt.zero_grad()
-                m(ids, mask, y)[0].backward()
+                m(*batch)[0].backward()
 
             counts.append(dict(config=label, optimizer=name, **step_counts(opts[name], grads, device)))
     (so, wo), (ss, ws), (sa, wa), (sf, _) = med["odelora"], med["split"], med["adamw"], med["floor"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from odelora import ODELoRA, balance
+from odelora import balance
 from odelora.integrators import get_tableau, rk_step
 from odelora.retractions import Factors, get_retraction
 
@@ -60,75 +60,19 @@ def test_euler_steps_of_both_retractions_match_dense_references(device, dtype, r
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-def test_adam_path_matches_torch_adamw_on_the_cpu(device, rng):
-    """Reference: torch's AdamW on the CPU fed minus the balanced flow's velocity, then the closest
-    balanced factorization; the optimizer runs on ``device``."""
-    from odelora import flows
-    from test_optim import numpy_balanced_near
+def test_adam_path_matches_torch_adamw_on_the_cpu(device):
+    from test_optim import check_adam_path_against_torch_adamw
 
-    m, n, r = 24, 18, 3
-    Y = rng.standard_normal((m, r)) @ rng.standard_normal((r, n))
-    B0, A0 = (t.numpy() for t in balance(torch.from_numpy(0.3 * rng.standard_normal((m, r))), torch.from_numpy(0.3 * rng.standard_normal((r, n)))))
-    B, A, Yd = (t.requires_grad_(i < 2) for i, t in enumerate(on(device, torch.float64, B0, A0, Y)))
-    kw = dict(lr=0.05, weight_decay=1e-3, betas=(0.8, 0.99), eps=1e-7)
-    opt = ODELoRA([(B, A)], preconditioner="adam", **kw)
-    Br, Ar = (torch.from_numpy(t.copy()).requires_grad_() for t in (B0, A0))
-    ref = torch.optim.AdamW([Br, Ar], **kw)
-
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * ((B @ A - Yd) ** 2).sum()
-        loss.backward()
-        return loss
-
-    for _ in range(30):
-        G = Br.detach() @ Ar.detach() - torch.from_numpy(Y)
-        dB, dA = flows.balanced(Br.detach(), Ar.detach(), G @ Ar.detach().T, Br.detach().T @ G)
-        Br.grad, Ar.grad = -dB, -dA
-        ref.step()
-        Bn, An = numpy_balanced_near(Br.detach().numpy(), Ar.detach().numpy())
-        with torch.no_grad():
-            Br.copy_(torch.from_numpy(Bn)), Ar.copy_(torch.from_numpy(An))
-        opt.step(closure)
-    assert B.device.type == device and opt.state[B]["exp_avg"].device.type == device
-    np.testing.assert_allclose(B.detach().cpu().numpy(), Br.detach().numpy(), atol=1e-9)
-    np.testing.assert_allclose(A.detach().cpu().numpy(), Ar.detach().numpy(), atol=1e-9)
+    check_adam_path_against_torch_adamw(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["euler", "dopri5"])
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_peft_start_with_rank_one_gradients_trains_in_low_precision(device, method, dtype):
-    """B = 0, a batch of one (rank-1 gradients): every step moves the product by at most
-    2 h sum|b_j| max|G| (G the dense gradient in float64) and the full-batch loss halves."""
-    from test_optim import linear_regression
+    from test_optim import check_rank_one_gradients_from_peft_start
 
-    W0, X, Yt, B, A = (t.to(device) for t in linear_regression(dtype))
-    B, A = B.detach().requires_grad_(), A.detach().requires_grad_()
-    s = 2.0
-    opt = ODELoRA([(B, A, s)], lr=0.01, method=method)
-    b = get_tableau(method).b
-    full = lambda: float(0.5 * ((X @ (W0 + s * B.detach().double() @ A.detach().double()).T - Yt) ** 2).mean(0).sum())
-    l0 = full()
-    for i in range(120):
-        x, y = X[i % 64 : i % 64 + 1], Yt[i % 64 : i % 64 + 1]
-        gnorms = []
-
-        def closure():
-            opt.zero_grad()
-            res = x @ (W0 + s * B.double() @ A.double()).T - y
-            gnorms.append(float((res.T @ x).detach().norm()))
-            loss = 0.5 * (res**2).sum()
-            loss.backward()
-            return loss
-
-        X0 = s * B.detach().double() @ A.detach().double()
-        opt.step(closure)
-        moved = float((s * B.detach().double() @ A.detach().double() - X0).norm())
-        slack = 1.05 if dtype == torch.float32 else 1.3
-        assert moved <= slack * 2 * opt.last_step.h * sum(abs(c) for c in b) * max(gnorms) + 1e-6, (i, moved)
-        assert bool(torch.isfinite(B).all() and torch.isfinite(A).all())
-    assert full() < 0.5 * l0, (full(), l0)
+    check_rank_one_gradients_from_peft_start(method, dtype, "truncate", device)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

@@ -125,10 +125,15 @@ def linear_regression(dtype, m=48, n=32, r=8, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["euler", "rk4", "bs32", "dopri5"])
 def test_rank_one_gradients_from_peft_start_never_blow_up(method, dtype, retraction):
+    check_rank_one_gradients_from_peft_start(method, dtype, retraction)
+
+
+def check_rank_one_gradients_from_peft_start(method, dtype, retraction, device="cpu"):
     """A batch of one: every gradient has rank 1, the factors pass through near rank deficiency.
     Each accepted step moves the product by at most 2 h sum_j |b_j| |G_j| (G_j the full gradient
     at stage j, computed densely here), and the full-batch loss goes down."""
-    W0, X, Yt, B, A = linear_regression(dtype)
+    W0, X, Yt, B, A = (t.detach().to(device) for t in linear_regression(dtype))
+    B, A = B.requires_grad_(), A.requires_grad_()
     s, lr = 2.0, 0.01
     opt = ODELoRA([(B, A, s)], lr=lr, method=method, retraction=retraction)
     tab = TABLEAUS[method]
@@ -485,13 +490,19 @@ def numpy_balanced_near(B, A):
 
 
 def test_adam_path_matches_torch_adamw_fed_the_negative_velocity():
-    """Reference: torch.optim.AdamW on copies of the factors, each step fed minus the balanced
-    flow's velocity as the gradient, then numpy's closest balanced factorization."""
+    check_adam_path_against_torch_adamw()
+
+
+def check_adam_path_against_torch_adamw(device="cpu"):
+    """Reference: torch.optim.AdamW on the CPU on copies of the factors, each step fed minus the
+    balanced flow's velocity as the gradient, then numpy's closest balanced factorization; the
+    optimizer runs on ``device``."""
     Y, B, A = problem(15)
+    Br, Ar = B.detach().clone().requires_grad_(), A.detach().clone().requires_grad_()
+    B, A = (t.detach().to(device).requires_grad_() for t in (B, A))
     lr, wd = 0.05, 1e-3
     opt = ODELoRA([(B, A)], lr=lr, preconditioner="adam", weight_decay=wd, betas=(0.8, 0.99), eps=1e-7)
-    closure = make_closure(opt, B, A, Y)
-    Br, Ar = B.detach().clone().requires_grad_(), A.detach().clone().requires_grad_()
+    closure = make_closure(opt, B, A, Y.to(device))
     ref = torch.optim.AdamW([Br, Ar], lr=lr, weight_decay=wd, betas=(0.8, 0.99), eps=1e-7)
     from odelora import flows
 
@@ -504,9 +515,10 @@ def test_adam_path_matches_torch_adamw_fed_the_negative_velocity():
         with torch.no_grad():
             Br.copy_(torch.from_numpy(Bn)), Ar.copy_(torch.from_numpy(An))
         opt.step(closure)
-    np.testing.assert_allclose(B.detach().numpy(), Br.detach().numpy(), atol=1e-9)
-    np.testing.assert_allclose(A.detach().numpy(), Ar.detach().numpy(), atol=1e-9)
-    torch.testing.assert_close(opt.state[B]["exp_avg"], ref.state[Br]["exp_avg"], rtol=1e-7, atol=1e-12)
+    assert opt.state[B]["exp_avg"].device.type == B.device.type == torch.device(device).type
+    np.testing.assert_allclose(B.detach().cpu().numpy(), Br.detach().numpy(), atol=1e-9)
+    np.testing.assert_allclose(A.detach().cpu().numpy(), Ar.detach().numpy(), atol=1e-9)
+    torch.testing.assert_close(opt.state[B]["exp_avg"].cpu(), ref.state[Br]["exp_avg"], rtol=1e-7, atol=1e-12)
 
 
 def test_adam_preconditioner_trains_resumes_and_keeps_its_coordinates():
