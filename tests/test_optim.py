@@ -165,6 +165,30 @@ def check_rank_one_gradients_from_peft_start(method, dtype, retraction, device="
     assert full_loss() < 0.5 * l0, (full_loss(), l0)
 
 
+@pytest.mark.parametrize("method", ["bs32", "dopri5"])
+@pytest.mark.parametrize("lr", [0.005, 0.02, 0.03, 0.05, 0.2])
+def test_adaptive_methods_leave_peft_start_in_few_tries(method, lr):
+    """From ``B = 0`` the relative error of a step does not shrink with h until ``atol``
+    dominates (the velocity jumps as the product leaves zero). The controller must find that
+    step in a few tries, then grow back: every step accepted, the gradient flow's loss never
+    rises, and the integration time reaches most of ``lr`` per step."""
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(30, 3, generator=g) @ torch.randn(3, 20, generator=g)
+    B = torch.zeros(30, 3, requires_grad=True)
+    A = (0.1 * torch.randn(3, 20, generator=g)).requires_grad_()
+    opt = ODELoRA([(B, A)], lr=lr, method=method)
+    closure = make_closure(opt, B, A, Y)
+    losses, tries = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(40):
+            losses.append(float(opt.step(closure).detach()))
+            tries.append(opt.last_step.rejected)
+    assert opt.stats["skipped"] == 0 and tries[0] <= 4 and sum(tries[1:]) <= 2, tries
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
+    assert opt.last_step.t >= 0.6 * 40 * lr, (opt.last_step.t, lr)
+
+
 def test_adaptive_method_recovers_from_a_non_finite_stage():
     """A stage that lands where the loss is NaN is a rejected attempt with a smaller h, not a
     skipped step: the loss here is NaN once |BA| exceeds a bound that large steps cross."""

@@ -19,3 +19,15 @@ def test_usage_example_runs_as_written(capsys):
     loss = float(re.search(r"loss ([0-9.e+-]+)", out).group(1))
     assert loss < 1e-8
     assert scope["opt"].last_step.nfe == 4
+
+
+def test_integrate_example_runs_as_written():
+    """The flows/integrators snippet: the balanced flow drives B A toward Y (the loss falls)."""
+    text = README.read_text()
+    code = re.search(r"### Flows, geometry, integrators\n\n```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README integrate", "exec"), scope)
+    res, Y, B, A = scope["res"], scope["Y"], scope["B"], scope["A"]
+    assert len(res.ys) == 2 and res.stats.accepted > 0
+    start, end = float((B @ A - Y).norm()), float((res.y[0] @ res.y[1] - Y).norm())
+    assert end < 0.1 * start, (start, end)
