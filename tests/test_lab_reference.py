@@ -1,4 +1,4 @@
-"""The lab's exact reference: an independent numpy balanced flow (from MATH.md's formula) checked
+"""The lab's exact reference: an independent numpy balanced flow (from the formula in docs/math.md) checked
 against closed-form properties, and scipy's solution of it."""
 
 import numpy as np

@@ -117,7 +117,7 @@ def _scaled(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: flo
 
 def _gauge(C: Tensor, fr: Frame) -> Tensor:
     """``C/2 + D``: the shift ``dB -= B Gamma``, ``dA += Gamma A`` that keeps balanced factors
-    balanced, ``d/dt (B.T B - A A.T) = 0`` where ``B.T B = A A.T`` (MATH.md section 2.3; away
+    balanced, ``d/dt (B.T B - A A.T) = 0`` where ``B.T B = A A.T`` (docs/math.md section 2; away
     from balance the difference is not conserved). D solves a Lyapunov equation in the eigenbasis of
     ``M = (A A.T + B.T B) / 2``, which a balanced frame already is; each entry of D is at most
     one entry of ``C - C.T`` in size."""

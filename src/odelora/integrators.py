@@ -181,7 +181,7 @@ def axpy(y0: Sequence[Tensor], h: Sequence[float], coeffs: Sequence[float], ks: 
 
 class VectorSpace:
     """States are lists of tensors and move by vector addition; the error is the root mean square
-    over all entries of ``e / (atol + rtol * max(|y0|, |y1|))`` (MATH.md section 3)."""
+    over all entries of ``e / (atol + rtol * max(|y0|, |y1|))`` (docs/math.md section 4)."""
 
     def combine(self, y0, h, coeffs, stages):
         return axpy(y0, h, coeffs, [st.k for st in stages])
@@ -230,7 +230,7 @@ def rk_step(
 
 @dataclass
 class StepController:
-    """Step-size rule for embedded pairs (MATH.md section 3): accept when the error norm is <= 1;
+    """Step-size rule for embedded pairs (docs/math.md section 4): accept when the error norm is <= 1;
     next step ``h * clip(safety * err^(-1/(q+1)), shrink, grow)`` (q the lower order), clipped to
     ``[h_min, h_max]``. A non-finite stage counts as a rejection with the factor ``shrink``.
 

@@ -1,5 +1,5 @@
 """An independent numpy implementation of ODELoRA's balanced flow, written from the formula in
-MATH.md (section 2, flow 3), and its exact solution by scipy's ``solve_ivp``.
+docs/math.md (section 2, flow 3), and its exact solution by scipy's ``solve_ivp``.
 
 It shares no code with ``odelora.flows`` or ``odelora.integrators``: the lab measures the
 optimizer's iterates against it.

@@ -377,7 +377,7 @@ class LoraMF(Experiment):
                         "exceeds the random one's by >= 0.25",
                         text, ok, "Xu et al. 2025 (spectral initialization)",
                         note="" if ok else (
-                            "Here the spectral start (both adapters spectral, our construction of MATH.md) ends "
+                            "Here the spectral start (both adapters spectral, our construction, docs/math.md section 5) ends "
                             + ("above" if (ratio < 1).any() else "less than 100x below")
                             + " the random start; its floor comes from the second adapter, which starts at scale alpha too "
                             "(compare spectral-one below).")))
