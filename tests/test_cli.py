@@ -204,3 +204,12 @@ def test_list_names_each_experiment_with_its_suite(capsys):
     rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows == {name: cls.SUITE for name, cls in EXPERIMENTS.items()}
     assert rows["pinn-heat"] == "pinn" and rows["finetune"] == "real" and rows["lora-mf"] == "matrix"
+
+
+def test_installed_version_is_the_package_version():
+    """pyproject.toml reads the version from odelora.__version__: the two cannot differ."""
+    import importlib.metadata
+
+    import odelora
+
+    assert importlib.metadata.version("odelora") == odelora.__version__
