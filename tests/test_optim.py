@@ -199,7 +199,7 @@ def test_adaptive_method_recovers_from_a_non_finite_stage():
         opt.zero_grad()
         X = B.double() @ A.double()
         loss = 0.5 * ((X - Y) ** 2).sum()
-        if float(X.norm()) > 1.5 * float(Y.norm()):
+        if float(X.detach().norm()) > 1.5 * float(Y.norm()):
             loss = loss * float("nan")
         loss.backward()
         return loss
@@ -727,8 +727,32 @@ def test_a_state_dict_of_another_rank_is_refused():
     opt = ODELoRA([(B, A)], lr=0.05)
     opt.step(make_closure(opt, B, A, Y))
     _, B3, A3 = problem(25, r=3)
-    with pytest.raises(ValueError, match=r"12 x 2 x 9 \(m x r x n\).*12 x 3 x 9.*same model and LoRA rank"):
+    with pytest.raises(ValueError, match=r"1 of 12 x 2 x 9 \(count of m x r x n\).*1 of 12 x 3 x 9.*same model, adapters and LoRA rank"):
         ODELoRA([(B3, A3)], lr=0.05).load_state_dict(opt.state_dict())
+    fresh = ODELoRA([(B, A)], lr=0.05).state_dict()  # never stepped: no state per parameter, no frames
+    with pytest.raises(ValueError, match="LoRA rank"):
+        ODELoRA([(B3, A3)], lr=0.05).load_state_dict(fresh)
+
+
+def test_a_state_dict_of_other_settings():
+    """Another method, flow or retraction loads with a warning naming the change; another
+    preconditioner is refused (its state would be dropped or unused). The saved learning rate
+    replaces the constructor's, as in every torch optimizer."""
+    Y, B, A = problem(27)
+    opt = ODELoRA([(B, A)], lr=0.05, method="euler")
+    opt.step(make_closure(opt, B, A, Y))
+    sd = opt.state_dict()
+    rk4 = ODELoRA([(B, A)], lr=0.2, method="rk4")
+    with pytest.warns(UserWarning, match="method 'euler' -> 'rk4'"):
+        rk4.load_state_dict(sd)
+    assert rk4.param_groups[0]["lr"] == 0.05
+    rk4.step(make_closure(rk4, B, A, Y))
+    assert rk4.last_step.nfe == 4
+    with pytest.raises(ValueError, match="preconditioner='none'.*'adam'.*saved preconditioner"):
+        ODELoRA([(B, A)], lr=0.05, preconditioner="adam").load_state_dict(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ODELoRA([(B, A)], lr=0.05).load_state_dict(sd)  # the same settings: silent
 
 
 def test_core_modules_never_import_integrations_or_the_lab():

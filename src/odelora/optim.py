@@ -510,7 +510,8 @@ class ODELoRA(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=dict(self.stats))
+        extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=dict(self.stats), config=self._config(),
+                                     layout=[[len(b.Bs), *b.Bs[0].shape, b.As[0].shape[-1]] for b in self.store.buckets])
         if self._last is not None:  # derived, but resuming must reproduce the same arithmetic
             extra["frames"] = [None if x.frame is None else [*(t.clone() for t in x.frame[:6]), x.frame.balanced] for x in self._last[1]]
         if self._companion is not None:
@@ -552,6 +553,9 @@ class ODELoRA(torch.optim.Optimizer):
                     mine.update({k: v for k, v in g.items() if k != "params"})
                     self.param_groups[i] = mine
 
+    def _config(self) -> dict[str, str]:
+        return dict(method=self.tableau.name, flow=self.flow.name, retraction=self.retraction.name, preconditioner=self.preconditioner.name)
+
     def _validate(self, sd: dict) -> None:
         """Clear errors for state dicts that do not fit this optimizer."""
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
@@ -575,17 +579,31 @@ class ODELoRA(torch.optim.Optimizer):
                         raise ValueError(f"state '{key}' of parameter {pid} has shape {tuple(val.shape)}, the parameter {tuple(p.shape)}")
         extra = sd.get("odelora")
         if extra is not None:
-            for b, f in zip(self.store.buckets, extra.get("frames") or []):
-                (m, r), n = b.Bs[0].shape, b.As[0].shape[-1]
-                if f is not None and (f[0].shape[-2] != m or f[2].shape[-2] != r or f[3].shape[-2] != n or f[0].shape[0] != len(b.Bs)):
-                    raise ValueError(
-                        f"the state dict was saved for {f[0].shape[0]} pairs of shape {f[0].shape[-2]} x {f[2].shape[-2]} x "
-                        f"{f[3].shape[-2]} (m x r x n), this optimizer has {len(b.Bs)} of {m} x {r} x {n}: build it on the "
-                        "same model and LoRA rank"
-                    )
+            self._check_layout(extra)
             rho = extra.get("rho")
             if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
                 raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
+
+    def _check_layout(self, extra: dict) -> None:
+        """The pairs' shapes and ranks must be those saved; another preconditioner is an error (its
+        state would be dropped or left unused); another method, flow or retraction a warning."""
+        mine = [[len(b.Bs), *b.Bs[0].shape, b.As[0].shape[-1]] for b in self.store.buckets]
+        saved = extra.get("layout")
+        frames = extra.get("frames") or []
+        if saved is None and frames and all(f is not None for f in frames):  # saved before the layout was kept
+            saved = [[f[0].shape[0], f[0].shape[-2], f[2].shape[-2], f[3].shape[-2]] for f in frames]
+        if saved is not None and [list(map(int, x)) for x in saved] != mine:
+            show = lambda layout: "; ".join(f"{k} of {m} x {r} x {n}" for k, m, r, n in layout)
+            raise ValueError(f"the state dict was saved for pairs {show(saved)} (count of m x r x n), this optimizer has "
+                             f"{show(mine)}: build it on the same model, adapters and LoRA rank")
+        config, here = extra.get("config") or {}, self._config()
+        if config.get("preconditioner", here["preconditioner"]) != here["preconditioner"]:
+            raise ValueError(f"the state dict was saved with preconditioner={config['preconditioner']!r}, this optimizer has "
+                             f"{here['preconditioner']!r}: build it with the saved preconditioner to resume, or start a new optimizer")
+        changed = {k: (v, here[k]) for k, v in config.items() if k in here and v != here[k]}
+        if changed:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            warnings.warn(f"loading a state dict saved with other settings ({what}); the steps go on with this optimizer's", UserWarning, stacklevel=3)
 
 
 def _state_matches(y: list[Factors], store: PairStore) -> bool:
