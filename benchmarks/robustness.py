@@ -1,7 +1,7 @@
 """Where real training starts: ODELoRA from B = 0, with rank-1 gradients, in half precision, on wide
 PINNs and on a transformer, for each retraction (how factors move).
 
-    python benchmarks/robustness.py [--scenarios zero-start rank-one pinn minilm] [--retractions truncate balance none]
+    python benchmarks/robustness.py [--scenarios zero-start rank-one pinn minilm] [--retractions truncate split balance none]
 
 Scenarios (each prints a table; --json FILE saves the rows):
   zero-start  the README problem (B = 0, rank-3 target), every method, float32 and float16:
@@ -35,6 +35,7 @@ import torch
 from odelora import ODELoRA
 from odelora.integrations.peft import lora_pairs
 from odelora.integrators import TABLEAUS
+from odelora.retractions import RETRACTIONS
 
 warnings.simplefilter("ignore")
 
@@ -230,7 +231,7 @@ def table(rows) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    p.add_argument("--retractions", nargs="+", default=[None], help="truncate, balance, none (default: each flow's own)")
+    p.add_argument("--retractions", nargs="+", default=[None], choices=sorted(RETRACTIONS), help="retractions to compare (default: each flow's own)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", help="write all rows to this file")
     args = p.parse_args()

@@ -79,6 +79,8 @@ def test_bad_options(capsys, tmp_path):
                  ["run", "matrix-sensing", "--out", str(a_file)], ["reproduce", "--out", str(a_file / "sub")]):
         one_line_error(capsys, args)
     assert "is a file" in one_line_error(capsys, ["run", "matrix-sensing", "--out", str(a_file)])
+    for cmd in (["run", "matrix-sensing"], ["finetune"], ["reproduce"]):  # the command's own --help lists its options
+        assert f"see odelora {cmd[0]} --help" in one_line_error(capsys, [*cmd, "--stepz", "3"])
 
 
 def test_out_that_cannot_be_written(capsys, tmp_path, monkeypatch):
@@ -167,6 +169,10 @@ def test_ctrl_c_says_rerun_resumes(tmp_path, monkeypatch, capsys):
     assert "1 of 2 cases of feature-learning are saved" in err and "rerun the same command to resume" in err
     monkeypatch.setattr(exp_cls, "run_case", original)
     assert cli(_fl_args(tmp_path / "o")) == 0
+    assert "2 cases (1 saved, 1 to run), expected about" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="another config"):  # refused before any estimate is printed
+        cli(_fl_args(tmp_path / "o", steps=5))
+    assert "expected" not in capsys.readouterr().out
 
 
 def test_failed_run_does_not_lock_its_folder(tmp_path, monkeypatch):

@@ -133,13 +133,15 @@ def _cmd_run(args) -> int:
 def _run(exp, cfg, args) -> int:
     """Run ``exp`` with ``cfg`` into ``args.out`` (default runs/NAME) and print its claims."""
     from .report import build_report
-    from .runner import check_out_dir, estimate_seconds, run_experiment
+    from .runner import check_out_dir, claim_folder, estimate_seconds, pending_cases, run_experiment
 
     out = check_out_dir(Path(args.out or Path("runs") / exp.name))
+    claim_folder(out, exp.name, cfg)  # refuses a folder of another config before any estimate
     t0 = time.time()
-    est = estimate_seconds(exp, cfg, exp.cases(cfg), args.jobs, machine_speed())
-    print(f"{exp.name}: {len(exp.cases(cfg))} cases, expected about {_minutes(est)} with {args.jobs} job(s) "
-          "(less if some are already saved)", flush=True)
+    total, todo = len(exp.cases(cfg)), pending_cases(exp, cfg, out)
+    est = estimate_seconds(exp, cfg, todo, args.jobs, machine_speed())
+    saved = f" ({total - len(todo)} saved, {len(todo)} to run)" if len(todo) < total else ""
+    print(f"{exp.name}: {total} cases{saved}, expected about {_minutes(est)} with {args.jobs} job(s)", flush=True)
     run_experiment(exp, cfg, out, jobs=args.jobs, progress=not args.no_progress)
     claims, report = build_report(out)
     _print_claims(claims)
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="odelora", description="LoRA training as solving an ODE: the lab.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     s = sub.add_parser("list", help="list the experiments")
-    s.set_defaults(func=_cmd_list)
+    s.set_defaults(func=_cmd_list, parser=s)
     s = sub.add_parser("run", help="run one experiment and write its report", add_help=False,
                        description="Run one experiment; `odelora run EXPERIMENT --help` lists its config keys.")
     s.add_argument("-h", "--help", action=_RunHelp)
@@ -316,11 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=positive_int, default=1, help="parallel processes (default 1)")
     s.add_argument("--quick", action="store_true", help="start from the quick preset")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=_cmd_run)
+    s.set_defaults(func=_cmd_run, parser=s)
     s = sub.add_parser("report", help="rebuild reports from saved files (an experiment folder or a reproduction root)",
                        description="Rebuild report.md and the plots from the results a run saved, without rerunning anything.")
     s.add_argument("dir", help="an experiment's output folder (runs/<name>) or a reproduction root (runs/quick)")
-    s.set_defaults(func=_cmd_report)
+    s.set_defaults(func=_cmd_report, parser=s)
     s = sub.add_parser("reproduce", help="run the lab's experiments and write one report")
     s.add_argument("--quick", action="store_true", help="reduced sizes (minutes on 2 cores)")
     s.add_argument("--out", type=out_dir, help="output root (default runs/quick or runs/full)")
@@ -332,17 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--all", action="store_true", help="every suite (the full PINN and real-network grids take hours)")
     pick.add_argument("--only", nargs="+", metavar="EXPERIMENT", help="a subset of experiments")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s.set_defaults(func=_cmd_reproduce)
+    s.set_defaults(func=_cmd_reproduce, parser=s)
     s = sub.add_parser("finetune", help="fine-tune all-MiniLM-L6-v2 with LoRA on BBC News topics (odelora run finetune)",
                        description="Fine-tune all-MiniLM-L6-v2 with LoRA on BBC News topics: the lab experiment `finetune` "
                                    "(odelora run finetune --help) with its config keys as flags; the report is runs/finetune/report.md.")
     _finetune_arguments(s)
-    s.set_defaults(func=_cmd_finetune)
+    s.set_defaults(func=_cmd_finetune, parser=s)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # reported by the command's parser, whose --help lists its options
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except KeyboardInterrupt as exc:

@@ -189,7 +189,7 @@ def read_results(out: Path) -> pd.DataFrame:
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
 
 
-def _claim_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
+def claim_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
     """Write config.yaml, refusing only when finished cases of another config are there."""
     text = yaml.safe_dump({"experiment": name, "config": cfg.model_dump()}, sort_keys=True)
     path = out / "config.yaml"
@@ -208,6 +208,15 @@ def _claim_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
     atomic_write(path, text)
 
 
+def pending_cases(exp: Experiment, cfg: ExperimentConfig, out: Path) -> list[dict]:
+    """The cases of ``cfg`` that ``out`` holds no results of (all, for a new folder)."""
+    cases = exp.cases(cfg)
+    ids = [case_id(c) for c in cases]
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"{exp.name}: duplicate case ids")
+    return [c for c, i in zip(cases, ids) if not (Path(out) / "cases" / f"{i}.csv").exists()]
+
+
 def estimate_seconds(exp: Experiment, cfg: ExperimentConfig, cases: list[dict], jobs: int, speed: float = 1.0) -> float:
     """Expected wall time: the cost model's case seconds spread over ``jobs`` workers
     (longest first), plus the shared preparation, times the machine's speed factor."""
@@ -222,14 +231,11 @@ def run_experiment(
     exp: Experiment, cfg: ExperimentConfig, out: Path, *, jobs: int = 1, progress: bool = True
 ) -> pd.DataFrame:
     out = check_out_dir(out)
-    _claim_folder(out, exp.name, cfg)
+    claim_folder(out, exp.name, cfg)
     exp.out = out
     meta = dict(experiment=exp.name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
     cases = exp.cases(cfg)
-    ids = [case_id(c) for c in cases]
-    if len(set(ids)) != len(ids):
-        raise RuntimeError(f"{exp.name}: duplicate case ids")
-    todo = [c for c, i in zip(cases, ids) if not (out / "cases" / f"{i}.csv").exists()]
+    todo = pending_cases(exp, cfg, out)
     todo.sort(key=lambda c: -exp.case_cost(cfg, c))  # longest first: better packing on the workers
     t0 = time.perf_counter()
     import torch
