@@ -26,6 +26,7 @@ __all__ = [
     "Tangent",
     "tangent_of",
     "truncate",
+    "split_project",
     "balanced_factors",
     "balance_frame",
     "drop_rounding",

@@ -24,6 +24,7 @@ __all__ = [
     "Space",
     "VectorSpace",
     "rk_step",
+    "axpy",
     "StepController",
     "Attempt",
     "attempt",
@@ -39,7 +40,7 @@ class NonFiniteError(FloatingPointError):
     and ``stages`` the stages completed before it (set by :func:`rk_step`)."""
 
     stage: int | None = None
-    stages: list = []
+    stages: list | None = None
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,8 @@ class StepController:
 class Attempt:
     """What :func:`attempt` did: whether a try was accepted, its state (None if every try failed,
     or if only the stages were asked for), its stages, the step taken, the proposed next step, and
-    the counts."""
+    the counts. ``h`` and ``h_next`` are in the units of :func:`attempt`'s ``h`` (the optimizer
+    passes a fraction of each bucket's lr and ``unit`` = the lrs)."""
 
     y: Any
     stages: list[Stage]
@@ -330,7 +332,6 @@ def attempt(
             y1, stages = rk_step(counted, y0, hs, tableau, space, first, combine or tableau.adaptive)
         except NonFiniteError as exc:
             if exc.stage == 0:
-                out.nfe = calls[0]
                 raise
             out.nonfinite += 1
             out.rejected += 1

@@ -433,8 +433,10 @@ class ODELoRA(torch.optim.Optimizer):
             versions, y, trusted = self._last
             if trusted and versions == store.versions():
                 return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
-            if not trusted and _state_matches(y, store):
-                return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
+            if not trusted:
+                restored = _restored(y, store)
+                if restored is not None:
+                    return restored
         self._last = None
         return store.pack()
 
@@ -511,7 +513,7 @@ class ODELoRA(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=dict(self.stats), config=self._config(),
-                                     layout=[[len(b.Bs), *b.Bs[0].shape, b.As[0].shape[-1]] for b in self.store.buckets])
+                                     layout=self.store.layout())
         if self._last is not None:  # derived, but resuming must reproduce the same arithmetic
             extra["frames"] = [None if x.frame is None else [*(t.clone() for t in x.frame[:6]), x.frame.balanced] for x in self._last[1]]
         if self._companion is not None:
@@ -587,7 +589,7 @@ class ODELoRA(torch.optim.Optimizer):
     def _check_layout(self, extra: dict) -> None:
         """The pairs' shapes and ranks must be those saved; another preconditioner is an error (its
         state would be dropped or left unused); another method, flow or retraction a warning."""
-        mine = [[len(b.Bs), *b.Bs[0].shape, b.As[0].shape[-1]] for b in self.store.buckets]
+        mine = self.store.layout()
         saved = extra.get("layout")
         frames = extra.get("frames") or []
         if saved is None and frames and all(f is not None for f in frames):  # saved before the layout was kept
@@ -606,20 +608,21 @@ class ODELoRA(torch.optim.Optimizer):
             warnings.warn(f"loading a state dict saved with other settings ({what}); the steps go on with this optimizer's", UserWarning, stacklevel=3)
 
 
-def _state_matches(y: list[Factors], store: PairStore) -> bool:
-    """Whether a restored state (with frames) describes the current parameters."""
+def _restored(y: list[Factors], store: PairStore) -> list[Factors] | None:
+    """The parameters with a loaded state's frames, if those frames describe them (else None)."""
+    out = []
     for x, b in zip(y, store.buckets):
         B, A = store.stacked(b)
         tol = 100 * torch.finfo(b.dtype).eps
         fr = x.frame
         if fr is None or fr.UB.shape[:-1] != B.shape[:-1]:
-            return False
+            return None
         rB = (fr.UB * fr.sB.unsqueeze(-2)) @ fr.PB.mT
         rA = (fr.UA * fr.sA.unsqueeze(-2)) @ fr.PA.mT
         if not (torch.allclose(rB, B, rtol=tol, atol=tol * float(B.abs().max())) and torch.allclose(rA, A.mT, rtol=tol, atol=tol * float(A.abs().max()))):
-            return False
-        x.B, x.A = B, A
-    return True
+            return None
+        out.append(Factors(B, A, x.scale, fr))
+    return out
 
 
 def _like_params(sd: dict, params: list[Tensor]) -> dict:

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 
 from torch import Tensor
 
-__all__ = ["LoRAPair", "as_pair"]
+__all__ = ["LoRAPair", "as_pair", "as_pairs"]
 
 
 @dataclass(frozen=True, eq=False)

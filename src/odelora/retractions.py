@@ -145,7 +145,8 @@ class BalanceSteps(FactorSteps):
     def combine(self, y0, h, coeffs, stages):
         return self.retract(super().combine(y0, h, coeffs, stages))
 
-    def retract(self, y):
+    @staticmethod
+    def retract(y):
         return [_balanced_state(x) for x in y]
 
 
@@ -244,9 +245,7 @@ class TruncateSteps(Retraction):
         return _keep_where(zero & (S.amax(-1) == 0), x0, y) if bool(zero.any()) else y
 
     reduce = staticmethod(truncate)  # rank <= (2s + 1) r in the bases -> rank r
-
-    def retract(self, y):
-        return [_balanced_state(x) for x in y]
+    retract = staticmethod(BalanceSteps.retract)  # factors moved by a preconditioned step: balanced, same product
 
     def error_ratios(self, y0, y1, h, coeffs, stages, atol, rtol):
         """Per pair: ``|E|_F / (atol sqrt(mn) + rtol max(|X0|_F, |X1|_F))`` with ``E`` the error

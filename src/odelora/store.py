@@ -70,8 +70,8 @@ class Bucket:
 
 class PairStore:
     """Buckets of the pairs in a list of param groups. A group lists its pairs' factors as
-    ``params = [B_0, A_0, B_1, A_1, ...]`` with ``scales`` and ``names``; this is the only place
-    that reads that layout."""
+    ``params = [B_0, A_0, B_1, A_1, ...]`` with ``scales`` and ``names`` (as the optimizer's
+    ``_param_groups`` writes them); this is the only place that reads the factors from that layout."""
 
     def __init__(self, groups: list[dict]):
         self.buckets: list[Bucket] = []
@@ -131,6 +131,10 @@ class PairStore:
         for b in self.buckets:
             out += [(p._version, p.data_ptr()) for p in ([_local(p) for p in b.params] if b.sharded else b.params)]
         return tuple(out)
+
+    def layout(self) -> list[list[int]]:
+        """Per bucket: ``[pairs, m, r, n]``."""
+        return [[len(b.Bs), *b.Bs[0].shape, b.As[0].shape[-1]] for b in self.buckets]
 
     def names_where(self, bad: list[Tensor]) -> list[str]:
         """Names of the pairs flagged by per-bucket boolean tensors (k,)."""
