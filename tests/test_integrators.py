@@ -87,10 +87,12 @@ def test_controller_rules():
     # after a rejection, the observed order: here the error fell like h (a jump in the velocity)
     assert c.next_step(0.2, 200.0, 2, previous=(1.0, 1000.0)) == pytest.approx(0.2 * 0.9 / 200.0)
     assert c.next_step(0.2, 200.0, 2, previous=(1.0, 1e9)) == pytest.approx(0.2 * 0.9 * 200.0 ** (-1 / 3))
-    # an error that does not fall with h (a step off a zero product): cut by shrink**2 at least
+    # an error that does not fall with h (a step off a zero product), or grows: cut by shrink**2
     assert c.next_step(0.9, 1.2, 4, previous=(1.0, 1.1)) == pytest.approx(0.9 * 0.2**2)
     assert c.next_step(0.9, 1.1, 4, previous=(1.0, 1.1)) == pytest.approx(0.9 * 0.2**2)
-    assert c.next_step(0.9, 80.0, 4, previous=(1.0, 85.0)) == pytest.approx(0.9 * 0.2**4)  # floor
+    assert c.next_step(0.9, 80.0, 4, previous=(1.0, 80.0)) == pytest.approx(0.9 * 0.2**2)
+    assert c.next_step(0.9, 80.0, 4, previous=(1.0, 85.0)) == pytest.approx(0.9 * 0.2**4)  # q = 0.58: floor
+    assert c.next_step(0.004, 114.0, 4, previous=(0.065, 36.0)) == pytest.approx(0.004 * 0.2**2)
     with pytest.raises(ValueError):
         StepController(rtol=0, atol=0)
 

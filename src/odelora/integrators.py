@@ -238,9 +238,9 @@ class StepController:
     After two rejections of the same step the error's observed order in h replaces q + 1: where
     the velocity jumps (leaving ``B = 0``, a rank increase) the error falls only like h, and the
     textbook rule would need many retries to find the step (the factor is then floored at
-    ``shrink**4`` instead of ``shrink``). Where the error falls slower than ``sqrt(h)``, or not at
+    ``shrink**4`` instead of ``shrink``). Where the error falls slower than ``sqrt(h)``, not at
     all (the relative error of a step off a zero product does not depend on h until ``atol``
-    dominates), the step is cut by at least ``shrink**2``."""
+    dominates) or grows, there is no order to extrapolate and the step is cut by ``shrink**2``."""
 
     rtol: float = 1e-6
     atol: float = 1e-9
@@ -264,10 +264,10 @@ class StepController:
             factor = self.grow
         elif err_norm > 1.0 and previous is not None and previous[0] > h and math.isfinite(previous[1]):
             q = math.log(previous[1] / err_norm) / math.log(previous[0] / h)
-            factor = self.safety * err_norm ** (-1.0 / min(max(q, 0.5), order_low + 1.0))
-            if q < 0.5:  # the error does not fall with h: a plateau
-                factor = min(factor, self.shrink**2)
-            factor = max(self.shrink**4, factor)
+            if q < 0.5:  # the error does not fall with h (a plateau), or grows: no order to extrapolate
+                factor = self.shrink**2
+            else:
+                factor = max(self.shrink**4, self.safety * err_norm ** (-1.0 / min(q, order_low + 1.0)))
         else:
             factor = min(self.grow, max(self.shrink, self.safety * err_norm ** (-1.0 / (order_low + 1))))
         return min(self.h_max, max(self.h_min, h * factor))
