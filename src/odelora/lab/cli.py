@@ -172,8 +172,8 @@ def _cmd_report(args) -> int:
 def _cmd_reproduce(args) -> int:
     from .core import SUITES
     from .registry import EXPERIMENTS, get_experiment
-    from .report import build_overview, build_report
-    from .runner import check_out_dir, estimate_seconds, load_config, run_experiment
+    from .report import build_overview, build_report, count, run_seconds
+    from .runner import check_out_dir, estimate_seconds, load_config, pending_cases, run_experiment
 
     root = check_out_dir(Path(args.out or ("runs/quick" if args.quick else "runs/full")))
     suites = SUITES if args.all else tuple(args.suites or DEFAULT_SUITES[args.quick])
@@ -186,35 +186,31 @@ def _cmd_reproduce(args) -> int:
     def planned(name):
         exp = get_experiment(name)
         cfg = load_config(exp, None, None, quick=args.quick)
-        return exp, cfg, estimate_seconds(exp, cfg, exp.cases(cfg), args.jobs, speed)
+        todo = pending_cases(exp, cfg, root / name) if (root / name).is_dir() else exp.cases(cfg)
+        return exp, cfg, estimate_seconds(exp, cfg, todo, args.jobs, speed)
 
     plan = [planned(n) for n in names]
     total = sum(e for *_, e in plan)
     print(f"odelora reproduce{' --quick' if args.quick else ''}: {len(plan)} experiments into {root}, {args.jobs} job(s); "
           f"expected about {_minutes(total)} (" + ", ".join(f"{e.name} {_minutes(s)}" for e, _, s in plan)
-          + "; finished cases are not rerun)", flush=True)
+          + "; saved cases are not rerun)", flush=True)
     left = [] if args.only else [s for s in SUITES if s not in suites]
     for suite in left:
         rest = [planned(n) for n, cls in EXPERIMENTS.items() if cls.SUITE == suite]
         print(f"  left out: the {suite} suite ({', '.join(e.name for e, *_ in rest)}; about "
               f"{_minutes(sum(s for *_, s in rest))} more); add --suites {' '.join((*suites, suite))} or --all", flush=True)
-    import json
-
-    timing, cpu = {}, {}
+    wall = cpu = 0.0
     for exp, cfg, est in plan:
-        t0 = time.time()
         print(f"== {exp.name} (expected {_minutes(est)})", flush=True)
         run_experiment(exp, cfg, root / exp.name, jobs=args.jobs, progress=not args.no_progress)
         claims, _ = build_report(root / exp.name)
         _print_claims(claims)
-        timing[exp.name] = time.time() - t0
-        meta = json.loads((root / exp.name / "meta.json").read_text())
-        cpu[exp.name] = meta.get("case_cpu_seconds", 0.0) + meta.get("prepare_seconds", 0.0)
-        print(f"   {timing[exp.name]:.0f} s ({cpu[exp.name]:.0f} s of CPU time)", flush=True)
-    counts, report = build_overview(root, [e.name for e, *_ in plan], timing=timing, cpu=cpu,
-                                    title=f"odelora lab report ({'quick' if args.quick else 'full'} sizes)")
-    print(f"\n{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['FINDING']} findings, {counts['REPORTED']} reported; "
-          f"{sum(timing.values()):.0f} s wall, {sum(cpu.values()):.0f} s of CPU time; report: {report}")
+        w, c = run_seconds(root / exp.name)
+        wall, cpu = wall + w, cpu + c
+        print(f"   {w:.0f} s ({c:.0f} s of CPU time)", flush=True)
+    counts, report = build_overview(root, [e.name for e, *_ in plan])
+    print(f"\n{counts['PASS']} PASS, {counts['FAIL']} FAIL, {count(counts['FINDING'], 'finding')}, {counts['REPORTED']} reported; "
+          f"{wall:.0f} s wall, {cpu:.0f} s of CPU time; report: {report}")
     return 0
 
 

@@ -91,43 +91,71 @@ def build_report(out: Path) -> tuple[list[Claim], Path]:
     return claims, report
 
 
-def build_overview(root: Path, names: list[str] | None = None, *, title: str | None = None,
-                   timing: dict[str, float] | None = None, cpu: dict[str, float] | None = None) -> tuple[dict[str, int], Path]:
-    """``root/report.md`` from the experiment folders under ``root`` (their claims.json and
-    figures, written by ``build_report``): one section per experiment with what it measured, its
-    claims, the notes and the plots."""
+def count(n: int, word: str) -> str:
+    """``1 finding``, ``2 findings``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def run_seconds(folder: Path) -> tuple[float, float]:
+    """Wall and CPU seconds an experiment folder's runs took (from its meta.json): every session
+    that finished, so a resumed sweep counts its earlier sessions too, except interrupted ones
+    (an interrupted session records nothing)."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    runs = [*meta.get("earlier_runs", []), meta]
+    wall = sum(r.get("wall_seconds") or 0.0 for r in runs)
+    cpu = sum((r.get("case_cpu_seconds") or 0.0) + (r.get("prepare_seconds") or 0.0) for r in runs)
+    return wall, cpu
+
+
+def _sizes(configs: list[tuple]) -> str:
+    """"quick" or "full" when every experiment ran its quick preset or its defaults, else ""."""
+    dumps = [cfg.model_dump() for _, cfg in configs]
+    for label, preset in (("quick", lambda e: e.quick_config()), ("full", lambda e: e.Config())):
+        if all(d == preset(e).model_dump() for (e, _), d in zip(configs, dumps)):
+            return label
+    return ""
+
+
+def build_overview(root: Path, names: list[str] | None = None) -> tuple[dict[str, int], Path]:
+    """``root/report.md`` from the experiment folders under ``root`` (their claims.json, figures
+    and meta.json, written by a run and ``build_report``): the verdict counts, the time taken, and
+    one section per experiment with what it measured, its claims, the notes and the plots."""
     root = Path(root)
     names = names or [n for n in EXPERIMENTS if (root / n / "claims.json").exists()]
     if not names:
         raise SystemExit(f"{root}: no experiment folders with a report (run `odelora reproduce`)")
     total = dict.fromkeys(VERDICTS, 0)
-    sections = []
+    sections, configs, timing, cpu = [], [], {}, {}
     for name in names:
         folder = root / name
         claims = [Claim(**{k: v for k, v in c.items() if k != "verdict"}) for c in json.loads((folder / "claims.json").read_text())]
         exp, cfg, _ = _load(folder)
+        configs.append((exp, cfg))
+        timing[name], cpu[name] = run_seconds(folder)
         df = read_results(folder)
         figs = json.loads((folder / "figures.json").read_text()) if (folder / "figures.json").exists() else []
         for k, v in count_verdicts(claims).items():
             total[k] += v
         notes = notes_markdown(claims)
-        t = f" ({timing[name]:.0f} s)" if timing and name in timing else ""
-        sections += [f"## [{name}]({name}/report.md){t}", "", f"**Measured:** {exp.describe(df, cfg)}", "", claims_markdown(claims), ""]
+        sections += [f"## [{name}]({name}/report.md) ({timing[name]:.0f} s)", "", f"**Measured:** {exp.describe(df, cfg)}", "", claims_markdown(claims), ""]
         if notes:
             sections += ["**Notes**", "", notes, ""]
         sections += [f"![{name}: {Path(f).stem}]({name}/{f})" for f in figs] + [""]
+    sizes = _sizes(configs)
     head = [
-        f"# {title or 'odelora lab report'}",
+        "# odelora lab report" + (f" ({sizes} sizes)" if sizes else ""),
         "",
-        f"{total['PASS']} PASS, {total['FAIL']} FAIL, {total['FINDING']} findings, {total['REPORTED']} reported without a "
+        f"{total['PASS']} PASS, {total['FAIL']} FAIL, {count(total['FINDING'], 'finding')}, {total['REPORTED']} reported without a "
         "threshold. A FAIL is a claim whose measurement fell outside its prediction; a FINDING is a statement from the "
         "sources checked against the measurements, with what it would take to hold. Every FAIL and finding has a note.",
         "",
     ]
-    if timing:
-        head += [f"Wall time {sum(timing.values()):.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + "."
-                 + (f" CPU time in the cases (and shared preparation) {sum(cpu.values()):.0f} s: it does not grow when other "
-                    "programs share the cores, the wall time does." if cpu else ""), ""]
+    head += [f"Wall time {sum(timing.values()):.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + "."
+             f" CPU time in the cases (and shared preparation) {sum(cpu.values()):.0f} s: it does not grow when other "
+             "programs share the cores, the wall time does.", ""]
     report = root / "report.md"
     atomic_write(report, "\n".join(head + sections) + "\n")
     return total, report

@@ -282,7 +282,7 @@ def run_experiment(
     try:  # earlier (interrupted or partial) runs of this folder stay on record
         before = json.loads((out / "meta.json").read_text())
         meta["earlier_runs"] = before.pop("earlier_runs", []) + [
-            {k: before.get(k) for k in ("started", "finished", "ran", "case_seconds", "wall_seconds", "jobs")}]
+            {k: before.get(k) for k in ("started", "finished", "ran", "case_seconds", "case_cpu_seconds", "prepare_seconds", "wall_seconds", "jobs")}]
     except (OSError, ValueError):
         pass
     atomic_write(out / "meta.json", json.dumps(meta, indent=2))
