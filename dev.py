@@ -3,6 +3,7 @@
 
     python3 dev.py run     # create .venv, install everything, run `odelora reproduce --quick`
     python3 dev.py test    # same set-up, then the test suite
+    python3 dev.py setup   # only the set-up
 
 torch is installed first, pinned to the version in constraints.txt, and every later install
 passes that constraints file, so no other torch build is ever pulled in.
@@ -69,8 +70,11 @@ def main() -> int:
     if task == "test":
         setup()
         return subprocess.call([str(PY), "-m", "pytest", "-q", *extra], cwd=ROOT, env=env)
+    if task not in ("help", "-h", "--help"):
+        print(f"dev.py: unknown task {task!r}; the tasks are run, test and setup", file=sys.stderr)
+        return 2
     print(__doc__)
-    return 0 if task == "help" else 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import odelora
+
 from odelora.lab.cli import main as cli
 from odelora.lab.registry import get_experiment
 
@@ -69,6 +71,16 @@ def test_bad_config_files(capsys, tmp_path):
     assert "is for experiment 'lora-mf'" in one_line_error(capsys, args + [str(bad)])
     bad.write_text("m: 0\n")
     assert "m: Input should be greater than 0" in one_line_error(capsys, args + [str(bad)])
+    js = tmp_path / "c.json"
+    js.write_text('{"seeds": 1,}')  # YAML would take the trailing comma; a .json file is read as JSON
+    assert "not valid JSON at line 1, column 13" in one_line_error(capsys, args + [str(js)])
+    assert "a file; give the folder a run wrote" in one_line_error(capsys, ["report", str(js)])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"odelora {odelora.__version__}"
 
 
 def test_bad_options(capsys, tmp_path):

@@ -625,6 +625,9 @@ def test_bad_options_and_inputs_fail_at_construction_with_what_to_do():
     Y, B, A = problem(20, dtype=torch.float32)
     with pytest.raises(ValueError, match="does not require grad.*requires_grad_"):
         ODELoRA([(B.detach(), A)])
+    with pytest.raises(ValueError, match="B and A do not require grad"):
+        ODELoRA([(B.detach(), A.detach())])
+    assert repr(LoRAPair(B, A, 2.0, "fc1")) == "LoRAPair(fc1: 12 x 2 x 9, scale 2, float32)"  # shapes, not values
     with pytest.raises(TypeError, match="floating point"):
         LoRAPair(torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="also a factor"):
@@ -726,6 +729,9 @@ def test_a_state_dict_of_another_rank_is_refused():
     Y, B, A = problem(25)
     opt = ODELoRA([(B, A)], lr=0.05)
     opt.step(make_closure(opt, B, A, Y))
+    adamw = torch.optim.AdamW([B, A])
+    with pytest.raises(ValueError, match="not an ODELoRA state dict"):
+        opt.load_state_dict(adamw.state_dict())
     _, B3, A3 = problem(25, r=3)
     with pytest.raises(ValueError, match=r"1 of 12 x 2 x 9 \(count of m x r x n\).*1 of 12 x 3 x 9.*same model, adapters and LoRA rank"):
         ODELoRA([(B3, A3)], lr=0.05).load_state_dict(opt.state_dict())

@@ -67,11 +67,30 @@ def test_multiple_adapters_and_dora():
     names = sorted(p.name for p in lora_pairs(model))
     assert len(names) == 3 and sum("[b]" in n for n in names) == 2
     assert [p.name for p in lora_pairs(model, adapter="a")] == ["base_model.model.fc1[a]"]
-    with pytest.raises(ValueError, match="no trainable LoRA pairs"):
+    with pytest.raises(ValueError, match=r"no trainable LoRA pairs for adapter\(s\) \['zzz'\]; the model's adapters: \['a', 'b'\]"):
         partition(model, adapter="zzz")
     dora = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=4, target_modules=["fc1"], use_dora=True))
     part = partition(dora)
     assert len(part.pairs) == 1 and any(why == "DoRA magnitude vector" for _, _, why in part.others)
+
+
+def test_half_frozen_and_frozen_adapters_are_named():
+    """A LoRA layer with one factor frozen (LoRA-FA) is no pair for the flow: its trainable factor
+    goes to the companion under its own label, with a warning; a model whose adapters are all
+    frozen, or that has none, gets an error saying which."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    model.base_model.model.fc1.lora_A["default"].weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"1 LoRA layer\(s\) with one factor frozen \(base_model.model.fc1\[default\]\)"):
+        part = partition(model)
+    assert [p.name for p in part.pairs] == ["base_model.model.fc2[default]"]
+    assert [(n.split(".")[-3], why) for n, _, why in part.others] == [("lora_B", "LoRA factor whose partner lora_A is frozen")]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"LoRA adapters \(default\) have no pair with both factors trainable"):
+        create_odelora_optimizer(model)
+    with pytest.raises(ValueError, match="no LoRA layers; wrap it with peft.get_peft_model"):
+        create_odelora_optimizer(Net())
 
 
 def test_create_odelora_optimizer_trains_everything_trainable_and_resumes():

@@ -562,6 +562,9 @@ class ODELoRA(torch.optim.Optimizer):
         """Clear errors for state dicts that do not fit this optimizer."""
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
             raise ValueError("not an optimizer state dict: expected the keys 'state' and 'param_groups' (from ODELoRA.state_dict())")
+        if "odelora" not in sd:
+            raise ValueError("not an ODELoRA state dict (no 'odelora' entry; another optimizer's?): ODELoRA resumes only from "
+                             "ODELoRA.state_dict(); start the new optimizer from scratch instead")
         mine, theirs = self.param_groups, sd["param_groups"]
         if len(mine) != len(theirs):
             raise ValueError(f"the state dict has {len(theirs)} param groups, this optimizer {len(mine)}: build the optimizer with the same pairs and groups")

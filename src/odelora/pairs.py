@@ -20,6 +20,10 @@ class LoRAPair:
     scale: float = 1.0
     name: str = ""
 
+    def __repr__(self) -> str:  # shapes, not the tensors' values
+        (m, r), n = self.B.shape, self.A.shape[1]
+        return f"LoRAPair({self.name or '?'}: {m} x {r} x {n}, scale {self.scale:g}, {str(self.B.dtype).replace('torch.', '')})"
+
     def __post_init__(self):
         B, A = self.B, self.A
         who = f"pair {self.name}" if self.name else "LoRAPair"
@@ -40,9 +44,9 @@ class LoRAPair:
         if not B.is_floating_point():
             raise TypeError(f"{who}: factors must be floating point, got {B.dtype}")
         if not (B.requires_grad and A.requires_grad):
-            frozen = " and ".join(n for n, t in (("B", B), ("A", A)) if not t.requires_grad)
+            frozen = [n for n, t in (("B", B), ("A", A)) if not t.requires_grad]
             raise ValueError(
-                f"{who}: {frozen} does not require grad, so it would get no gradient while the optimizer rewrites "
+                f"{who}: {' and '.join(frozen)} {'does' if len(frozen) == 1 else 'do'} not require grad, so it would get no gradient while the optimizer rewrites "
                 "both factors. Train both factors (requires_grad_()) or leave the pair out"
             )
         if not isinstance(self.scale, (int, float)) or not (self.scale > 0 and math.isfinite(self.scale)):

@@ -6,6 +6,7 @@ Rule for everything else that is trainable (documented in ``partition``): it is 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ __all__ = ["lora_pairs", "partition", "Partition", "create_odelora_optimizer"]
 class Partition:
     pairs: list[LoRAPair] = field(default_factory=list)
     others: list[tuple[str, torch.Tensor, str]] = field(default_factory=list)  # (name, param, reason)
+    adapters: list[str] = field(default_factory=list)  # every LoRA adapter the model has
 
     def summary(self) -> str:
         lines = [f"{len(self.pairs)} LoRA pairs follow the flow"]
@@ -54,15 +56,22 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     part = Partition()
     in_pair: set[int] = set()
     reasons: dict[int, str] = {}
+    adapters: set[str] = set()
+    half_frozen = []
     for mname, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
+        adapters.update(module.lora_A.keys())
         for ad in module.lora_A.keys():
             if wanted is not None and ad not in wanted:
                 continue
             A = module.lora_A[ad].weight
             B = module.lora_B[ad].weight
             if not (A.requires_grad and B.requires_grad):
+                if A.requires_grad or B.requires_grad:  # e.g. LoRA-FA's frozen A: no pair to move as a product
+                    frozen = "lora_A" if B.requires_grad else "lora_B"
+                    reasons[id(B if B.requires_grad else A)] = f"LoRA factor whose partner {frozen} is frozen"
+                    half_frozen.append(f"{mname}[{ad}]")
                 continue
             if A.ndim != 2 or B.ndim != 2:
                 reasons[id(A)] = reasons[id(B)] = f"{type(module.lora_A[ad]).__name__} LoRA factors are not matrices"
@@ -80,7 +89,12 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
         found = {p.name.rsplit("[", 1)[1].rstrip("]") for p in part.pairs}
         missing = wanted - found
         if missing:
-            raise ValueError(f"no trainable LoRA pairs for adapter(s) {sorted(missing)}")
+            raise ValueError(f"no trainable LoRA pairs for adapter(s) {sorted(missing)}; the model's adapters: {sorted(adapters) or 'none'}")
+    if half_frozen:
+        warnings.warn(f"{len(half_frozen)} LoRA layer(s) with one factor frozen ({', '.join(half_frozen[:3])}"
+                      f"{', ...' if len(half_frozen) > 3 else ''}): their trainable factor goes to the AdamW companion, "
+                      "not the flow; unfreeze both factors for ODELoRA to move them", UserWarning, stacklevel=2)
+    part.adapters = sorted(adapters)
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in in_pair:
             why = reasons.get(id(p)) or ("bias" if name.endswith("bias") else "not a LoRA factor (head, modules_to_save, ...)")
@@ -104,7 +118,10 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
     """
     part = partition(model, adapter)
     if not part.pairs:
-        raise ValueError("the model has no trainable LoRA pairs; wrap it with peft.get_peft_model first")
+        if part.adapters:
+            raise ValueError(f"the model's LoRA adapters ({', '.join(part.adapters)}) have no pair with both factors trainable: "
+                             "unfreeze them (model.set_adapter(name) or requires_grad_(True) on lora_A and lora_B)")
+        raise ValueError("the model has no LoRA layers; wrap it with peft.get_peft_model first")
     opt = ODELoRA(part.pairs, lr=lr, companion=[p for _, p, _ in part.others], **kwargs)
     opt.partition = part
     return opt

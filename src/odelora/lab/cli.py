@@ -154,7 +154,8 @@ def _cmd_report(args) -> int:
 
     folder = Path(args.dir)
     if not folder.is_dir():
-        raise SystemExit(f"{folder}: no such folder")
+        raise SystemExit(f"{folder}: " + ("a file; give the folder a run wrote (runs/NAME) or a reproduction root"
+                                          if folder.exists() else "no such folder"))
     if (folder / "config.yaml").exists():
         claims, report = build_report(folder)
         _print_claims(claims)
@@ -300,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .core import SUITES
     from .registry import EXPERIMENTS
 
+    from .. import __version__
+
     p = OneLineParser(prog="odelora", description="LoRA training as solving an ODE: the lab.")
+    p.add_argument("--version", action="version", version=f"odelora {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     s = sub.add_parser("list", help="list the experiments")
     s.set_defaults(func=_cmd_list, parser=s)

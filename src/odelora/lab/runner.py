@@ -72,7 +72,9 @@ def _read_config_file(config_file: str, name: str) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise SystemExit(f"--config {config_file}: cannot read it ({type(exc).__name__})") from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--config {config_file}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
