@@ -265,6 +265,11 @@ class LoraGDRate(Experiment):
             run = runs[(runs.problem == p) & (runs.rule == rule) & (runs.c == c)]
             if (run.diverged_at >= 0).any():
                 continue
+            j0, best, last = g.loss.iloc[0], g.loss.min(), g.loss.iloc[-1]
+            if last - best > 0.5 * (j0 - best):  # a blow-up, then a flat region: a rate would describe the collapse
+                stuck.append(f"{p} {rule} c={c:g} (lost most of its progress: loss {j0:.4g} -> best {best:.4g} at step "
+                             f"{int(g.t[g.loss.idxmin()])} -> {last:.4g} at the end)")
+                continue
             g = g[g.t >= 10]
             if (g.min_g2 <= 0).any():  # an exactly stationary point: no rate to fit
                 stuck.append(f"{p} {rule} c={c:g} (gradient exactly zero from step {int(g[g.min_g2 <= 0].t.min())}, "
@@ -291,7 +296,7 @@ class LoraGDRate(Experiment):
                     None, "Mu & Klabjan",
                     note="Fits over T >= 10: one constant each for a/T and a/log T (misfit = RMS of the log10 residual) and a "
                          "free power law T^b. Diverged runs are left out."
-                         + (" Left out as well, having reached a point where the gradient is exactly zero: " + "; ".join(
+                         + (" Left out as well, runs that reached an exactly zero gradient or gave back most of their decrease of the loss: " + "; ".join(
                              x for x in stuck if x.startswith(p)) + "." if any(x.startswith(p) for x in stuck) else "")))
         div = runs[runs.diverged_at >= 0]
         if len(div):
