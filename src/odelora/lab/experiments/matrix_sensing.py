@@ -223,17 +223,21 @@ class MatrixSensing(Experiment):
     def _figures(self, df, fin, best, cfg, out, need):
         figs = []
         colors = {m: f"C{i}" for i, m in enumerate(cfg.methods)}
+        # a marker shape and size per method: runs that end on the same count (the cap) stay visible
+        marks = {m: ("osD^vP*Xh"[i % 9], 10 - 1.5 * (i % 5)) for i, m in enumerate(cfg.methods)}
         fig, axes = plt.subplots(1, len(cfg.starts), figsize=(5.5 * len(cfg.starts), 4.2), squeeze=False)
         for ax, start in zip(axes[0], cfg.starts):
             for m in cfg.methods:
                 b = best[(best.start == start) & (best.method == m)].sort_values("kappa")
-                ax.plot(b.kappa, b.iters, "o-", color=colors[m], label=m)
+                mk, ms = marks[m]
+                ax.plot(b.kappa, b.iters, "-", marker=mk, ms=ms, color=colors[m], label=m, alpha=0.85)
                 nc = b[~b.converged]
                 lb = [need(start, k, m) for k in nc.kappa]
-                ax.plot(nc.kappa, [min(v, 10 * cfg.max_iters) for v in lb], "^", mfc="none", color=colors[m])
+                ax.plot(nc.kappa, [min(v, 10 * cfg.max_iters) for v in lb], mk, ms=ms, mfc="none", mew=1.5, color=colors[m])
             ax.axhline(cfg.max_iters, color="gray", ls=":", lw=1, label="iteration cap")
             ax.set(xscale="log", yscale="log", xlabel="kappa (condition number of X*)",
-                   ylabel=f"iterations to rel. error {cfg.tol:g}", title=f"{start} start (open ^: not reached, projected)")
+                   ylabel=f"iterations to rel. error {cfg.tol:g}",
+                   title=f"{start} start (open: not reached; projected, or the cap)")
             ax.legend(ncol=2)
         figs.append(save_fig(fig, out, "iterations_vs_kappa.png"))
         k = 100.0 if 100.0 in cfg.kappas else float(max(cfg.kappas))
