@@ -53,3 +53,34 @@ def test_fsdp2_checkpoint_resume_is_bit_identical_and_reshards(method, tmp_path)
     torchrun(WORKER, [str(tmp_path / "one.pt"), "load", method, str(ckpt)], tmp_path / "log1.txt", nproc=1)
     one = torch.load(tmp_path / "one.pt", weights_only=True)["params"]
     assert worst(one, got["continued"]) < 1e-10
+
+
+def test_single_process_checkpoint_round_trip_is_exact_and_quiet(tmp_path):
+    """``save_checkpoint``/``load_checkpoint`` without a process group: the next step after loading
+    equals the next step of the optimizer that saved, and DCP's one-process notice is not shown."""
+    import warnings
+
+    from odelora import ODELoRA
+    from odelora.integrations.distributed import load_checkpoint, save_checkpoint
+
+    def build():
+        torch.manual_seed(0)
+        m = torch.nn.Module()
+        m.B, m.A = torch.nn.Parameter(torch.randn(6, 2)), torch.nn.Parameter(torch.randn(2, 5))
+        return m, ODELoRA([(m.B, m.A)], lr=0.1)
+
+    def step(m, opt):
+        opt.zero_grad()
+        (m.B @ m.A - 1).square().sum().backward()
+        opt.step()
+
+    m, opt = build()
+    step(m, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_checkpoint(tmp_path / "c", m, opt)
+        m2, opt2 = build()
+        load_checkpoint(tmp_path / "c", m2, opt2)
+    step(m, opt)
+    step(m2, opt2)
+    assert torch.equal(m.B, m2.B) and torch.equal(m.A, m2.A)

@@ -11,7 +11,9 @@ checkpoint: reload them from where they came from.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,10 +37,20 @@ def _flat_optimizer(sd: dict) -> tuple[dict, str]:
     return tensors, json.dumps({"spec": treespec_dumps(spec), "values": values})
 
 
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns on every call without a process group that it assumes one process: here that is
+    the intent, so that warning (only) is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: ODELoRA) -> None:
     """Write the trainable parameters and the optimizer state to ``path`` (a directory)."""
     tensors, meta = _flat_optimizer(optimizer.state_dict())
-    dcp.save({"model": _trainable(model), "optim": tensors, "optim_meta": meta}, checkpoint_id=str(path))
+    with _single_process_ok():
+        dcp.save({"model": _trainable(model), "optim": tensors, "optim_meta": meta}, checkpoint_id=str(path))
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: ODELoRA) -> None:
@@ -64,7 +76,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: ODELoRA
         if k.startswith("optim.") and hasattr(m, "size")
     }
     state = {"model": mine, "optim": optim, "optim_meta": ""}
-    dcp.load(state, checkpoint_id=path)
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=path)
     meta = json.loads(state["optim_meta"])
     leaves = [optim[str(i)] if v is None and str(i) in optim else v for i, v in enumerate(meta["values"])]
     optimizer.load_state_dict(tree_unflatten(leaves, treespec_loads(meta["spec"])))
