@@ -634,6 +634,8 @@ def test_bad_options_and_inputs_fail_at_construction_with_what_to_do():
         ODELoRA([(B, A)], companion=[B])
     with pytest.raises(ValueError, match="weight_decay acts only with preconditioner='adam'"):
         ODELoRA([(B, A)], weight_decay=0.1)
+    with pytest.raises(ValueError, match="preconditioner='adam' needs a fixed-step method"):
+        ODELoRA([(B, A)], preconditioner="adam", method="dopri5")
     with pytest.raises(ValueError, match="betas must be a pair"):
         ODELoRA([(B, A)], betas=(0.9,))
     with pytest.raises(ValueError, match="eps and weight_decay"):

@@ -79,6 +79,7 @@ def _param_groups(params: Any) -> list[dict]:
 
 
 def _check_adam_options(preconditioner, betas, eps, weight_decay) -> None:
+    """Valid Adam options; ``weight_decay`` only for a preconditioner that reads it."""
     try:
         b1, b2 = (float(b) for b in betas)
     except (TypeError, ValueError):
@@ -87,7 +88,7 @@ def _check_adam_options(preconditioner, betas, eps, weight_decay) -> None:
         raise ValueError(f"betas must lie in [0, 1), got {betas}")
     if not (eps >= 0 and math.isfinite(eps)) or not (weight_decay >= 0 and math.isfinite(weight_decay)):
         raise ValueError(f"eps and weight_decay must be finite and >= 0, got eps={eps!r}, weight_decay={weight_decay!r}")
-    if weight_decay and preconditioner != "adam":
+    if weight_decay and "weight_decay" not in preconditioner.options:
         raise ValueError("weight_decay acts only with preconditioner='adam' (decoupled, as in AdamW); plain ODE steps have none")
 
 
@@ -274,9 +275,9 @@ class ODELoRA(torch.optim.Optimizer):
         self.preconditioner = get_preconditioner(preconditioner)
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
-        if preconditioner and self.tableau.adaptive:
-            raise ValueError("preconditioner='adam' needs a fixed-step method (euler, heun, midpoint, rk4)")
-        _check_adam_options(preconditioner, betas, eps, weight_decay)
+        if not self.preconditioner.uses_step and self.tableau.adaptive:  # the error estimate is of the RK step
+            raise ValueError(f"preconditioner={self.preconditioner.name!r} needs a fixed-step method (euler, heun, midpoint, rk4)")
+        _check_adam_options(self.preconditioner, betas, eps, weight_decay)
         _check_flow_options(self.flow, flow_options or {})
         if int(max_rejects) < 0 or int(max_skipped_steps) < 1:
             raise ValueError("need max_rejects >= 0 and max_skipped_steps >= 1")

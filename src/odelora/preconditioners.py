@@ -35,6 +35,7 @@ class Plain:
     name = "none"
     per_coordinate = False  # only the product of the velocity matters
     uses_step = True  # the attempt's new state is the move
+    options = ()  # optimizer options it reads from the param groups
 
     def __call__(self, y0, res: Attempt, tableau: Tableau, retraction: Retraction, buckets, groups, state) -> Move:
         return Move(res.y)
@@ -49,6 +50,7 @@ class Adam:
     name = "adam"
     per_coordinate = True  # the factor velocity itself, gauge included, is the input
     uses_step = False  # only the attempt's stages: the RK step itself is not formed
+    options = ("betas", "eps", "weight_decay")
 
     def __call__(self, y0, res: Attempt, tableau: Tableau, retraction: Retraction, buckets: list[Bucket], groups, state) -> Move:
         ks = [st.k for st in res.stages]
