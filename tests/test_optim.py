@@ -204,7 +204,7 @@ def test_adaptive_method_recovers_from_a_non_finite_stage():
         loss.backward()
         return loss
 
-    l0 = float(closure())
+    l0 = float(closure().detach())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(30):
