@@ -200,3 +200,16 @@ def test_reproduce_writes_one_readable_report(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert cli(["reproduce", "--quick", "--only", *names, "--out", str(out), "--jobs", "1", "--no-progress"]) == 0
     assert "expected about 0 s" in capsys.readouterr().out.splitlines()[0]  # every case saved: nothing to estimate
+
+
+def test_a_run_that_gives_back_its_progress_is_told_apart():
+    """The rule that keeps collapsed runs out of lora-gd-rate's rate fits, on hand-made losses:
+    the mlp-digits run that fell from 2.34 to 1.23 and ended at ln 10, against runs that only
+    wobble near their best or keep falling."""
+    import pandas as pd
+
+    from odelora.lab.experiments._common import gave_back_progress
+
+    assert gave_back_progress(pd.Series([2.341, 1.9, 1.226, 3.29, 2.303]))
+    assert not gave_back_progress(pd.Series([2.341, 1.9, 1.226, 1.3, 1.25]))
+    assert not gave_back_progress(pd.Series([1.0, 0.5, 0.25, 0.125]))

@@ -583,12 +583,11 @@ class ODELoRA(torch.optim.Optimizer):
                 for key, val in sd["state"].get(pid, {}).items():
                     if isinstance(val, Tensor) and val.ndim and val.shape != p.shape:
                         raise ValueError(f"state '{key}' of parameter {pid} has shape {tuple(val.shape)}, the parameter {tuple(p.shape)}")
-        extra = sd.get("odelora")
-        if extra is not None:
-            self._check_layout(extra)
-            rho = extra.get("rho")
-            if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
-                raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
+        extra = sd["odelora"]
+        self._check_layout(extra)
+        rho = extra.get("rho")
+        if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
+            raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
 
     def _check_layout(self, extra: dict) -> None:
         """The pairs' shapes and ranks must be those saved; another preconditioner is an error (its

@@ -187,8 +187,7 @@ def _cmd_reproduce(args) -> int:
     def planned(name):
         exp = get_experiment(name)
         cfg = load_config(exp, None, None, quick=args.quick)
-        todo = pending_cases(exp, cfg, root / name) if (root / name).is_dir() else exp.cases(cfg)
-        return exp, cfg, estimate_seconds(exp, cfg, todo, args.jobs, speed)
+        return exp, cfg, estimate_seconds(exp, cfg, pending_cases(exp, cfg, root / name), args.jobs, speed)
 
     plan = [planned(n) for n in names]
     total = sum(e for *_, e in plan)

@@ -37,6 +37,19 @@ def save_fig(fig, out: Path, name: str) -> str:
     return name
 
 
+def method_styles(names: list[str]) -> dict[str, dict]:
+    """A colour, marker shape and marker size per method, the same in every panel of a figure:
+    methods whose points coincide (equal orders, runs ending at a cap) stay visible."""
+    return {m: dict(color=f"C{i % 10}", marker="osD^vP*Xh"[i % 9], ms=10 - 1.5 * (i % 5)) for i, m in enumerate(names)}
+
+
+def gave_back_progress(loss: pd.Series) -> bool:
+    """Whether a run ended having given back more than half of its best decrease of the loss
+    (a blow-up, then a flat region): a convergence rate would describe the collapse."""
+    j0, best, last = loss.iloc[0], loss.min(), loss.iloc[-1]
+    return bool(last - best > 0.5 * (j0 - best))
+
+
 def final_rows(df: pd.DataFrame, run_keys: list[str] | None = None) -> pd.DataFrame:
     """The last logged row of each run (a case may hold several runs, told apart by ``run``)."""
     keys = ["case"] + (["run"] if "run" in df.columns else []) if run_keys is None else run_keys

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
-from ._common import save_fig
+from ._common import gave_back_progress, save_fig
 
 RULES = {
     "theory": "k / (4 sqrt(2) L (||V||^2 + ||grad_W L||)), k a multiple of the theory step (capped at 1 before k)",
@@ -265,10 +265,9 @@ class LoraGDRate(Experiment):
             run = runs[(runs.problem == p) & (runs.rule == rule) & (runs.c == c)]
             if (run.diverged_at >= 0).any():
                 continue
-            j0, best, last = g.loss.iloc[0], g.loss.min(), g.loss.iloc[-1]
-            if last - best > 0.5 * (j0 - best):  # a blow-up, then a flat region: a rate would describe the collapse
-                stuck.append(f"{p} {rule} c={c:g} (lost most of its progress: loss {j0:.4g} -> best {best:.4g} at step "
-                             f"{int(g.t[g.loss.idxmin()])} -> {last:.4g} at the end)")
+            if gave_back_progress(g.loss):
+                stuck.append(f"{p} {rule} c={c:g} (lost most of its progress: loss {g.loss.iloc[0]:.4g} -> best {g.loss.min():.4g} "
+                             f"at step {int(g.t[g.loss.idxmin()])} -> {g.loss.iloc[-1]:.4g} at the end)")
                 continue
             g = g[g.t >= 10]
             if (g.min_g2 <= 0).any():  # an exactly stationary point: no rate to fit

@@ -17,7 +17,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
 from ..methods import MethodName, Run, train
 from ..problems import quadratic_fns, sensing_family, small_random_start
-from ._common import best_by_method, edge_note, final_rows, save_fig, stall_text, status_text
+from ._common import best_by_method, edge_note, final_rows, method_styles, save_fig, stall_text, status_text
 
 DEFAULT_GRIDS = {
     "odelora-euler": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2],
@@ -222,18 +222,16 @@ class MatrixSensing(Experiment):
 
     def _figures(self, df, fin, best, cfg, out, need):
         figs = []
-        colors = {m: f"C{i}" for i, m in enumerate(cfg.methods)}
-        # a marker shape and size per method: runs that end on the same count (the cap) stay visible
-        marks = {m: ("osD^vP*Xh"[i % 9], 10 - 1.5 * (i % 5)) for i, m in enumerate(cfg.methods)}
+        look = method_styles(cfg.methods)
+        colors = {m: s["color"] for m, s in look.items()}
         fig, axes = plt.subplots(1, len(cfg.starts), figsize=(5.5 * len(cfg.starts), 4.2), squeeze=False)
         for ax, start in zip(axes[0], cfg.starts):
             for m in cfg.methods:
                 b = best[(best.start == start) & (best.method == m)].sort_values("kappa")
-                mk, ms = marks[m]
-                ax.plot(b.kappa, b.iters, "-", marker=mk, ms=ms, color=colors[m], label=m, alpha=0.85)
+                ax.plot(b.kappa, b.iters, "-", **look[m], label=m, alpha=0.85)
                 nc = b[~b.converged]
                 lb = [need(start, k, m) for k in nc.kappa]
-                ax.plot(nc.kappa, [min(v, 10 * cfg.max_iters) for v in lb], mk, ms=ms, mfc="none", mew=1.5, color=colors[m])
+                ax.plot(nc.kappa, [min(v, 10 * cfg.max_iters) for v in lb], ls="none", **look[m], mfc="none", mew=1.5)
             ax.axhline(cfg.max_iters, color="gray", ls=":", lw=1, label="iteration cap")
             ax.set(xscale="log", yscale="log", xlabel="kappa (condition number of X*)",
                    ylabel=f"iterations to rel. error {cfg.tol:g}",

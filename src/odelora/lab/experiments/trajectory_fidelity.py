@@ -22,7 +22,7 @@ from ...optim import ODELoRA
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt
 from ..problems import matrix_sensing, small_random_start
 from ..reference import exact_balanced_flow
-from ._common import save_fig
+from ._common import method_styles, save_fig
 
 Method = Literal["euler", "heun", "midpoint", "rk4", "bs32", "dopri5"]
 FLOOR = 1e-11  # errors below this are at the reference's accuracy and are left out of the order fits
@@ -137,19 +137,16 @@ class TrajectoryFidelity(Experiment):
                                 ", ".join(f"rtol {r.rtol:g}: err {r.error:.1e} ({int(r.nfe)} evals)" for r in g.itertuples()), ok,
                                 "error control", note="" if ok else "the global error exceeds 100 x rtol"))
         fig, ax = plt.subplots(1, 2, figsize=(12, 4.4))
-        # one colour and marker per method in both panels; methods of equal order can coincide, so
-        # the markers differ in shape and size and the lines are translucent
-        names = list(dict.fromkeys([*cfg.methods, *df.method.unique()]))
-        look = {m: dict(color=f"C{i % 10}", marker="osD^vP*Xh"[i % 9], ms=9 - 1.2 * (i % 4), alpha=0.8) for i, m in enumerate(names)}
+        look = method_styles(list(dict.fromkeys([*cfg.methods, *df.method.unique()])))
         for m, grp in fixed.groupby("method"):
             g = grp.groupby("h").error.median()
-            ax[0].loglog(g.index, g.values, "-", **look[m], label=f"{m} (slope {fmt(slopes[m][0], '.2f', 'n/a')})")
+            ax[0].loglog(g.index, g.values, "-", **look[m], alpha=0.8, label=f"{m} (slope {fmt(slopes[m][0], '.2f', 'n/a')})")
         ax[0].axhline(FLOOR, color="gray", ls=":", lw=1, label="reference accuracy")
         ax[0].set(xlabel="h", ylabel="relative error of X at T", title="fixed-step tableaus")
         ax[0].legend()
         for m, grp in df.groupby("method"):
             g = grp.groupby(["h", "rtol"], dropna=False).agg(error=("error", "median"), nfe=("nfe", "median")).sort_values("nfe")
-            ax[1].loglog(g.nfe, g.error, "-", **look[m], label=m)
+            ax[1].loglog(g.nfe, g.error, "-", **look[m], alpha=0.8, label=m)
         ax[1].set(xlabel="gradient evaluations", ylabel="relative error of X at T", title="work vs precision")
         ax[1].legend()
         figs.append(save_fig(fig, out, "error_vs_h.png"))
