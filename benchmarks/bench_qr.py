@@ -27,7 +27,7 @@ def compare(label: str, targets: str, device, repeats: int, pretrained: bool) ->
         m = minilm_classifier(8, 16.0, 0, targets=targets, pretrained=pretrained).to(device).train()
         models[name] = m
         opts[name] = (torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3, foreach=True) if name == "adamw"
-                      else create_odelora_optimizer(m, lr=0.05, method="euler", companion_lr=1e-3, companion_kwargs={"foreach": True}))
+                      else create_odelora_optimizer(m, lr=0.05, method="euler", companion_lr=1e-3))
     batch = minilm_batch(device)
 
     def run(name):

@@ -164,7 +164,7 @@ def model_benchmark(targets: str, label: str, repeats: int, device, pretrained: 
         models[name] = m
         if name != "adamw":
             retraction = "split" if name == "split" else None
-            opts[name] = create_odelora_optimizer(m, lr=0.05, method="euler", retraction=retraction, companion_lr=1e-3, companion_kwargs={"foreach": True})
+            opts[name] = create_odelora_optimizer(m, lr=0.05, method="euler", retraction=retraction, companion_lr=1e-3)
         else:
             opts[name] = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3, foreach=True)
     batch = minilm_batch(device)

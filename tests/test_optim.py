@@ -797,3 +797,26 @@ def test_writes_to_the_factors_between_steps_are_seen_by_the_next_step():
         opt.step(make_closure(opt, B, A, Y))
         fresh.step(make_closure(fresh, B2, A2, Y))
         assert torch.allclose(B.detach() @ A.detach(), B2.detach() @ A2.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [None, {"foreach": True}])
+def test_companion_steps_like_torch_adamw_with_the_options_given(kwargs):
+    """The companion moves a head as torch's single-tensor AdamW does, from the step's start
+    gradients; by default through the fused kernel, unless the caller picks an implementation."""
+    Y, B, A = problem(21, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(3, 9, generator=g).requires_grad_()
+    ref = W.detach().clone().requires_grad_()
+    opt = ODELoRA([(B, A)], lr=0.1, companion=[W], companion_lr=0.01, companion_kwargs=kwargs)
+    twin = torch.optim.AdamW([ref], lr=0.01, foreach=False)
+    group = next(gr for gr in opt.param_groups if gr.get("companion"))
+    assert group["fused"] is (None if kwargs else True) and group["foreach"] is (True if kwargs else None)
+    for _ in range(3):
+        opt.zero_grad()
+        twin.zero_grad()
+        loss = 0.5 * ((B @ A - Y.float()) ** 2).sum() + (W**2).sum()
+        loss.backward()
+        (ref**2).sum().backward()
+        opt.step()
+        twin.step()
+    torch.testing.assert_close(W.detach(), ref.detach(), rtol=1e-6, atol=1e-7)

@@ -27,7 +27,7 @@ from .integrators import Attempt, NonFiniteError, StepController, get_tableau, a
 from .pairs import LoRAPair, as_pairs
 from .preconditioners import Move, get_preconditioner
 from .retractions import Factors, get_retraction
-from .store import PairStore
+from .store import PairStore, is_sharded
 
 __all__ = ["ODELoRA", "NonFiniteError", "StepRecord", "StepFailure"]
 
@@ -108,6 +108,18 @@ def _check_flow_options(flow: Flow, options: dict) -> None:
     bad = sorted(set(options) - accepted)
     if bad:
         raise ValueError(f"flow_options {bad} are not options of the {flow.name!r} flow; it takes {sorted(accepted)}")
+
+
+def _companion_kwargs(params: list[Tensor], kwargs: dict | None) -> dict:
+    """The companion AdamW's options: the caller's, with torch's fused kernel where nothing says
+    otherwise and the parameters allow it (plain floating-point tensors on CPU or CUDA). On a
+    head and its bias it takes a quarter of the time of the per-tensor or foreach loops."""
+    kwargs = dict(kwargs or {})
+    if "foreach" not in kwargs and "fused" not in kwargs and all(
+        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and not is_sharded(p) for p in params
+    ):
+        kwargs["fused"] = True
+    return kwargs
 
 
 def _check_lr(lr, zero: bool = False) -> float:
@@ -229,8 +241,10 @@ class ODELoRA(torch.optim.Optimizer):
         track_imbalance: record the imbalance of the factors at the start of each step.
         companion: other trainable parameters (heads, biases, DoRA magnitudes, ...), moved by an
             AdamW with ``companion_lr`` and ``companion_kwargs`` once per accepted step, from the
-            gradients at the start of the step. Its groups appear in ``param_groups`` (with
-            ``companion=True``), so LR schedulers scale them too.
+            gradients at the start of the step (torch's fused AdamW unless ``companion_kwargs``
+            names ``foreach`` or ``fused``, or the parameters are sharded or not floating point).
+            Its groups appear in ``param_groups`` (with ``companion=True``), so LR schedulers
+            scale them too.
         sync_ranks: whether the processes of an initialized ``torch.distributed`` group step
             together (data parallel: DDP, FSDP2): non-finite values and adaptive step decisions
             are then agreed by an all-reduce of one scalar per stage. Default: whenever a process
@@ -299,7 +313,7 @@ class ODELoRA(torch.optim.Optimizer):
         if any(id(p) in factors for p in companion):
             raise ValueError("a companion parameter is also a factor of a LoRA pair: list each tensor once (pairs or companion)")
         if companion:
-            self._companion = torch.optim.AdamW(companion, lr=companion_lr, **(companion_kwargs or {}))
+            self._companion = torch.optim.AdamW(companion, lr=companion_lr, **_companion_kwargs(companion, companion_kwargs))
             for g in self._companion.param_groups:  # shared dicts: LR schedulers reach them too
                 g["companion"] = True
                 self.param_groups.append(g)
@@ -631,8 +645,6 @@ def _restored(y: list[Factors], store: PairStore) -> list[Factors] | None:
 def _like_params(sd: dict, params: list[Tensor]) -> dict:
     """A torch optimizer state dict whose per-parameter tensors are laid out like their (possibly
     sharded) parameters: whole tensors from a checkpoint become this rank's DTensor shards."""
-    from .store import is_sharded
-
     state = {}
     for pid, st in sd["state"].items():
         p = params[int(pid)]
