@@ -73,7 +73,8 @@ def test_registry_is_one_table_and_imports_run_one_way():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.fashion_mnist) if TINY[n].get("cache_dir") == REAL_CACHE
+                                  else n for n in TINY])
 def test_experiment_claims_at_tiny_scale(name, tmp_path):
     exp = get_experiment(name)
     cfg = exp.Config(**TINY[name])

@@ -221,7 +221,8 @@ class ODELoRA(torch.optim.Optimizer):
         flow: ``"balanced"`` (ODELoRA), ``"scaled"``, ``"gradient"`` (plain LoRA), or a
             :class:`~odelora.flows.Flow` / callable with the flow signature.
         retraction: how factors move (``odelora.retractions``): ``"truncate"`` (steps on the
-            rank-r matrices, balanced factors; the default for ``balanced``), ``"balance"``
+            rank-r matrices, balanced factors; the default for ``balanced``), ``"split"`` (the
+            same steps with the cheaper projector-splitting retraction), ``"balance"``
             (factor-space steps, then rebalancing) or ``"none"`` (factor-space steps; the default
             for ``gradient`` and ``scaled``).
         rtol, atol: error control of adaptive methods (``rtol`` is raised to the unit roundoff of

@@ -176,12 +176,12 @@ def _cmd_reproduce(args) -> int:
     from .report import build_overview, build_report, count, run_seconds
     from .runner import check_out_dir, estimate_seconds, load_config, pending_cases, run_experiment
 
-    root = check_out_dir(Path(args.out or ("runs/quick" if args.quick else "runs/full")))
     suites = SUITES if args.all else tuple(args.suites or DEFAULT_SUITES[args.quick])
     names = args.only or [n for n, cls in EXPERIMENTS.items() if cls.SUITE in suites]
     bad = [n for n in names if n not in EXPERIMENTS]
     if bad:
         raise SystemExit(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from: {', '.join(EXPERIMENTS)}")
+    root = check_out_dir(Path(args.out or ("runs/quick" if args.quick else "runs/full")))
     speed = machine_speed()
 
     def planned(name):

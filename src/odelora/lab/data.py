@@ -20,7 +20,7 @@ import numpy as np
 from .._io import atomic_write
 
 __all__ = ["bbc_news", "minilm_path", "embed_texts", "cache_dir", "BBC_TOPICS", "fashion_mnist", "mnist_digits",
-           "FASHION_MNIST_DIR"]
+           "FASHION_MNIST_DIR", "fashion_mnist_available"]
 
 BBC_TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
 
@@ -101,18 +101,27 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def _fashion_mnist_files(split: str) -> tuple[Path, Path]:
+    folder = Path(os.environ.get("ODELORA_FASHION_MNIST", FASHION_MNIST_DIR))
+    stem = "train" if split == "train" else "t10k"
+    return folder / f"{stem}-images-idx3-ubyte.gz", folder / f"{stem}-labels-idx1-ubyte.gz"
+
+
+def fashion_mnist_available() -> bool:
+    """Whether :func:`fashion_mnist` finds both splits."""
+    return all(f.exists() for split in ("train", "test") for f in _fashion_mnist_files(split))
+
+
 def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST images (N, 28, 28) as float32 in [0, 1] and labels (N,) int64; ``split`` is
     ``"train"`` (60,000) or ``"test"`` (10,000). Read from ``$ODELORA_FASHION_MNIST`` or the
     Debian package's folder."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    folder = Path(os.environ.get("ODELORA_FASHION_MNIST", FASHION_MNIST_DIR))
-    stem = "train" if split == "train" else "t10k"
-    images, labels = folder / f"{stem}-images-idx3-ubyte.gz", folder / f"{stem}-labels-idx1-ubyte.gz"
+    images, labels = _fashion_mnist_files(split)
     if not (images.exists() and labels.exists()):
         raise SystemExit(
-            f"Fashion-MNIST not found in {folder}: install the Debian package as root "
+            f"Fashion-MNIST not found in {images.parent}: install the Debian package as root "
             "(apt-get install -y dataset-fashion-mnist; python3 dev.py setup does it when run as root), "
             "or set ODELORA_FASHION_MNIST to a folder holding the four *-idx*-ubyte.gz files"
         )
