@@ -191,3 +191,36 @@ def test_rank_above_a_dimension_is_deficient_not_an_error(rng):
     step = (dB.numpy() @ A + B @ dA.numpy())
     assert np.sum(step * G) < 0  # still a descent direction for the product
     np.testing.assert_allclose(step, -damped_projection_reference(G, B, A, np.finfo(float).eps), atol=1e-12)
+
+
+def _closed_form_balanced(B, A, G, s):
+    """The balanced flow's factor velocities (docs/math.md section 2) in numpy with pseudo-inverses
+    on the nonzero singular directions: zero along directions where the factors are zero."""
+    hB, hA = (s * G @ A.T) / s**2, (s * B.T @ G) / s**2
+    MB, MA = B.T @ B, A @ A.T
+    MBi, MAi = (np.linalg.pinv(M, rcond=1e-10, hermitian=True) for M in (MB, MA))
+    C = MBi @ B.T @ hB @ MAi
+    lam, Q = np.linalg.eigh(0.5 * (MA + MB))
+    Om = Q.T @ (C - C.T) @ Q
+    den = lam[:, None] + lam[None, :]
+    E = np.where(den > 1e-10 * lam.max(), Om * (lam[None, :] - lam[:, None]) / (2 * np.where(den > 0, den, 1)), 0)
+    Gam = C / 2 + Q @ E @ Q.T / 2
+    return -(np.eye(B.shape[0]) - B @ MBi @ B.T) @ hB @ MAi - B @ Gam, -MBi @ hA + Gam @ A
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_factor_velocities_vanish_where_the_factors_do(dtype, tol, rng):
+    """Balanced factors of a rank-2 product with r = 4 (what a rank-2 update leaves): the
+    gradient's components along the factors' null directions are rounding noise, which the
+    factor-form velocities (the Adam path, factor-space retractions) must not magnify."""
+    m, n, r, s = 12, 10, 4, 1.5
+    U, V = (np.linalg.qr(rng.standard_normal((k, r)))[0] for k in (m, n))
+    Q = np.linalg.qr(rng.standard_normal((r, r)))[0]
+    root = np.sqrt([1.0, 0.5, 0.0, 0.0])
+    B, A = (U * root) @ Q, Q.T @ (root[:, None] * V.T)
+    G = rng.standard_normal((m, n))
+    dB_ref, dA_ref = _closed_form_balanced(B, A, G, s)
+    t = lambda x: torch.tensor(x, dtype=dtype)
+    dB, dA = flows.balanced(t(B), t(A), *(t(g) for g in grads(G, B, A, s)), scale=s)
+    for got, ref in ((dB, dB_ref), (dA, dA_ref)):
+        assert np.linalg.norm(got.double().numpy() - ref) <= tol * np.linalg.norm(ref)

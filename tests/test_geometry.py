@@ -124,10 +124,14 @@ def test_factor_frame_reconstructs_and_is_orthonormal(rng):
 
 
 def test_damped_inverse_is_smooth_and_zero_at_zero():
-    x = torch.tensor([1.0, 1e-2, 1e-8, 0.0], dtype=torch.float64)
+    x = torch.tensor([1.0, 1e-2, 1e-8, 1e-14, 1e-16, 0.0], dtype=torch.float64)
     d = 1e-6
-    np.testing.assert_allclose(damped_inverse(x, d).numpy(), 1 / (x.numpy() ** 2 + d), rtol=1e-15)
+    inv = damped_inverse(x, d).numpy()
+    np.testing.assert_allclose(inv[:3], 1 / (x[:3].numpy() ** 2 + d), rtol=1e-15)
+    # at the rounding level of the dtype (tau = eps^(3/4) max = 1.8e-12 here) faded to zero
+    assert inv[3] < 1e-10 / d and inv[4] < 1e-20 / d and inv[5] == 0
     assert torch.equal(damped_inverse(torch.zeros(3), 1e-6), torch.zeros(3))
+    assert torch.equal(damped_inverse(torch.zeros(3), 0.0), torch.zeros(3))
     # x / (x^2 + lam) rises to 1/(2 sqrt(lam)) and falls to 0 with x: bounded, no cliff
     xs = torch.logspace(-12, 0, 200, dtype=torch.float64)
     xs = torch.cat([xs, torch.ones(1, dtype=torch.float64)])

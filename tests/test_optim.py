@@ -258,6 +258,25 @@ def test_nonfinite_later_stage_retries_with_smaller_step(method):
     assert opt.last_step.h == pytest.approx(0.1)  # fixed-step methods return to lr
 
 
+def test_steps_non_finite_at_every_later_stage_are_skipped_saying_so():
+    Y, B, A = problem(2)
+    opt = ODELoRA([(B, A)], lr=0.1, method="rk4", max_rejects=3, on_nonfinite="raise")
+    closure = make_closure(opt, B, A, Y)
+    calls = [0]
+
+    def overflowing():
+        calls[0] += 1
+        loss = closure()
+        return loss * float("inf") if calls[0] > 1 else loss
+
+    before = (B.detach().clone(), A.detach().clone())
+    with pytest.raises(NonFiniteError, match="a later stage was non-finite .* in all 4 tries") as err:
+        opt.step(overflowing)
+    assert "rtol" not in str(err.value) and torch.equal(B, before[0]) and torch.equal(A, before[1])
+    with pytest.raises(ValueError, match="take 'pairs', not 'params'"):
+        ODELoRA([{"params": [B, A], "lr": 0.1}])
+
+
 def test_consecutive_failures_raise_naming_the_pair():
     Y, B, A = problem(3)
     B2, A2 = problem(4)[1:]
@@ -820,3 +839,39 @@ def test_companion_steps_like_torch_adamw_with_the_options_given(kwargs):
         opt.step()
         twin.step()
     torch.testing.assert_close(W.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_adam_step_from_factors_of_a_lower_rank_product(dtype, tol):
+    """Adam normalizes each coordinate, so rounding noise along the factors' null directions
+    (a product of rank 2 < r = 4) would become full-size steps: the step must be torch's AdamW
+    fed the closed-form velocity, which vanishes there."""
+    from torch.optim.adamw import adamw
+
+    from test_flows import _closed_form_balanced
+
+    rng = np.random.default_rng(1)
+    m, n, r, s, lr = 12, 10, 4, 1.0, 1e-2
+    U, V = (np.linalg.qr(rng.standard_normal((k, r)))[0] for k in (m, n))
+    Q = np.linalg.qr(rng.standard_normal((r, r)))[0]
+    root = np.sqrt([1.0, 0.5, 0.0, 0.0])
+    B0, A0 = (U * root) @ Q, Q.T @ (root[:, None] * V.T)
+    G = rng.standard_normal((m, n))
+    B, A = (torch.tensor(x, dtype=dtype, requires_grad=True) for x in (B0, A0))
+    opt = ODELoRA([(B, A, s)], lr=lr, preconditioner="adam")
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.tensor(G, dtype=dtype) * (s * B @ A)).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    ref = [torch.tensor(B0), torch.tensor(A0)]
+    zeros = lambda: [torch.zeros_like(t) for t in ref]
+    adamw(ref, [-torch.tensor(v) for v in _closed_form_balanced(B0, A0, G, s)], zeros(), zeros(), [],
+          [torch.tensor(0.0), torch.tensor(0.0)], foreach=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=lr,
+          weight_decay=0.0, eps=1e-8, maximize=False)
+    X0, X_ref = s * B0 @ A0, s * (ref[0] @ ref[1]).numpy()
+    X = s * (B @ A).detach().double().numpy()
+    assert np.linalg.norm(X - X_ref) <= tol * np.linalg.norm(X_ref - X0)

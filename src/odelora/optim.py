@@ -58,6 +58,8 @@ def _param_groups(params: Any) -> list[dict]:
     items = list(params) if not isinstance(params, (LoRAPair, dict)) else [params]
     if not items:
         raise ValueError("ODELoRA got no LoRA pairs to optimize")
+    if any(isinstance(x, dict) and "params" in x and "pairs" not in x for x in items):
+        raise ValueError("ODELoRA param groups take 'pairs', not 'params': [{'pairs': [(B, A, scale), ...], 'lr': ...}]")
     if all(isinstance(x, dict) and "pairs" in x for x in items):
         groups = items
     elif any(isinstance(x, dict) and "pairs" in x for x in items):
@@ -384,7 +386,7 @@ class ODELoRA(torch.optim.Optimizer):
         if not res.accepted:
             if self.tableau.adaptive:
                 self._rho = res.h_next
-            return self._skip(fld, y0, self._tolerance_failure(res), nfe=res.nfe, rejected=res.rejected, nonfinite=res.nonfinite)
+            return self._skip(fld, y0, self._failure(res), nfe=res.nfe, rejected=res.rejected, nonfinite=res.nonfinite)
         move = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
         overflow = self._overflow(move.y)
         if overflow:
@@ -503,7 +505,11 @@ class ODELoRA(torch.optim.Optimizer):
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return fld.loss
 
-    def _tolerance_failure(self, res: Attempt) -> str:
+    def _failure(self, res: Attempt) -> str:
+        """Why no try of a step was accepted."""
+        if res.nonfinite == res.rejected:  # every try hit NaN/inf at a later stage
+            return (f"a later stage was non-finite (loss, gradient or velocity) in all {res.rejected} tries, the step "
+                    f"shrinking {1 / self.controller.shrink:g}-fold each time")
         why = (f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {self.max_rejects + 1} tries "
                "(the next step starts from the last step size tried)")
         if res.ratios is not None and res.ratios.numel():
