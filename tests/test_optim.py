@@ -444,6 +444,9 @@ def test_param_groups_and_input_forms():
     opt = ODELoRA([{"pairs": [(B, A)], "lr": 0.1}, {"pairs": [{"B": B2, "A": A2, "scale": 2.0}], "lr": 0.01}])
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
     assert [p.scale for p in opt.pairs] == [1.0, 2.0]
+    _, B3, A3 = problem(13)
+    opt.add_param_group({"pairs": [(B3, A3)], "lr": 0.05})
+    assert [p.name for p in opt.pairs] == ["pair0", "pair1", "pair2"]  # names that tell pairs apart in messages
     with pytest.raises(ValueError, match="expected B"):
         ODELoRA([(A, B)])
     with pytest.raises(ValueError, match="lr"):

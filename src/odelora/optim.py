@@ -54,7 +54,8 @@ class StepRecord:
     loss: float | None = None
 
 
-def _param_groups(params: Any) -> list[dict]:
+def _param_groups(params: Any, start: int = 0) -> list[dict]:
+    """Param groups of pairs; unnamed pairs are numbered from ``start`` across the groups."""
     items = list(params) if not isinstance(params, (LoRAPair, dict)) else [params]
     if not items:
         raise ValueError("ODELoRA got no LoRA pairs to optimize")
@@ -68,9 +69,10 @@ def _param_groups(params: Any) -> list[dict]:
         groups = [{"pairs": items}]
     out = []
     for g in groups:
-        pairs = as_pairs(g["pairs"])
+        pairs = as_pairs(g["pairs"], start)
         if not pairs:
             raise ValueError("a param group has no pairs")
+        start += len(pairs)
         rest = {k: v for k, v in g.items() if k != "pairs"}
         if "params" in rest:
             raise ValueError("ODELoRA param groups take 'pairs', not 'params'")
@@ -355,7 +357,8 @@ class ODELoRA(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if "pairs" in param_group:
-            (param_group,) = _param_groups([param_group])
+            known = sum(len(g["scales"]) for g in self.param_groups if not g.get("companion"))
+            (param_group,) = _param_groups([param_group], start=known)
         if not param_group.get("companion") and ("scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"])):
             raise ValueError("ODELoRA param groups are built from pairs: pass {'pairs': [...], ...}")
         super().add_param_group(param_group)

@@ -76,8 +76,9 @@ def as_pair(item: Any, index: int = 0) -> LoRAPair:
     )
 
 
-def as_pairs(items: Iterable[Any]) -> list[LoRAPair]:
-    pairs = [as_pair(x, i) for i, x in enumerate(items)]
+def as_pairs(items: Iterable[Any], start: int = 0) -> list[LoRAPair]:
+    """:func:`as_pair` of each item; unnamed pairs are called ``pair{start + i}``."""
+    pairs = [as_pair(x, start + i) for i, x in enumerate(items)]
     seen: set[int] = set()
     for p in pairs:
         for t in (p.B, p.A):
