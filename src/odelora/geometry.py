@@ -190,17 +190,23 @@ def damped_inverse(x: Tensor, damping: float) -> Tensor:
     return torch.where((fade > 0) & (top2 > 0), fade / (x2 + damping * top2), 0.0)
 
 
-def _aligned_polar(N: Tensor) -> Tensor:
+def _aligned_polar(N: Tensor, signs=None) -> Tensor:
     """The polar factor of ``N`` (k, r), k <= r, where N determines it; where it does not (singular
     values below ``eps^(1/2)`` of the largest: directions the previous factors do not reach), the
     orthogonal map between N's left and right null spaces closest to ``[I, 0]`` instead of one
-    that rounding picks. Only the factorization depends on this choice, never the product."""
+    that rounding picks. Only the factorization depends on this choice, never the product.
+    ``signs``: a function giving +-1 per row of N (the canonical signs of a basis N is written
+    in), called only where N does not determine the result: ``[I, 0]`` is then taken in the
+    signed basis, so that the choice does not depend on signs that rounding may flip."""
     k, r = N.shape[-2], N.shape[-1]
     W, c, Zh = torch.linalg.svd(N, full_matrices=True)
     Z = Zh.mT
     keep = c > torch.finfo(N.dtype).eps ** 0.5 * c.amax(-1, keepdim=True)  # (..., k)
     if bool(keep.all()):  # the usual case: N determines the whole polar factor
         return W @ Zh[..., :k, :]
+    if signs is not None:  # polar(D N) = D polar(N) where determined; D [I, 0] elsewhere
+        sign = signs()
+        return sign * _aligned_polar(sign * N)
     Wk = W * keep.unsqueeze(-2)
     Zk = Z[..., :k] * keep.unsqueeze(-2)
     informed = Wk @ Zk.mT
@@ -324,17 +330,17 @@ def balanced_factors(U: Tensor, S: Tensor, V: Tensor, r: int, near: tuple[Tensor
     scramble per-coordinate state such as Adam moments. ``overlaps = (U.T B0, V.T A0.T)`` may be
     passed instead of computing them. Without ``near``, ``Q = [I, 0]`` (in the canonical signs of
     U's columns). All scalings act on the small side: U and V are read, never rescaled.
-    ``carried``: see :func:`drop_rounding`.
+    ``carried``: see :func:`drop_rounding`; ``False`` where the caller found that no value
+    :func:`reaches_rounding` (the map is then the identity and is skipped).
     """
-    root = drop_rounding(S, carried).sqrt()
+    root = (S.clamp_min(0) if carried is False else drop_rounding(S, carried)).sqrt()
     k = S.shape[-1]
-    sign = _canonical_signs(U).unsqueeze(-1)  # (..., k, 1): U diag(sign) has canonical signs
+    signs = lambda: _canonical_signs(U).unsqueeze(-1)  # (..., k, 1): U diag(sign) has canonical signs
     if near is None:
-        Q = torch.eye(k, r, dtype=U.dtype, device=U.device).expand(*S.shape[:-1], k, r)
+        Q = signs() * torch.eye(k, r, dtype=U.dtype, device=U.device)
     else:
         UB0, VA0 = overlaps if overlaps is not None else (U.mT @ near[0], V.mT @ near[1].mT)
-        Q = _aligned_polar(sign * root.unsqueeze(-1) * (UB0 + VA0))  # in the signed basis
-    Q = sign * Q  # back to U's own columns: U diag(sign) Q_signed = U Q
+        Q = _aligned_polar(root.unsqueeze(-1) * (UB0 + VA0), signs)
     B = tall_mm(U, root.unsqueeze(-1) * Q)
     A = (Q.mT * root.unsqueeze(-2)) @ V.mT
     return B, A, Frame(U, root, Q.mT, V, root, Q.mT, balanced=True)

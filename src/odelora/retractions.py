@@ -238,7 +238,7 @@ class TruncateSteps(Retraction):
         U, S, V, UtUB, VtUA = self.reduce(fr.UB, fr.UA, M, Ls, Rs, k_out)
         # overlaps with the start's factors, for the closest balanced factorization
         over = (UtUB @ (fr.sB.unsqueeze(-1) * fr.PB.mT), VtUA @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
-        carried = _carried(fr, UtUB, VtUA) if reaches_rounding(S) else None
+        carried = _carried(fr, UtUB, VtUA) if reaches_rounding(S) else False
         B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A), overlaps=over, carried=carried)
         y = Factors(B, A, x0.scale, frame)
         zero = _zero_product(fr)
