@@ -186,8 +186,8 @@ def damped_inverse(x: Tensor, damping: float) -> Tensor:
     (float32: 6.4e-6 against 3.5e-4 of the largest), where the damping already acts."""
     x2 = x * x
     top2 = x2.amax(-1, keepdim=True)
-    fade = (1 + (_rounding_scale(x) / x.clamp_min(torch.finfo(x.dtype).tiny)).pow(6)).reciprocal()
-    return torch.where((fade > 0) & (top2 > 0), fade / (x2 + damping * top2), 0.0)
+    fade = (1 + torch.finfo(x.dtype).eps ** 4.5 * (top2 / x2).pow(3)).reciprocal()  # (tau/x)^6 = eps^4.5 (top2/x2)^3
+    return torch.where(x2 > 0, fade / (x2 + damping * top2), 0.0)
 
 
 def _aligned_polar(N: Tensor, signs=None) -> Tensor:
