@@ -84,3 +84,47 @@ def test_single_process_checkpoint_round_trip_is_exact_and_quiet(tmp_path):
     step(m, opt)
     step(m2, opt2)
     assert torch.equal(m.B, m2.B) and torch.equal(m.A, m2.A)
+
+
+def test_checkpoint_of_a_ddp_model_loads_into_the_bare_model(tmp_path):
+    """Parameter names are saved without DDP's ``module.`` prefix: a checkpoint written from a
+    DDP-wrapped model resumes on one process without DDP (and the next steps agree)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from odelora import ODELoRA
+    from odelora.integrations.distributed import load_checkpoint, save_checkpoint
+
+    def build():
+        torch.manual_seed(0)
+        m = torch.nn.Module()
+        m.B, m.A = torch.nn.Parameter(torch.randn(6, 2)), torch.nn.Parameter(torch.randn(2, 5))
+        m.forward = lambda: (m.B @ m.A - 1).square().sum()
+        return m
+
+    def step(model, opt):
+        opt.zero_grad()
+        model().backward()
+        opt.step()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        m = build()
+        ddp = DistributedDataParallel(m)
+        opt = ODELoRA([(m.B, m.A)], lr=0.1)
+        step(ddp, opt)
+        save_checkpoint(tmp_path / "c", ddp, opt)
+    finally:
+        dist.destroy_process_group()
+    m2 = build()
+    opt2 = ODELoRA([(m2.B, m2.A)], lr=0.1)
+    load_checkpoint(tmp_path / "c", m2, opt2)
+    assert torch.equal(m2.B, m.B) and torch.equal(m2.A, m.A)
+    step(m, opt)
+    step(m2, opt2)
+    assert torch.equal(m2.B, m.B) and torch.equal(m2.A, m.A) and opt2.stats["steps"] == 2

@@ -66,7 +66,10 @@ def test_multiple_adapters_and_dora():
             p.requires_grad_(True)
     names = sorted(p.name for p in lora_pairs(model))
     assert len(names) == 3 and sum("[b]" in n for n in names) == 2
-    assert [p.name for p in lora_pairs(model, adapter="a")] == ["base_model.model.fc1[a]"]
+    with pytest.warns(UserWarning, match=r"4 trainable LoRA factor\(s\) of adapters other than \['a'\].*left as they are"):
+        part = partition(model, adapter="a")
+    assert [p.name for p in part.pairs] == ["base_model.model.fc1[a]"]
+    assert len(part.left) == 4 and not any("lora_" in n for n, _, _ in part.others)  # b's factors: not in the companion
     with pytest.raises(ValueError, match=r"no trainable LoRA pairs for adapter\(s\) \['zzz'\]; the model's adapters: \['a', 'b'\]"):
         partition(model, adapter="zzz")
     dora = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=4, target_modules=["fc1"], use_dora=True))
@@ -227,3 +230,40 @@ def test_trainer_trains_with_odelora_and_logs_statistics(method, stages, tmp_pat
     assert all(float(imbalance(p.B.detach(), p.A.detach())) < 1e-5 for p in lora_pairs(model))  # rebalanced
     assert logs[-1]["loss"] < logs[0]["loss"]
     assert trainer.optimizer is not None and trainer.optimizer.optimizer.stats["nfe"] == 12 * stages
+
+
+def test_trainer_stages_share_dropout_masks_and_take_a_given_optimizer(tmp_path):
+    """With lora_dropout the RK stages of one step must evaluate one function (the same masks; the
+    stage losses at h -> 0 agree), also for an ODELoRA passed as optimizers=(opt, None)."""
+    from transformers import TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["fc1", "fc2"]))
+    with torch.no_grad():  # B != 0, so that dropout on the LoRA branch changes the loss
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    ids, y = data(32)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=2, learning_rate=1e-12,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant",
+                             max_grad_norm=0.0)
+    opt = create_odelora_optimizer(model, lr=1e-12, method="rk4")
+    trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y), optimizers=(opt, None))
+    losses, compute = [], trainer.compute_loss
+
+    def recorded(*a, **k):
+        out = compute(*a, **k)
+        losses.append(float(out.detach()))
+        return out
+
+    trainer.compute_loss = recorded
+    trainer.train()
+    assert opt.stats["nfe"] == 8 and len(losses) == 8  # 2 steps x 4 stages
+    for step in (losses[:4], losses[4:]):
+        assert max(step) - min(step) < 1e-6 * abs(step[0]), losses
+    assert abs(losses[0] - losses[4]) > 1e-3  # the next step draws new masks
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        ODELoRATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[],
+                                                           use_cpu=True), train_dataset=ListDataset(ids, y), optimizers=(opt, None))

@@ -221,7 +221,9 @@ class ODELoRA(torch.optim.Optimizer):
             rate: one Euler step moves ``scale * B @ A`` by ``-lr * P(G)``. For adaptive methods
             (``bs32``, ``dopri5``) it is the largest step; the controller shrinks it as needed.
         method: ``"euler"``, ``"heun"``, ``"midpoint"``, ``"rk4"``, ``"bs32"`` or ``"dopri5"``.
-            A method with s stages calls the closure s times per step (on the same batch).
+            A method with s stages calls the closure s times per step (on the same batch); layers
+            that draw random numbers (dropout) draw new ones at each call unless the closure
+            restores the random state (``ODELoRATrainer`` does).
         flow: ``"balanced"`` (ODELoRA), ``"scaled"``, ``"gradient"`` (plain LoRA), or a
             :class:`~odelora.flows.Flow` / callable with the flow signature.
         retraction: how factors move (``odelora.retractions``): ``"truncate"`` (steps on the

@@ -26,6 +26,10 @@ __all__ = ["save_checkpoint", "load_checkpoint"]
 
 
 def _trainable(model: torch.nn.Module) -> dict:
+    """Trainable parameters by name, without DDP's ``module.`` prefix: a checkpoint written from a
+    DDP-wrapped model loads into the bare model (one process) and back."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -65,6 +69,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: ODELoRA
     md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     saved = {k[len("model."):] for k in md if k.startswith("model.")}
     mine = _trainable(model)
+    if saved == {f"module.{n}" for n in mine}:  # written by an earlier version from a DDP-wrapped model
+        mine = {f"module.{n}": p for n, p in mine.items()}
     if saved != set(mine):
         missing, extra = sorted(set(mine) - saved), sorted(saved - set(mine))
         raise ValueError(f"checkpoint {path!r} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")

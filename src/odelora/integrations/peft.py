@@ -22,12 +22,15 @@ class Partition:
     pairs: list[LoRAPair] = field(default_factory=list)
     others: list[tuple[str, torch.Tensor, str]] = field(default_factory=list)  # (name, param, reason)
     adapters: list[str] = field(default_factory=list)  # every LoRA adapter the model has
+    left: list[str] = field(default_factory=list)  # trainable factors of adapters not selected: not moved
 
     def summary(self) -> str:
         lines = [f"{len(self.pairs)} LoRA pairs follow the flow"]
         if self.others:
             lines.append(f"{len(self.others)} other trainable tensors go to the AdamW companion:")
             lines += [f"  {n} {tuple(p.shape)}: {why}" for n, p, why in self.others]
+        if self.left:
+            lines.append(f"{len(self.left)} trainable LoRA factors of adapters not selected are left as they are")
         return "\n".join(lines)
 
 
@@ -44,9 +47,9 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     are matrices (Linear layers, also under DoRA), with that layer's ``scaling[adapter]`` (which
     already reflects rsLoRA, ``rank_pattern`` and ``alpha_pattern``). Everything else that is
     trainable goes to ``others``: DoRA magnitude vectors, embedding LoRA (``lora_embedding_*``),
-    convolution LoRA (4-D factors), biases, heads and ``modules_to_save``. Adapters outside
-    ``adapter`` (a name or list of names; default all) keep their trainable flags but are not
-    moved as pairs.
+    convolution LoRA (4-D factors), biases, heads and ``modules_to_save``. The factors of adapters
+    outside ``adapter`` (a name or list of names; default all) keep their trainable flags but are
+    moved by nothing: they are listed in ``left``, with a warning where they are trainable.
     """
     try:
         from peft.tuners.lora.layer import LoraLayer
@@ -56,6 +59,7 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     part = Partition()
     in_pair: set[int] = set()
     reasons: dict[int, str] = {}
+    unselected: set[int] = set()
     adapters: set[str] = set()
     half_frozen = []
     for mname, module in model.named_modules():
@@ -64,6 +68,7 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
         adapters.update(module.lora_A.keys())
         for ad in module.lora_A.keys():
             if wanted is not None and ad not in wanted:
+                unselected.update((id(module.lora_A[ad].weight), id(module.lora_B[ad].weight)))
                 continue
             A = module.lora_A[ad].weight
             B = module.lora_B[ad].weight
@@ -96,9 +101,15 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
                       "not the flow; unfreeze both factors for ODELoRA to move them", UserWarning, stacklevel=2)
     part.adapters = sorted(adapters)
     for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in in_pair:
+        if p.requires_grad and id(p) in unselected:
+            part.left.append(name)
+        elif p.requires_grad and id(p) not in in_pair:
             why = reasons.get(id(p)) or ("bias" if name.endswith("bias") else "not a LoRA factor (head, modules_to_save, ...)")
             part.others.append((name, p, why))
+    if part.left:
+        warnings.warn(f"{len(part.left)} trainable LoRA factor(s) of adapters other than {sorted(wanted)} ({part.left[0]}"
+                      f"{', ...' if len(part.left) > 1 else ''}) are left as they are; freeze them, or select their adapter "
+                      "to train them too", UserWarning, stacklevel=2)
     return part
 
 

@@ -6,13 +6,16 @@
 ``args.learning_rate`` is the ODELoRA step h. The Trainer backpropagates one batch before calling
 ``optimizer.step()`` without a closure; ``training_step`` therefore hands the optimizer a closure
 that recomputes the loss on the same batch, which the remaining RK stages call (gradient clipping
-at ``args.max_grad_norm`` is applied to every stage alike).
+at ``args.max_grad_norm`` is applied to every stage alike). Each stage starts from the random
+state of the first, so dropout draws the same masks in every stage: the stages evaluate one
+function.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from ..optim import ODELoRA
@@ -63,9 +66,23 @@ class ODELoRACallback(TrainerCallback):
         self._nfe = self._steps = 0
 
 
+def _rng_state() -> tuple:
+    """The CPU generator's state and, once CUDA is in use, every GPU's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 class ODELoRATrainer(Trainer):
     """A ``Trainer`` whose optimizer is ``create_odelora_optimizer(model, lr=args.learning_rate,
-    **odelora_kwargs)`` (LoRA pairs follow the flow, other trainable tensors an AdamW companion)."""
+    **odelora_kwargs)`` (LoRA pairs follow the flow, other trainable tensors an AdamW companion),
+    or the ODELoRA optimizer passed as ``optimizers=(optimizer, scheduler)``."""
 
     def __init__(self, *args, odelora_kwargs: dict[str, Any] | None = None, **kwargs):
         self.odelora_kwargs = dict(odelora_kwargs or {})
@@ -75,8 +92,9 @@ class ODELoRATrainer(Trainer):
         super().__init__(*args, callbacks=callbacks, **kwargs)
         from ..integrators import get_tableau
 
-        self._stages = get_tableau(self.odelora_kwargs.get("method", "euler")).stages
-        if self._stages > 1 and self.args.gradient_accumulation_steps > 1:
+        given = _unwrap(self.optimizer)  # optimizers=(ODELoRA(...), scheduler)
+        stages = given.tableau.stages if given is not None else get_tableau(self.odelora_kwargs.get("method", "euler")).stages
+        if stages > 1 and self.args.gradient_accumulation_steps > 1:
             raise ValueError(
                 "multi-stage ODELoRA methods re-evaluate the loss on the step's batch; use "
                 "gradient_accumulation_steps=1 (raise the batch size instead) or method='euler'"
@@ -89,11 +107,14 @@ class ODELoRATrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         prepared = self._prepare_inputs(inputs)
+        opt = _unwrap(self.optimizer)
+        multi = opt is not None and opt.tableau.stages > 1
+        rng = _rng_state() if multi else None  # where the first stage's forward starts
         loss = super().training_step(model, prepared, num_items_in_batch)
-        if self._stages > 1:
-            opt = _unwrap(self.optimizer)
+        if multi:
 
             def closure():
+                _set_rng_state(rng)  # the first stage's dropout masks: every stage sees the same function
                 model.zero_grad(set_to_none=True)
                 with self.compute_loss_context_manager():
                     stage_loss = self.compute_loss(model, prepared, num_items_in_batch=num_items_in_batch)
