@@ -41,6 +41,7 @@ def one_line_error(capsys, args) -> str:
     (["seeds=0"], "seeds: Input should be greater than 0"),
     (["no_such_key=1"], "unknown key 'no_such_key'"),
     (["m"], "--set expects KEY=VALUE"),
+    (["tol=.inf"], "tol: Input should be a finite number"),
 ])
 def test_bad_config_values(capsys, tmp_path, sets, expect):
     args = ["run", "matrix-sensing", "--out", str(tmp_path / "o")]
@@ -71,6 +72,8 @@ def test_bad_config_files(capsys, tmp_path):
     assert "is for experiment 'lora-mf'" in one_line_error(capsys, args + [str(bad)])
     bad.write_text("m: 0\n")
     assert "m: Input should be greater than 0" in one_line_error(capsys, args + [str(bad)])
+    bad.write_text("experiment: matrix-sensing\nconfig: {seeds: 2}\nm: 11\n")  # a key beside 'config' is not dropped
+    assert "keys ['m'] sit beside 'config'" in one_line_error(capsys, args + [str(bad)])
     js = tmp_path / "c.json"
     js.write_text('{"seeds": 1,}')  # YAML would take the trailing comma; a .json file is read as JSON
     assert "not valid JSON at line 1, column 13" in one_line_error(capsys, args + [str(js)])

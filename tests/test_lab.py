@@ -214,3 +214,42 @@ def test_a_run_that_gives_back_its_progress_is_told_apart():
     assert gave_back_progress(pd.Series([2.341, 1.9, 1.226, 3.29, 2.303]))
     assert not gave_back_progress(pd.Series([2.341, 1.9, 1.226, 1.3, 1.25]))
     assert not gave_back_progress(pd.Series([1.0, 0.5, 0.25, 0.125]))
+
+
+def test_interrupted_and_damaged_folders_report_what_they_hold(tmp_path, capsys):
+    """A report of an interrupted run says so and judges only the rules it has (a missing rule is
+    not a diverged one); a reproduction root skips a folder claimed before any case finished; a
+    damaged config.yaml is a one-line error."""
+    from odelora.lab.runner import claim_folder
+
+    root = tmp_path / "root"
+    exp = get_experiment("feature-learning")
+    cfg = exp.Config(**TINY["feature-learning"])
+    run_experiment(exp, cfg, root / exp.name, jobs=1, progress=False)
+    kept = [f for f in (root / exp.name / "cases").glob("*.csv") if f.name.startswith(("rule=adam", "rule=lora-plus"))]
+    for f in (root / exp.name / "cases").glob("*.csv"):
+        if f not in kept:
+            f.unlink()
+    claims, report = build_report(root / exp.name)
+    assert len(kept) == 3 and f"**Partial run:** 3 of {len(cfg.rules)} cases finished, and the claims below use only those" in report.read_text()
+    assert [c.claim.split(" keeps")[0] for c in claims] == ["Adam"] and claims[0].passed  # no FAIL for rules never run
+    other = get_experiment("trajectory-fidelity")
+    (root / other.name).mkdir()
+    claim_folder(root / other.name, other.name, other.Config(**TINY[other.name]))  # then interrupted
+    capsys.readouterr()
+    assert cli(["report", str(root)]) == 0
+    assert "trajectory-fidelity: no finished case yet, left out" in capsys.readouterr().out
+    (root / exp.name / "config.yaml").write_text("experiment: feature-learning\nconfig: {bogus: 1}\n")
+    with pytest.raises(SystemExit, match="config.yaml is damaged .*bogus"):
+        cli(["report", str(root / exp.name)])
+
+
+def test_matrix_sensing_reports_a_run_missing_methods(tmp_path):
+    exp, cfg = _tiny_ms()
+    run_experiment(exp, cfg, tmp_path, jobs=1, progress=False)
+    for f in (tmp_path / "cases").glob("*.csv"):
+        if "scaled-gd" in f.name or "lora-gd" in f.name:
+            f.unlink()
+    claims, report = build_report(tmp_path)
+    assert "**Partial run:**" in report.read_text()
+    assert not any("scaled GD" in c.claim or "LoRA GD" in c.claim for c in claims)  # not judged without their cases

@@ -161,8 +161,14 @@ def _cmd_report(args) -> int:
         _print_claims(claims)
     else:  # a reproduction root: rebuild each experiment's report, then the overview
         from .registry import EXPERIMENTS
+        from .runner import _finished
 
         names = [n for n in EXPERIMENTS if (folder / n / "config.yaml").exists()]
+        for n in [n for n in names if not _finished(folder / n)]:  # claimed, then interrupted before a case finished
+            print(f"{n}: no finished case yet, left out of the report (rerun the command that made {folder} to finish it)")
+            names.remove(n)
+        if not names:
+            raise SystemExit(f"{folder}: no experiment folder with a finished case (runs/NAME folders hold config.yaml and cases/)")
         for n in names:
             build_report(folder / n)
         _, report = build_overview(folder, names)

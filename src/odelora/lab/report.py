@@ -51,9 +51,25 @@ def _load(out: Path):
     cfg_path = out / "config.yaml"
     if not cfg_path.exists():
         raise SystemExit(f"{out}: no config.yaml; is this an `odelora run` output folder?")
-    saved = yaml.safe_load(cfg_path.read_text())
-    exp = get_experiment(saved["experiment"])
-    return exp, exp.Config(**saved["config"]), saved
+    try:
+        saved = yaml.safe_load(cfg_path.read_text())
+        exp = get_experiment(saved["experiment"])
+        return exp, exp.Config(**saved["config"]), saved
+    except SystemExit as exc:  # an unknown experiment
+        raise SystemExit(f"{cfg_path}: {exc}") from None
+    except (yaml.YAMLError, TypeError, KeyError, ValueError) as exc:  # ValueError: pydantic's ValidationError too
+        what = "; ".join(line.strip() for line in str(exc).splitlines()[:3]) or type(exc).__name__
+        raise SystemExit(f"{cfg_path} is damaged ({what}): it must hold 'experiment' and 'config' as `odelora run` "
+                         "wrote them; restore it or rerun into a new folder") from None
+
+
+def _partial(exp, cfg, df, out: Path) -> list[str]:
+    """A line for a report built before every case finished (an interrupted run)."""
+    total, done = len(exp.cases(cfg)), df["case"].nunique()
+    if done >= total:
+        return []
+    return [f"**Partial run:** {done} of {total} cases finished, and the claims below use only those. "
+            f"`odelora run {exp.name} --out {out}` with the same config finishes it.", ""]
 
 
 def build_report(out: Path) -> tuple[list[Claim], Path]:
@@ -70,6 +86,7 @@ def build_report(out: Path) -> tuple[list[Claim], Path]:
         "",
         f"**Measured:** {exp.describe(df, cfg)}",
         "",
+        *_partial(exp, cfg, df, out),
         claims_markdown(claims),
         "",
         *(["**Notes**", "", notes, ""] if notes else []),

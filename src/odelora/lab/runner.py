@@ -84,6 +84,11 @@ def _read_config_file(config_file: str, name: str) -> dict:
         raise SystemExit(f"--config {config_file}: expected a mapping of config keys, got a {type(loaded).__name__}")
     if "experiment" in loaded and loaded["experiment"] != name:
         raise SystemExit(f"--config {config_file} is for experiment {loaded['experiment']!r}, not {name!r}")
+    if "config" in loaded:  # a run folder's config.yaml: {experiment, config}
+        extra = sorted(set(loaded) - {"experiment", "config"})
+        if extra:
+            raise SystemExit(f"--config {config_file}: keys {extra} sit beside 'config'; put config keys under 'config' "
+                             "(the layout of a run folder's config.yaml) or use a flat mapping without 'config'")
     data = loaded.get("config", {k: v for k, v in loaded.items() if k != "experiment"})
     if not isinstance(data, dict):
         raise SystemExit(f"--config {config_file}: 'config' must be a mapping of config keys")

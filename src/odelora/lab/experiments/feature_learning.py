@@ -131,15 +131,16 @@ class FeatureLearning(Experiment):
 
     def report(self, df, cfg, out: Path):
         g, sl = self.slopes(df)
+        rules = [r for r in cfg.rules if r in set(df.rule)]  # an interrupted run: only the rules it finished
         ok = lambda s: bool(np.isfinite(s[0]) and np.isfinite(s[1]) and abs(s[0]) <= TOL and abs(s[1]) <= TOL)
         cs = sorted(df.c.unique())
         txt = lambda rule: "; ".join(
             f"c={c:g}: " + (f"{s[0]:+.2f}, {s[1]:+.2f}" if np.isfinite(s[0]) and np.isfinite(s[1]) else "diverged at some width")
             for c in cs for s in [sl.get((rule, c), (np.nan, np.nan))])
-        good = {rule: [c for c in cs if ok(sl.get((rule, c), (np.nan, np.nan)))] for rule in cfg.rules}
+        good = {rule: [c for c in cs if ok(sl.get((rule, c), (np.nan, np.nan)))] for rule in rules}
         claims = []
         for rule, src in (("odelora", "Gao & Tan 2026"), ("scaled-gd", "Zhang & Pilanci (Riemannian preconditioned LoRA)")):
-            if rule in cfg.rules:
+            if rule in rules:
                 passed = len(good[rule]) == len(cs)
                 claims.append(Claim(
                     f"{rule}: one rate h = c/n for both factors, no ratio, keeps both feature terms Theta(1) in width",
@@ -152,7 +153,7 @@ class FeatureLearning(Experiment):
             ("Adam", ["adam", "adam-ratio-16"], "lora-plus",
              "Adam's steps have Theta(1) entries: dB A x ~ lr_B and B dA x ~ lr_B lr_A n (LoRA+'s rule)"),
         ):
-            if not all(r in cfg.rules for r in fails + [wins]):
+            if not all(r in rules for r in fails + [wins]):
                 continue
             passed = not any(good[r] for r in fails) and bool(good[wins])
             claims.append(Claim(
@@ -162,13 +163,13 @@ class FeatureLearning(Experiment):
                 note="" if passed else "; ".join(
                     [f"ratio {ratio_text(r)} keeps both terms Theta(1) at c = {', '.join(f'{c:g}' for c in good[r])}" for r in fails if good[r]]
                     + ([] if good[wins] else [f"ratio {ratio_text(wins)} fails at every c"]))))
-        return claims, self._figures(g, sl, cfg, out)
+        return claims, self._figures(g, sl, rules, out)
 
-    def _figures(self, g, sl, cfg, out):
+    def _figures(self, g, sl, rules, out):
         cs = sorted(g.c.unique())
         c = cs[len(cs) // 2]
         fig, ax = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
-        for i, rule in enumerate(cfg.rules):
+        for i, rule in enumerate(rules):
             grp = g[(g.rule == rule) & (g.c == c)]
             grp = grp[np.isfinite(grp.t1) & np.isfinite(grp.t2)]
             s = sl.get((rule, c), (np.nan, np.nan))

@@ -145,7 +145,8 @@ class MatrixSensing(Experiment):
         for start in cfg.starts:
             b = best[best.start == start]
             it = lambda m, k: b[(b.method == m) & (b.kappa == k)]
-            if start == "spectral" and {"odelora-euler", "scaled-gd"} <= set(cfg.methods):
+            ran = lambda m, ks: all(not it(m, k).empty for k in ks)  # an interrupted run may lack some cases
+            if start == "spectral" and ran("odelora-euler", cfg.kappas) and ran("scaled-gd", cfg.kappas):
                 ode = {k: it("odelora-euler", k) for k in cfg.kappas}
                 sgd = {k: it("scaled-gd", k) for k in cfg.kappas}
                 ok_all = all(ode[k].converged.iloc[0] and sgd[k].converged.iloc[0] for k in cfg.kappas)
@@ -169,7 +170,7 @@ class MatrixSensing(Experiment):
                     + (f"{100 * spread:.0f}%" if ok_all else "undefined (not converged everywhere)"),
                     bool(spread <= 0.3), "Gao & Tan 2026",
                     note="" if spread <= 0.3 else "the count changes with kappa by more than 30%"))
-                if "lora-gd" in cfg.methods and 100.0 in cfg.kappas:
+                if 100.0 in cfg.kappas and ran("lora-gd", [100.0]):
                     gd = it("lora-gd", 100.0).iloc[0]
                     n_gd = need(start, 100.0, "lora-gd")
                     e100 = ode[100.0].iters.iloc[0]
