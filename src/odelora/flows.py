@@ -43,7 +43,11 @@ class Flow:
     factorization, not the product. ``tangent``: a function with the same arguments (``frame``
     required) returning the product velocity as a :class:`~odelora.geometry.Tangent`, which
     retractions that rebuild the factors from the product take directly. ``retraction``: the
-    optimizer's default way of stepping with this flow.
+    optimizer's default way of stepping with this flow; ``adaptive_retraction``: the default for
+    error-controlled methods where it differs. The scaled flow's factor ODE is stiff just off
+    ``B = 0`` (A's velocity grows like ``1 / |B|``), which no embedded error estimate on the
+    factor entries accepts, while its product velocity ``-(PU G + G PV)`` depends on the product
+    alone, so stepping the product (the truncation) integrates the same flow of ``s B A``.
     """
 
     name: str
@@ -52,6 +56,10 @@ class Flow:
     has_gauge: bool = False
     tangent: Callable[..., Tangent] | None = None
     retraction: str = "none"
+    adaptive_retraction: str | None = None
+
+    def default_retraction(self, adaptive: bool) -> str:
+        return (self.adaptive_retraction if adaptive else None) or self.retraction
 
     def __call__(self, B: Tensor, A: Tensor, gB: Tensor, gA: Tensor, *, scale=1.0, **options):
         return self.fn(B, A, gB, gA, scale=scale, **options)
@@ -188,7 +196,7 @@ def _balanced(B, A, gB, gA, *, scale=1.0, frame: Frame | None = None, damping: f
 
 
 gradient = Flow("gradient", _gradient)
-scaled = Flow("scaled", _scaled, uses_frame=True)
+scaled = Flow("scaled", _scaled, uses_frame=True, adaptive_retraction="truncate")
 balanced = Flow("balanced", _balanced, uses_frame=True, has_gauge=True, tangent=_balanced_tangent, retraction="truncate")
 
 FLOWS: dict[str, Flow] = {f.name: f for f in (gradient, scaled, balanced)}

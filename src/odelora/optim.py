@@ -230,7 +230,8 @@ class ODELoRA(torch.optim.Optimizer):
             rank-r matrices, balanced factors; the default for ``balanced``), ``"split"`` (the
             same steps with the cheaper projector-splitting retraction), ``"balance"``
             (factor-space steps, then rebalancing) or ``"none"`` (factor-space steps; the default
-            for ``gradient`` and ``scaled``).
+            for ``gradient``, and for ``scaled`` with fixed-step methods: scaled GD; ``scaled``
+            with ``bs32`` or ``dopri5`` defaults to ``"truncate"``, see ``odelora.flows.Flow``).
         rtol, atol: error control of adaptive methods (``rtol`` is raised to the unit roundoff of
             the parameters' dtype: stages of a bf16 model see bf16-rounded factors).
         max_rejects: a step is retried with a smaller h at most this many times (the first stage
@@ -292,7 +293,7 @@ class ODELoRA(torch.optim.Optimizer):
         lr = _check_lr(lr)
         self.tableau = get_tableau(method)
         self.flow = get_flow(flow)
-        self.retraction = get_retraction(retraction or self.flow.retraction)
+        self.retraction = get_retraction(retraction or self.flow.default_retraction(self.tableau.adaptive))
         self.preconditioner = get_preconditioner(preconditioner)
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
