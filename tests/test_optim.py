@@ -249,6 +249,25 @@ def test_scaled_flow_with_adaptive_methods_trains_from_B_zero(method, dtype):
     assert float(closure().detach()) < 1e-8 * l0
 
 
+def test_a_collapsed_adaptive_step_fails_loudly():
+    """Scaled GD's factor ODE stepped in factor space from ``B = 0`` (asked for explicitly): no
+    step fits, and the step size must not shrink towards zero while steps are 'accepted' (float32
+    once stood still at t = 1e-24 with one skipped step); it stops at 1e-12 x lr, every try there
+    is rejected, and after ``max_skipped_steps`` a StepFailure says what to change."""
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(30, 3, generator=g) @ torch.randn(3, 20, generator=g)
+    B = torch.zeros(30, 3, requires_grad=True)
+    A = (0.1 * torch.randn(3, 20, generator=g)).requires_grad_()
+    opt = ODELoRA([(B, A)], lr=0.2, method="bs32", flow="scaled", retraction="none")
+    closure = make_closure(opt, B, A, Y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(StepFailure, match=r"floor, 1e-12 x lr.*retraction='truncate'"):
+            for _ in range(100):
+                opt.step(closure)
+    assert float(B.detach().abs().max()) == 0.0 and opt.last_step.t == 0.0
+
+
 def test_scaled_flow_adaptive_steps_follow_its_product_flow():
     """Against scipy's solution of ``dX = -(PU G + G PV)`` (bases from numpy's SVD of X)."""
     import scipy.integrate

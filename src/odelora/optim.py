@@ -31,6 +31,9 @@ from .store import PairStore, is_sharded
 
 __all__ = ["ODELoRA", "NonFiniteError", "StepRecord", "StepFailure"]
 
+# The smallest adaptive step, as a fraction of lr: a try rejected there ends the step (skipped).
+H_MIN = 1e-12
+
 
 class StepFailure(RuntimeError):
     """Steps were skipped ``max_skipped_steps`` times in a row (non-finite values, or no step
@@ -303,7 +306,7 @@ class ODELoRA(torch.optim.Optimizer):
         _check_flow_options(self.flow, flow_options or {})
         if int(max_rejects) < 0 or int(max_skipped_steps) < 1:
             raise ValueError("need max_rejects >= 0 and max_skipped_steps >= 1")
-        self.controller = StepController(rtol=rtol, atol=atol, h_max=1.0)
+        self.controller = StepController(rtol=rtol, atol=atol, h_min=H_MIN, h_max=1.0)
         self.max_rejects = int(max_rejects)
         self.max_skipped_steps = int(max_skipped_steps)
         self.on_nonfinite = on_nonfinite
@@ -522,6 +525,10 @@ class ODELoRA(torch.optim.Optimizer):
             names = [n for b in self.store.buckets for n in b.names]
             worst = int(res.ratios.argmax())
             why += f" (largest error at {names[worst]}: {float(res.ratios[worst]):.3g} x tolerance)"
+        if res.h <= self.controller.h_min:
+            why += (f"; the step reached its floor, {self.controller.h_min:g} x lr: no error-controlled step fits these "
+                    "velocities" + (" (factor-space steps: retraction='truncate' steps the product instead)"
+                                    if self.retraction.velocity == "factors" else ""))
         return why
 
     def _record(self, fld: _Field, nfe: int, accepted: bool, rejected: int, nonfinite: int, h: float) -> None:
