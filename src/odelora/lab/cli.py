@@ -161,10 +161,10 @@ def _cmd_report(args) -> int:
         _print_claims(claims)
     else:  # a reproduction root: rebuild each experiment's report, then the overview
         from .registry import EXPERIMENTS
-        from .runner import _finished
+        from .runner import finished_cases
 
         names = [n for n in EXPERIMENTS if (folder / n / "config.yaml").exists()]
-        for n in [n for n in names if not _finished(folder / n)]:  # claimed, then interrupted before a case finished
+        for n in [n for n in names if not finished_cases(folder / n)]:  # claimed, then interrupted before a case finished
             print(f"{n}: no finished case yet, left out of the report (rerun the command that made {folder} to finish it)")
             names.remove(n)
         if not names:

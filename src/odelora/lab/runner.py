@@ -184,13 +184,13 @@ def _write_case(out: Path, cid: str, case: dict, rows: list[dict]) -> None:
     atomic_write(out / "cases" / f"{cid}.csv", df.to_csv(index=False))
 
 
-def _finished(out: Path) -> list[Path]:
+def finished_cases(out: Path) -> list[Path]:
     return sorted((Path(out) / "cases").glob("*.csv"))
 
 
 def read_results(out: Path) -> pd.DataFrame:
     """All rows of finished cases (from cases/, so a partial sweep reads fine)."""
-    files = _finished(out)
+    files = finished_cases(out)
     if not files:
         raise SystemExit(f"{out}: no finished cases (run `odelora run` first)")
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
@@ -200,7 +200,7 @@ def claim_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
     """Write config.yaml, refusing only when finished cases of another config are there."""
     text = yaml.safe_dump({"experiment": name, "config": cfg.model_dump()}, sort_keys=True)
     path = out / "config.yaml"
-    if path.exists() and path.read_text() != text and _finished(out):
+    if path.exists() and path.read_text() != text and finished_cases(out):
         try:
             old = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError:
@@ -211,7 +211,7 @@ def claim_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
         else:
             keys = sorted(k for k in set(old.get("config", {})) | set(new["config"]) if old.get("config", {}).get(k) != new["config"].get(k))
             what = f"another config (differs in {', '.join(keys)})"
-        raise SystemExit(f"{out} holds {len(_finished(out))} finished cases of {what}; use another --out or delete the folder")
+        raise SystemExit(f"{out} holds {len(finished_cases(out))} finished cases of {what}; use another --out or delete the folder")
     atomic_write(path, text)
 
 
