@@ -440,11 +440,16 @@ def test_load_state_dict_validates_with_clear_errors():
         opt.load_state_dict(bad)
     Y2, B2, A2 = problem(7, m=10)
     other = ODELoRA([(B2, A2)], lr=0.1, preconditioner="adam")
-    with pytest.raises(ValueError, match="has shape"):
+    with pytest.raises(ValueError, match=r"saved for pairs 1 of 12 x 2 x 9 .*has 1 of 10 x 2 x 9"):
         other.load_state_dict(sd)
-    two = ODELoRA([{"pairs": [(B2, A2)]}, {"pairs": [problem(8)[1:]]}], lr=0.1)
-    with pytest.raises(ValueError, match="param groups"):
-        two.load_state_dict(sd)
+    older = {**sd, "odelora": {k: v for k, v in sd["odelora"].items() if k not in ("layout", "frames")}}
+    with pytest.raises(ValueError, match="has shape"):  # a state without the layout: the moments' shapes are checked
+        other.load_state_dict(older)
+    head = torch.zeros(3, requires_grad=True)  # same pairs, and a companion group more
+    with pytest.raises(ValueError, match="the state dict has 1 param groups, this optimizer 2"):
+        ODELoRA([(B, A)], lr=0.1, preconditioner="adam", companion=[head]).load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"LoRA scales differ \(\[1.0\] saved, \[2.0\] here\): .*same lora_alpha and r"):
+        ODELoRA([(B, A, 2.0)], lr=0.1, preconditioner="adam").load_state_dict(sd)
     opt.load_state_dict(sd)  # the valid one still loads
 
 
@@ -798,21 +803,35 @@ def test_errors_during_a_step_leave_the_parameters_untouched():
     assert torch.equal(B.detach(), B0) and torch.equal(A.detach(), A0)
 
 
-def test_a_skipped_step_changes_nothing_later_steps_see():
-    """NaN at the start of a step: the following steps match a run without that step, bit for bit."""
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_a_skipped_or_failed_step_changes_nothing_later_steps_see(method):
+    """NaN at the start of a step, or an error in the closure at a later stage (an out-of-memory
+    error, a data loader failing): the following steps match a run without that step, bit for bit
+    (the restored parameters keep their cached frames)."""
     Y, B0, A0 = problem(22, dtype=torch.float32)
     runs = []
-    for with_nan in (False, True):
+    for event in (None, "nan", "raise"):
         B, A = B0.detach().clone().requires_grad_(), A0.detach().clone().requires_grad_()
-        opt = ODELoRA([(B, A)], lr=0.05, method="rk4")
+        opt = ODELoRA([(B, A)], lr=0.05, method=method)
         closure = make_closure(opt, B, A, Y)
+        calls = [0]
+
+        def failing():
+            calls[0] += 1
+            if calls[0] == 3:
+                raise MemoryError("out of memory")
+            return closure()
+
         for i in range(6):
-            if with_nan and i == 3:
+            if event == "nan" and i == 3:
                 with pytest.warns(RuntimeWarning, match="skipped"):
                     opt.step(lambda: make_closure(opt, B, A, Y * float("nan"))())
+            if event == "raise" and i == 3:
+                with pytest.raises(MemoryError):
+                    opt.step(failing)
             opt.step(closure)
-        runs.append((B.detach(), A.detach()))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+        runs.append(torch.cat([B.detach().flatten(), A.detach().flatten(), torch.tensor([opt.last_step.h])]))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_overflow_skip_leaves_adam_moments_and_half_precision_resume_is_exact():
@@ -863,6 +882,8 @@ def test_a_state_dict_of_another_rank_is_refused():
     _, B3, A3 = problem(25, r=3)
     with pytest.raises(ValueError, match=r"1 of 12 x 2 x 9 \(count of m x r x n\).*1 of 12 x 3 x 9.*same model, adapters and LoRA rank"):
         ODELoRA([(B3, A3)], lr=0.05).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="LoRA rank"):  # another rank changes PEFT's scale too: the rank is named
+        ODELoRA([(B3, A3, 2 / 3)], lr=0.05).load_state_dict(opt.state_dict())
     fresh = ODELoRA([(B, A)], lr=0.05).state_dict()  # never stepped: no state per parameter, no frames
     with pytest.raises(ValueError, match="LoRA rank"):
         ODELoRA([(B3, A3)], lr=0.05).load_state_dict(fresh)
@@ -982,3 +1003,24 @@ def test_adam_step_from_factors_of_a_lower_rank_product(dtype, tol):
     X0, X_ref = s * B0 @ A0, s * (ref[0] @ ref[1]).numpy()
     X = s * (B @ A).detach().double().numpy()
     assert np.linalg.norm(X - X_ref) <= tol * np.linalg.norm(X_ref - X0)
+
+
+def test_pairs_with_both_factors_zero_are_named_at_construction():
+    """B = 0 and A = 0: both factor gradients vanish and no flow leaves the pair; a warning says so
+    and the pair indeed stays at zero, while PEFT's (0, A) start does not warn."""
+    Y, B, A = problem(31)
+    Z = [torch.zeros(12, 2, dtype=torch.float64, requires_grad=True), torch.zeros(2, 9, dtype=torch.float64, requires_grad=True)]
+    with pytest.warns(UserWarning, match=r"1 LoRA pair\(s\) with B = 0 and A = 0 \(pair1\): no flow moves them"):
+        opt = ODELoRA([(B, A), {"B": Z[0], "A": Z[1], "name": "pair1"}], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((B @ A - Y) ** 2).sum() + 0.5 * ((Z[0] @ Z[1] - Y) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert not Z[0].any() and not Z[1].any() and not torch.equal(B.detach(), problem(31)[1].detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ODELoRA([(torch.zeros(12, 2, requires_grad=True), torch.ones(2, 9, requires_grad=True))], lr=0.1)

@@ -70,8 +70,13 @@ def test_multiple_adapters_and_dora():
         part = partition(model, adapter="a")
     assert [p.name for p in part.pairs] == ["base_model.model.fc1[a]"]
     assert len(part.left) == 4 and not any("lora_" in n for n, _, _ in part.others)  # b's factors: not in the companion
-    with pytest.raises(ValueError, match=r"no trainable LoRA pairs for adapter\(s\) \['zzz'\]; the model's adapters: \['a', 'b'\]"):
+    with pytest.raises(ValueError, match=r"no LoRA adapter\(s\) \['zzz'\]; the model's adapters: \['a', 'b'\]"):
         partition(model, adapter="zzz")
+    for p in model.base_model.model.fc2.parameters():  # b exists, but its fc2 pair is frozen and fc1's half
+        p.requires_grad_(False)
+    model.base_model.model.fc1.lora_A["b"].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['b'\] have no pair with both factors trainable.*set_adapter"):
+        partition(model, adapter="b")
     dora = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=4, target_modules=["fc1"], use_dora=True))
     part = partition(dora)
     assert len(part.pairs) == 1 and any(why == "DoRA magnitude vector" for _, _, why in part.others)

@@ -335,6 +335,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._store: PairStore | None = None
         self.stats = dict(steps=0, nfe=0, accepted=0, rejected=0, nonfinite=0, skipped=0)
         self.last_step = StepRecord()
+        _warn_zero_pairs(self.store)
 
     # ------------------------------------------------------------------ pairs
     @property
@@ -390,7 +391,7 @@ class ODELoRA(torch.optim.Optimizer):
         except NonFiniteError as exc:
             return self._skip(fld, y0, str(exc), nfe=fld.calls, rejected=1, nonfinite=1)
         except BaseException:  # an error in the closure at a later stage: put the parameters back
-            self.store.unpack(y0)
+            self._restore(y0)
             raise
         if not res.accepted:
             if self.tableau.adaptive:
@@ -494,12 +495,17 @@ class ODELoRA(torch.optim.Optimizer):
                 g["t"] += res.h * g["lr"]
         self._record(fld, res.nfe, True, res.rejected, res.nonfinite, res.h)
 
-    def _skip(self, fld: _Field, y0: list[Factors], why: str, *, nfe: int, rejected: int = 0, nonfinite: int = 0):
-        """Restore the parameters, count the skipped step, warn or raise."""
+    def _restore(self, y0: list[Factors]) -> None:
+        """Write the start state back into the parameters, keeping its frames where the parameters
+        hold it exactly: the next step then computes as if this one never ran."""
         store = self.store
         store.unpack(y0)
-        if all(b.exact for b in store.buckets):  # keep y0's frames: the next step computes as if this one never ran
+        if all(b.exact for b in store.buckets):
             self._last = (store.versions(), y0, True)
+
+    def _skip(self, fld: _Field, y0: list[Factors], why: str, *, nfe: int, rejected: int = 0, nonfinite: int = 0):
+        """Restore the parameters, count the skipped step, warn or raise."""
+        self._restore(y0)
         self._skips += 1
         self.stats["skipped"] += 1
         self._record(fld, nfe, False, rejected, nonfinite, 0.0)
@@ -600,32 +606,34 @@ class ODELoRA(torch.optim.Optimizer):
         if "odelora" not in sd:
             raise ValueError("not an ODELoRA state dict (no 'odelora' entry; another optimizer's?): ODELoRA resumes only from "
                              "ODELoRA.state_dict(); start the new optimizer from scratch instead")
+        extra = sd["odelora"]
+        self._check_layout(extra)  # first: other shapes or ranks explain most other mismatches
         mine, theirs = self.param_groups, sd["param_groups"]
         if len(mine) != len(theirs):
             raise ValueError(f"the state dict has {len(theirs)} param groups, this optimizer {len(mine)}: build the optimizer with the same pairs and groups")
         for i, (g, h) in enumerate(zip(mine, theirs)):
             if len(g["params"]) != len(h.get("params", [])):
-                raise ValueError(f"param group {i}: the state dict has {len(h.get('params', []))} tensors, this optimizer {len(g['params'])}")
+                raise ValueError(f"param group {i}: the state dict has {len(h.get('params', []))} tensors, this optimizer "
+                                 f"{len(g['params'])}: build the optimizer on the same model, adapters and companion parameters")
             if not g.get("companion"):
                 try:
                     _check_lr(h.get("lr"), zero=True)
                 except ValueError as err:
                     raise ValueError(f"param group {i} of the state dict: {err}") from None
                 if list(h.get("scales", [])) != list(g["scales"]):
-                    raise ValueError(f"param group {i}: LoRA scales differ ({h.get('scales')} saved, {g['scales']} here)")
+                    raise ValueError(f"param group {i}: LoRA scales differ ({h.get('scales')} saved, {g['scales']} here): "
+                                     "build it on a model with the same lora_alpha and r (and use_rslora)")
             for p, pid in zip(g["params"], h["params"]):
                 for key, val in sd["state"].get(pid, {}).items():
                     if isinstance(val, Tensor) and val.ndim and val.shape != p.shape:
                         raise ValueError(f"state '{key}' of parameter {pid} has shape {tuple(val.shape)}, the parameter {tuple(p.shape)}")
-        extra = sd["odelora"]
-        self._check_layout(extra)
+        self._check_config(extra)
         rho = extra.get("rho")
         if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
             raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
 
     def _check_layout(self, extra: dict) -> None:
-        """The pairs' shapes and ranks must be those saved; another preconditioner is an error (its
-        state would be dropped or left unused); another method, flow or retraction a warning."""
+        """The pairs' shapes and ranks must be those saved."""
         mine = self.store.layout()
         saved = extra.get("layout")
         frames = extra.get("frames") or []
@@ -635,6 +643,10 @@ class ODELoRA(torch.optim.Optimizer):
             show = lambda layout: "; ".join(f"{k} of {m} x {r} x {n}" for k, m, r, n in layout)
             raise ValueError(f"the state dict was saved for pairs {show(saved)} (count of m x r x n), this optimizer has "
                              f"{show(mine)}: build it on the same model, adapters and LoRA rank")
+
+    def _check_config(self, extra: dict) -> None:
+        """Another preconditioner is an error (its state would be dropped or left unused); another
+        method, flow or retraction a warning."""
         config, here = extra.get("config") or {}, self._config()
         if config.get("preconditioner", here["preconditioner"]) != here["preconditioner"]:
             raise ValueError(f"the state dict was saved with preconditioner={config['preconditioner']!r}, this optimizer has "
@@ -643,6 +655,19 @@ class ODELoRA(torch.optim.Optimizer):
         if changed:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             warnings.warn(f"loading a state dict saved with other settings ({what}); the steps go on with this optimizer's", UserWarning, stacklevel=3)
+
+
+def _warn_zero_pairs(store: PairStore) -> None:
+    """Warn about pairs with ``B = 0`` and ``A = 0``: the gradient reaches neither factor there, so
+    no flow ever moves them (unsharded parameters with values only; checked once)."""
+    zero = [
+        n for b in store.buckets if not b.sharded and b.Bs[0].device.type != "meta"
+        for B, A, n in zip(b.Bs, b.As, b.names) if not (bool(B.detach().any()) or bool(A.detach().any()))
+    ]
+    if zero:
+        warnings.warn(f"{len(zero)} LoRA pair(s) with B = 0 and A = 0 ({_short(zero)}): no flow moves them, since the "
+                      "gradient reaches neither factor; initialize A (PEFT's default) or both (odelora.init.gaussian_ or spectral_)",
+                      UserWarning, stacklevel=3)
 
 
 def _restored(y: list[Factors], store: PairStore) -> list[Factors] | None:

@@ -93,8 +93,12 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     if wanted is not None:
         found = {p.name.rsplit("[", 1)[1].rstrip("]") for p in part.pairs}
         missing = wanted - found
+        frozen = sorted(missing & set(adapters))
+        if frozen:
+            raise ValueError(f"adapter(s) {frozen} have no pair with both factors trainable (inactive or frozen): make them "
+                             "trainable with model.set_adapter(name) or requires_grad_(True) on their lora_A and lora_B")
         if missing:
-            raise ValueError(f"no trainable LoRA pairs for adapter(s) {sorted(missing)}; the model's adapters: {sorted(adapters) or 'none'}")
+            raise ValueError(f"no LoRA adapter(s) {sorted(missing)}; the model's adapters: {sorted(adapters) or 'none'}")
     if half_frozen:
         warnings.warn(f"{len(half_frozen)} LoRA layer(s) with one factor frozen ({', '.join(half_frozen[:3])}"
                       f"{', ...' if len(half_frozen) > 3 else ''}): their trainable factor goes to the AdamW companion, "
