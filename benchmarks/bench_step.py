@@ -12,7 +12,7 @@
    bases are well-conditioned).
 2. Growth: 12 synthetic pairs of a square layer, step time against AdamW as the rank grows
    (4 to 64, width 384) and as the width grows (384 to 4096, r = 8), with the optimizer state's
-   size (and, on CUDA, the peak memory of a step), and the floor of the default step: the time
+   size and the peak memory of a step (``peak_step_bytes``), and the floor of the default step: the time
    of its decompositions alone (two QRs of m x 2r blocks, SVDs of 2r x 2r and r x r) at the
    same shapes.
 Medians over ``--repeats`` alternating runs after warm-up; ratios are ODELoRA / AdamW, for the
@@ -132,6 +132,42 @@ def step_counts(opt, prepare, device, steps: int = 3) -> dict:
     return out
 
 
+def peak_step_bytes(step, prepare, device) -> int:
+    """The most memory ``step()`` holds at once above what was allocated when it began (after
+    ``prepare()`` set the gradients): its workspace, and the new state it keeps while the state it
+    replaces is still held. On CUDA from the allocator's statistics; on CPU from the profiler's
+    allocation events, over the second of two steps profiled together (so that the frees of what
+    the first one allocated are seen)."""
+    if device.type == "cuda":
+        prepare()
+        step()
+        prepare()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prepare()
+        step()
+        prepare()
+        with record_function("measured step"):
+            step()
+    events = prof.profiler.kineto_results.events()
+    span = next(e for e in events if e.name() == "measured step")
+    level = base = peak = 0
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        if e.start_ns() > span.end_ns():
+            break
+        level += e.nbytes()
+        if e.start_ns() < span.start_ns():
+            base = peak = level
+        else:
+            peak = max(peak, level)
+    return peak - base
+
+
 def minilm_batch(device) -> tuple:
     """The benchmarks' batch: 16 sequences of 64 random token ids, labels of 5 classes."""
     g = torch.Generator().manual_seed(0)
@@ -200,12 +236,15 @@ def growth_benchmark(width: int, rank: int, repeats: int, device, pairs: int = 1
         grads = [(mk(width, rank) * 1e-2, mk(rank, width) * 1e-2) for _ in range(pairs)]
         sets[name] = (opt, Bs, As, grads)
 
+    def prepare(name):
+        _, Bs, As, grads = sets[name]
+        return lambda: [setattr(p, "grad", g.clone()) for B, A, gs in zip(Bs, As, grads) for p, g in zip((B, A), gs)]
+
     def run(name):
-        opt, Bs, As, grads = sets[name]
+        ready, opt = prepare(name), sets[name][0]
 
         def once():
-            for B, A, (gB, gA) in zip(Bs, As, grads):
-                B.grad, A.grad = gB.clone(), gA.clone()
+            ready()
             sync(device)
             t0 = time.perf_counter()
             opt.step()
@@ -215,20 +254,13 @@ def growth_benchmark(width: int, rank: int, repeats: int, device, pairs: int = 1
 
         return once
 
-    peak = {}
-    if device.type == "cuda":
-        for name in sets:
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            run(name)()
-            peak[name] = torch.cuda.max_memory_allocated() - before
+    peak = {name: peak_step_bytes(sets[name][0].step, prepare(name), device) for name in sets}
     med = alternate({**{k: run(k) for k in sets}, "decompositions": floor(sets["odelora"][0], device)}, repeats)
     row = dict(width=width, rank=rank, pairs=pairs, odelora_ms=med["odelora"][0], adamw_ms=med["adamw"][0],
                ratio=med["odelora"][0] / med["adamw"][0], split_ms=med["split"][0], split_ratio=med["split"][0] / med["adamw"][0],
                decompositions_ms=med["decompositions"][0], decompositions_ratio=med["decompositions"][0] / med["adamw"][0],
                odelora_state_MB=state_bytes(sets["odelora"][0]) / 2**20, adamw_state_MB=state_bytes(sets["adamw"][0]) / 2**20)
-    if peak:
-        row.update(odelora_peak_MB=peak["odelora"] / 2**20, adamw_peak_MB=peak["adamw"] / 2**20)
+    row.update(odelora_peak_MB=peak["odelora"] / 2**20, adamw_peak_MB=peak["adamw"] / 2**20)
     return row
 
 

@@ -25,6 +25,9 @@ def test_step_benchmark_prints_both_ratios_counts_and_growth(tmp_path):
         assert row["step_ratio"] > 0 and row["whole_ratio"] > 0 and row["floor_ms"] > 0
     assert {c["optimizer"] for c in data["counts"]} == {"odelora", "split", "adamw"} and all(c["ops"] > 0 for c in data["counts"])
     assert [(r["width"], r["rank"]) for r in data["growth"]] == [(384, 4), (384, 8), (384, 16), (384, 32), (384, 64), (1024, 8), (2048, 8), (4096, 8)]
+    for r in data["growth"]:  # a step holds at least its new factors (ODELoRA) or the AdamW update's temporaries
+        factors_MB = 2 * 12 * r["width"] * r["rank"] * 4 / 2**20
+        assert r["odelora_peak_MB"] >= factors_MB and 0 < r["adamw_peak_MB"] < r["adamw_state_MB"]
     assert "step_ratio" in res.stdout and "## Growth" in res.stdout
 
 
