@@ -7,7 +7,8 @@ nonlinearity between the second LoRA layer and the 2-output head, so that layer'
 rank 2 < r. MODE ``resume``: train 3 steps, save a distributed checkpoint, train 3 more, then
 rebuild model and optimizer from scratch, load the checkpoint and train the last 3 steps again:
 both endings are saved. MODE ``load``: load CKPT
-(written with any number of ranks) and train 3 steps.
+(written with any number of ranks) and train 3 steps. MODE ``fsdp1``: what building the optimizer
+on FSDP1-wrapped copies of the model says (rank 0; FSDP1 is not supported).
 
 Also importable: ``build``, ``batches`` and ``train`` give the single-process reference."""
 
@@ -73,11 +74,29 @@ def sharded(placement, narrow=False):
     return model
 
 
+def fsdp1_error():
+    """What building the optimizer on an FSDP1-wrapped model says (``use_orig_params=True``: the
+    only mode in which FSDP1 wraps a model with frozen base weights)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        create_odelora_optimizer(FullyShardedDataParallel(build(), device_id=torch.device("cpu"), use_orig_params=True), lr=0.1)
+    except (NotImplementedError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
 def main(out, mode, method, ckpt=None):
     from odelora.integrations.distributed import load_checkpoint, save_checkpoint
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if mode == "fsdp1":
+        if rank == 0:
+            torch.save({"error": fsdp1_error()}, out)
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(0)
     X, Y = batches()
     lo, hi = rank * (X.shape[1] // world), (rank + 1) * (X.shape[1] // world)
     result = {}

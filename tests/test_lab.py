@@ -253,3 +253,11 @@ def test_matrix_sensing_reports_a_run_missing_methods(tmp_path):
     claims, report = build_report(tmp_path)
     assert "**Partial run:**" in report.read_text()
     assert not any("scaled GD" in c.claim or "LoRA GD" in c.claim for c in claims)  # not judged without their cases
+    two = tmp_path / "two"  # a start none of whose cases ran: its log-scale panels are empty
+    run_experiment(exp, cfg.model_copy(update=dict(starts=["spectral", "small-random"], methods=["odelora-euler"])), two,
+                   jobs=1, progress=False)
+    for f in (two / "cases").glob("*start=small-random*.csv"):
+        f.unlink()
+    claims, report = build_report(two)
+    assert f"`odelora run matrix-sensing --config {two / 'config.yaml'} --out {two}` finishes it" in report.read_text()
+    assert (two / "iterations_vs_kappa.png").stat().st_size > 0

@@ -557,6 +557,7 @@ class ODELoRA(torch.optim.Optimizer):
                                      layout=self.store.layout())
         if self._last is not None:  # derived, but resuming must reproduce the same arithmetic
             extra["frames"] = [None if x.frame is None else [*(t.clone() for t in x.frame[:6]), x.frame.balanced] for x in self._last[1]]
+            extra["frame_layouts"] = [None if x.frame is None else [_dim_order(t) for t in x.frame[:6]] for x in self._last[1]]
         if self._companion is not None:
             extra["companion"] = self._companion.state_dict()
         sd["odelora"] = extra
@@ -584,6 +585,8 @@ class ODELoRA(torch.optim.Optimizer):
             self.stats.update(extra["stats"])
             frames = extra.get("frames")
             if frames is not None and len(frames) == len(self.store.buckets) and all(f is not None for f in frames):
+                layouts = extra.get("frame_layouts") or [None] * len(frames)
+                frames = [f if o is None else [*map(_laid_out, f[:6], o), *f[6:]] for f, o in zip(frames, layouts)]
                 y = [Factors(*self.store.stacked(b), b.scale, Frame(*f)) for b, f in zip(self.store.buckets, frames)]
                 self._last = ((), y, False)  # checked against the parameters at the next step
             if self._companion is not None and "companion" in extra:
@@ -655,6 +658,18 @@ class ODELoRA(torch.optim.Optimizer):
         if changed:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             warnings.warn(f"loading a state dict saved with other settings ({what}); the steps go on with this optimizer's", UserWarning, stacklevel=3)
+
+
+def _dim_order(t: Tensor) -> list[int]:
+    """``t``'s dimensions from the outermost in memory to the innermost: its layout."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def _laid_out(t: Tensor, order: list[int]) -> Tensor:
+    """``t`` with the layout ``order`` (same values). Checkpoint readers (DCP) hand tensors back
+    contiguous, and a matrix product's rounding depends on its operands' layout: cached frames
+    keep the layout they were saved with, so that a resumed run computes what the saved one would."""
+    return t.permute(order).contiguous().permute(sorted(range(len(order)), key=order.__getitem__))
 
 
 def _warn_zero_pairs(store: PairStore) -> None:

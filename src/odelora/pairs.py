@@ -11,6 +11,11 @@ from torch import Tensor
 __all__ = ["LoRAPair", "as_pair", "as_pairs"]
 
 
+# FSDP1 (FullyShardedDataParallel) flattens the parameters of a wrapped module into one vector.
+FSDP1_ADVICE = ("whose flattening mixes the factors of different layers. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
+                "which ODELoRA supports, or DDP")
+
+
 @dataclass(frozen=True, eq=False)
 class LoRAPair:
     """One adapted weight ``W = W0 + scale * B @ A`` with ``B`` (m, r) and ``A`` (r, n)."""
@@ -29,11 +34,7 @@ class LoRAPair:
         who = f"pair {self.name}" if self.name else "LoRAPair"
         for t in (B, A):
             if type(t).__name__ == "FlatParameter" or getattr(t, "_is_flat_param", False):
-                raise NotImplementedError(
-                    f"{who}: this LoRA factor is a slice of an FSDP1 FlatParameter, whose "
-                    "flattening mixes factors of different layers. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
-                    "which ODELoRA supports, or DDP"
-                )
+                raise NotImplementedError(f"{who}: this LoRA factor is a slice of an FSDP1 FlatParameter, {FSDP1_ADVICE}")
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(
                 f"{who}: expected B (m, r) and A (r, n), got B {tuple(B.shape)} "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..optim import ODELoRA
-from ..pairs import LoRAPair
+from ..pairs import FSDP1_ADVICE, LoRAPair
 
 __all__ = ["lora_pairs", "partition", "Partition", "create_odelora_optimizer"]
 
@@ -40,6 +40,14 @@ def _adapters(adapter) -> set[str] | None:
     return {adapter} if isinstance(adapter, str) else set(adapter)
 
 
+def _fsdp1(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
 def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) -> Partition:
     """Split the trainable parameters of a PEFT model into LoRA pairs and the rest.
 
@@ -55,6 +63,8 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
         from peft.tuners.lora.layer import LoraLayer
     except ImportError as err:  # pragma: no cover
         raise SystemExit("odelora.integrations.peft needs peft: pip install 'odelora[hf]'") from err
+    if _fsdp1(model):  # its parameters are views into flat shards: no LoRA factor is a matrix
+        raise NotImplementedError(f"the model is wrapped in FSDP1 (FullyShardedDataParallel), {FSDP1_ADVICE}")
     wanted = _adapters(adapter)
     part = Partition()
     in_pair: set[int] = set()
@@ -136,7 +146,8 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
         if part.adapters:
             raise ValueError(f"the model's LoRA adapters ({', '.join(part.adapters)}) have no pair with both factors trainable: "
                              "unfreeze them (model.set_adapter(name) or requires_grad_(True) on lora_A and lora_B)")
-        raise ValueError("the model has no LoRA layers; wrap it with peft.get_peft_model first")
+        raise ValueError("the model has no LoRA layers; wrap it with peft.get_peft_model first (a DeepXDE network: "
+                         "odelora.integrations.deepxde.add_lora)")
     opt = ODELoRA(part.pairs, lr=lr, companion=[p for _, p, _ in part.others], **kwargs)
     opt.partition = part
     return opt

@@ -151,11 +151,13 @@ def _run(exp, cfg, args) -> int:
 
 def _cmd_report(args) -> int:
     from .report import build_overview, build_report
+    from .runner import check_out_dir
 
     folder = Path(args.dir)
     if not folder.is_dir():
         raise SystemExit(f"{folder}: " + ("a file; give the folder a run wrote (runs/NAME) or a reproduction root"
                                           if folder.exists() else "no such folder"))
+    check_out_dir(folder)  # reports are written there: a one-line error where they cannot be
     if (folder / "config.yaml").exists():
         claims, report = build_report(folder)
         _print_claims(claims)

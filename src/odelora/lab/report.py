@@ -69,7 +69,7 @@ def _partial(exp, cfg, df, out: Path) -> list[str]:
     if done >= total:
         return []
     return [f"**Partial run:** {done} of {total} cases finished, and the claims below use only those. "
-            f"`odelora run {exp.name} --out {out}` with the same config finishes it.", ""]
+            f"`odelora run {exp.name} --config {out / 'config.yaml'} --out {out}` finishes it.", ""]
 
 
 def build_report(out: Path) -> tuple[list[Claim], Path]:

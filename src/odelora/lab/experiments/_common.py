@@ -28,7 +28,14 @@ STATUS_WORDS = {
 
 
 def save_fig(fig, out: Path, name: str) -> str:
-    """Save a figure atomically as PNG; returns its file name."""
+    """Save a figure atomically as PNG; returns its file name. A log axis with nothing positive to
+    show (a panel whose cases have not run yet, in a report of an interrupted run) turns linear:
+    matplotlib cannot draw it otherwise."""
+    for ax in fig.axes:
+        lim = ax.dataLim
+        for lo, hi, scale, set_scale in ((lim.x0, lim.x1, ax.get_xscale(), ax.set_xscale), (lim.y0, lim.y1, ax.get_yscale(), ax.set_yscale)):
+            if scale == "log" and not (np.isfinite(lo) and np.isfinite(hi) and hi > 0):
+                set_scale("linear")
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 
+from ..._io import atomic_write
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
 from ._common import gave_back_progress, save_fig
 
@@ -283,7 +284,7 @@ class LoraGDRate(Experiment):
             fits.append(dict(problem=p, rule=rule, c=c, **f, v0=v[0], v1=v[-1], vexp=vexp))
         fits = pd.DataFrame(fits)
         if len(fits):
-            fits.to_csv(out / "rate_fits.csv", index=False)
+            atomic_write(out / "rate_fits.csv", fits.to_csv(index=False))
             for p, g in fits.groupby("problem"):
                 sel = g[(g.rule != "theory") | g.c.isin([1.0, g[g.rule == "theory"].c.max()])]
                 claims.append(Claim(

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
+from ..._io import atomic_write
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
 from ..methods import MethodName, Run, train
 from ..problems import quadratic_fns, sensing_family, small_random_start
@@ -119,7 +120,7 @@ class MatrixSensing(Experiment):
     def report(self, df, cfg, out: Path):
         fin = final_rows(df)
         best = best_by_method(fin, ["start", "kappa", "method"])
-        best.to_csv(out / "best.csv", index=False)
+        atomic_write(out / "best.csv", best.to_csv(index=False))
         cap = cfg.max_iters
         claims: list[Claim] = []
 

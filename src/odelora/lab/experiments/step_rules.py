@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from ...init import adapted_layers
+from ..._io import atomic_write
 from ..core import Claim, Experiment, NonEmpty, fmt, merged_with
 from ..tasks import TaskSpec, build_task
 from ._common import save_fig
@@ -167,7 +168,7 @@ class StepRules(Experiment):
                              acc=float(run.eval_acc.median())))
         fits = pd.DataFrame(fits)
         if len(fits):
-            fits.to_csv(out / "rate_fits.csv", index=False)
+            atomic_write(out / "rate_fits.csv", fits.to_csv(index=False))
             better = fits[fits["T"] < fits.logT]
             claims.append(Claim(
                 "the rate of min_(t<T) ||grad J||^2 against T, with ||V_t||^2",

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
+from ..._io import atomic_write
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt
 from ..methods import MethodName, Run, train
 from ..problems import quadratic_fns, small_random_start, strongly_convex
@@ -92,7 +93,7 @@ class StronglyConvex(Experiment):
         fin = final_rows(df)
         g = fin.groupby(["method", "hL"]).agg(conv=("status", lambda s: bool((s == "converged").all())), iters=("iters", "median"),
                                               rate=("rate", "median"), status=("status", lambda s: ",".join(sorted(set(s))))).reset_index()
-        g.to_csv(out / "summary.csv", index=False)
+        atomic_write(out / "summary.csv", g.to_csv(index=False))
         claims = []
         kappa = cfg.cond
         at1 = g[g.hL == 1.0]
