@@ -94,6 +94,7 @@ def test_bad_options(capsys, tmp_path):
                  ["run", "matrix-sensing", "--out", str(a_file)], ["reproduce", "--out", str(a_file / "sub")]):
         one_line_error(capsys, args)
     assert "is a file" in one_line_error(capsys, ["run", "matrix-sensing", "--out", str(a_file)])
+    assert "an empty folder name" in one_line_error(capsys, ["run", "matrix-sensing", "--out", ""])
     assert not (tmp_path / "r").exists()  # an unknown experiment is refused before any folder is made
     for cmd in (["run", "matrix-sensing"], ["finetune"], ["reproduce"]):  # the command's own --help lists its options
         assert f"see odelora {cmd[0]} --help" in one_line_error(capsys, [*cmd, "--stepz", "3"])

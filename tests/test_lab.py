@@ -110,13 +110,20 @@ def test_interrupted_sweep_resumes_without_lost_or_duplicated_rows(tmp_path, mon
         return original(self, cfg, case)
 
     monkeypatch.setattr(type(exp), "run_case", flaky)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.md").write_text("a report of an earlier, partial run")
     with pytest.raises(KeyboardInterrupt, match="rerun the same command to resume"):
         run_experiment(exp, cfg, tmp_path / "run", progress=False)
     done = list((tmp_path / "run" / "cases").glob("*.csv"))
     assert len(done) == 2 and not list((tmp_path / "run" / "cases").glob(".*tmp"))
+    assert not (tmp_path / "run" / "report.md").exists()  # no stale report beside the new cases
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["interrupted"] and len(meta["case_times"]) == 2
     monkeypatch.setattr(type(exp), "run_case", original)
     resumed = run_experiment(exp, cfg, tmp_path / "run", progress=False)
     assert calls["n"] == 3  # the finished cases were not run again
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())  # every case's time, from whichever run saved it
+    assert not meta["interrupted"] and len(meta["case_times"]) == len(exp.cases(cfg)) and meta["earlier_runs"][-1]["interrupted"]
     key = ["case", "run", "iter"]
     assert not resumed.duplicated(key).any()
     a = resumed.sort_values(key).reset_index(drop=True)

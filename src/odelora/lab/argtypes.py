@@ -36,6 +36,8 @@ positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a positi
 
 def out_dir(text: str) -> str:
     """An output folder that is not a file and whose nearest existing ancestor is a folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name; leave --out out for the default folder")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")

@@ -114,9 +114,8 @@ def count(n: int, word: str) -> str:
 
 
 def run_seconds(folder: Path) -> tuple[float, float]:
-    """Wall and CPU seconds an experiment folder's runs took (from its meta.json): every session
-    that finished, so a resumed sweep counts its earlier sessions too, except interrupted ones
-    (an interrupted session records nothing)."""
+    """Wall and CPU seconds an experiment folder's runs took (from its meta.json): every session,
+    so a resumed sweep counts its earlier, interrupted or partial, sessions too."""
     try:
         meta = json.loads((Path(folder) / "meta.json").read_text())
     except (OSError, ValueError):

@@ -234,6 +234,27 @@ def estimate_seconds(exp: Experiment, cfg: ExperimentConfig, cases: list[dict], 
     return speed * (max(lanes) + (exp.prepare_cost(cfg) if cases else 0.0))
 
 
+def _save_meta(out: Path, meta: dict, *, interrupted: bool, cases: int, ran: int, timings: dict, cpu: dict,
+               prepared: float, wall: float, jobs: int) -> None:
+    """Write meta.json: this run's provenance and times, with the earlier (interrupted or partial)
+    runs of the folder kept on record and every case's time, whichever run saved it."""
+    meta = dict(meta, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), interrupted=interrupted, cases=cases, ran=ran,
+                case_seconds=round(sum(timings.values()), 2), case_cpu_seconds=round(sum(cpu.values()), 2),
+                prepare_seconds=round(prepared, 2), wall_seconds=round(wall, 2), jobs=jobs,
+                case_times={cid: round(dt, 2) for cid, dt in sorted(timings.items())},
+                case_cpu_times={cid: round(dc, 2) for cid, dc in sorted(cpu.items())})
+    try:
+        before = json.loads((out / "meta.json").read_text())
+        meta["earlier_runs"] = before.pop("earlier_runs", []) + [
+            {k: before.get(k) for k in ("started", "finished", "interrupted", "ran", "case_seconds", "case_cpu_seconds",
+                                        "prepare_seconds", "wall_seconds", "jobs")}]
+        for key in ("case_times", "case_cpu_times"):
+            meta[key] = dict(sorted({**before.get(key, {}), **meta[key]}.items()))
+    except (OSError, ValueError, TypeError):
+        pass
+    atomic_write(out / "meta.json", json.dumps(meta, indent=2))
+
+
 def run_experiment(
     exp: Experiment, cfg: ExperimentConfig, out: Path, *, jobs: int = 1, progress: bool = True
 ) -> pd.DataFrame:
@@ -249,6 +270,8 @@ def run_experiment(
 
     torch.set_num_threads(max(1, min(jobs, os.cpu_count() or 1)))  # the preparation too: no more threads than jobs
     if todo:
+        for stale in ("report.md", "claims.json"):  # a report of fewer cases than the folder will hold
+            (out / stale).unlink(missing_ok=True)
         exp.prepare(cfg)
     prepared = time.perf_counter() - t0
     timings: dict[str, float] = {}
@@ -272,27 +295,19 @@ def run_experiment(
             bar.update()
     except KeyboardInterrupt:
         done = len(cases) - len(todo) + len(timings)
+        _save_meta(out, meta, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
+                   prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
         raise RunInterrupted(
             f"interrupted: {done} of {len(cases)} cases of {exp.name} are saved in {out}; "
-            "rerun the same command to resume"
+            f"rerun the same command to resume (`odelora report {out}` reports on the saved ones)"
         ) from None
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
         bar.close()
-    meta.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cases=len(cases), ran=len(todo),
-                case_seconds=round(sum(timings.values()), 2), case_cpu_seconds=round(sum(cpu.values()), 2),
-                prepare_seconds=round(prepared, 2), wall_seconds=round(time.perf_counter() - t0, 2), jobs=jobs,
-                case_times={cid: round(dt, 2) for cid, dt in sorted(timings.items())},
-                case_cpu_times={cid: round(dc, 2) for cid, dc in sorted(cpu.items())})
-    try:  # earlier (interrupted or partial) runs of this folder stay on record
-        before = json.loads((out / "meta.json").read_text())
-        meta["earlier_runs"] = before.pop("earlier_runs", []) + [
-            {k: before.get(k) for k in ("started", "finished", "ran", "case_seconds", "case_cpu_seconds", "prepare_seconds", "wall_seconds", "jobs")}]
-    except (OSError, ValueError):
-        pass
-    atomic_write(out / "meta.json", json.dumps(meta, indent=2))
+    _save_meta(out, meta, interrupted=False, cases=len(cases), ran=len(todo), timings=timings, cpu=cpu,
+               prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
     df = read_results(out)
     atomic_write(out / "results.csv", df.to_csv(index=False))
     return df
