@@ -260,6 +260,8 @@ def test_matrix_sensing_reports_a_run_missing_methods(tmp_path):
     claims, report = build_report(tmp_path)
     assert "**Partial run:**" in report.read_text()
     assert not any("scaled GD" in c.claim or "LoRA GD" in c.claim for c in claims)  # not judged without their cases
+    table = next(c for c in claims if c.claim.startswith("spectral start: iterations"))
+    assert "scaled-gd not run, not run" in table.measured and "lora-gd not run, not run" in table.measured
     two = tmp_path / "two"  # a start none of whose cases ran: its log-scale panels are empty
     run_experiment(exp, cfg.model_copy(update=dict(starts=["spectral", "small-random"], methods=["odelora-euler"])), two,
                    jobs=1, progress=False)

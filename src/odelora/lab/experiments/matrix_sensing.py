@@ -32,6 +32,13 @@ DEFAULT_GRIDS = {
 Start = Literal["spectral", "small-random"]
 
 
+
+def _short_cell(c: str) -> str:
+    """A table cell in one word or two: the iterations, '>N' (the cap), 'not run' or 'not reached'."""
+    if c[0].isdigit() or c[0] == ">":
+        return c.split(" ")[0]
+    return "not run" if c.startswith("not run") else "not reached"
+
 class Config(ExperimentConfig):
     m: PositiveInt = Field(30, description="rows of X")
     n: PositiveInt = Field(30, description="columns of X")
@@ -199,7 +206,7 @@ class MatrixSensing(Experiment):
             claims.append(Claim(
                 f"{start} start: iterations / gradient evaluations to relative error {cfg.tol:g}, best rate of each grid",
                 "reported (no threshold)", "table below: " + "; ".join(
-                    f"{m} {', '.join(c if c[0].isdigit() or c[0] == '>' else 'not reached' for c in (cell(m, k).split(' ')[0] for k in cfg.kappas))}"
+                    f"{m} {', '.join(_short_cell(cell(m, k)) for k in cfg.kappas)}"
                     for m in cfg.methods), None, table=table,
                 note=("not reached: no rate of the grid reached the target; 'projected' extrapolates the best stalled "
                       "run's last-window rate; '>N': a run went to the cap N." if "not reached" in text or ">" in text else "")))
