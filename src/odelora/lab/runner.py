@@ -55,11 +55,13 @@ def config_error(name: str, cls: type[ExperimentConfig], err: ValidationError) -
     """A pydantic error as one line: every bad key with what was wrong and the value given."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key {loc!r}")
-        else:
+        elif loc:
             parts.append(f"{loc}: {e['msg'].rstrip('.')} (got {e.get('input')!r})")
+        else:  # a rule across keys: its message names them; the input is the whole config
+            parts.append(f"config: {e['msg'].rstrip('.')}")
     return f"invalid config for {name}: {'; '.join(parts)}. Valid keys: {', '.join(cls.model_fields)} (see odelora run {name} --help)"
 
 
