@@ -27,8 +27,9 @@ def add_lora(net: torch.nn.Module, r: int = 4, alpha: float | None = None, targe
 
     The default ``target`` takes every Linear layer of an FNN, the input and output layers
     included, whose products have rank at most ``min(in, out)`` (often 1 < r there: ODELoRA
-    handles such rank-deficient factors, and the extra rank stays unused). For the hidden layers only, as the lab does, pass
-    ``target=r"linears\\.(1|2|...)"`` with the indices of the hidden-to-hidden layers."""
+    handles such rank-deficient factors, and the extra rank stays unused). For the hidden layers
+    only, as the lab does, pass ``target=r"linears\\.(1|2|...)"`` with the indices of the
+    hidden-to-hidden layers."""
     from peft import LoraConfig, inject_adapter_in_model
 
     cfg = LoraConfig(r=r, lora_alpha=alpha or r, target_modules=target, lora_dropout=0.0)

@@ -44,6 +44,11 @@ def save_fig(fig, out: Path, name: str) -> str:
     return name
 
 
+def save_csv(df: pd.DataFrame, out: Path, name: str) -> None:
+    """Write a table of a report atomically as CSV (no index)."""
+    atomic_write(Path(out) / name, df.to_csv(index=False))
+
+
 def method_styles(names: list[str]) -> dict[str, dict]:
     """A colour, marker shape and marker size per method, the same in every panel of a figure:
     methods whose points coincide (equal orders, runs ending at a cap) stay visible."""

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from ..._io import atomic_write
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
-from ._common import gave_back_progress, save_fig
+from ._common import gave_back_progress, save_csv, save_fig
 
 RULES = {
     "theory": "k / (4 sqrt(2) L (||V||^2 + ||grad_W L||)), k a multiple of the theory step (capped at 1 before k)",
@@ -284,7 +283,7 @@ class LoraGDRate(Experiment):
             fits.append(dict(problem=p, rule=rule, c=c, **f, v0=v[0], v1=v[-1], vexp=vexp))
         fits = pd.DataFrame(fits)
         if len(fits):
-            atomic_write(out / "rate_fits.csv", fits.to_csv(index=False))
+            save_csv(fits, out, "rate_fits.csv")
             for p, g in fits.groupby("problem"):
                 sel = g[(g.rule != "theory") | g.c.isin([1.0, g[g.rule == "theory"].c.max()])]
                 claims.append(Claim(

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ..._io import atomic_write
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
 from ..methods import MethodName, Run, train
 from ..problems import quadratic_fns, sensing_family, small_random_start
-from ._common import best_by_method, edge_note, final_rows, method_styles, save_fig, stall_text, status_text
+from ._common import best_by_method, edge_note, final_rows, method_styles, save_csv, save_fig, stall_text, status_text
 
 DEFAULT_GRIDS = {
     "odelora-euler": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2],
@@ -32,12 +31,12 @@ DEFAULT_GRIDS = {
 Start = Literal["spectral", "small-random"]
 
 
-
 def _short_cell(c: str) -> str:
     """A table cell in one word or two: the iterations, '>N' (the cap), 'not run' or 'not reached'."""
     if c[0].isdigit() or c[0] == ">":
         return c.split(" ")[0]
     return "not run" if c.startswith("not run") else "not reached"
+
 
 class Config(ExperimentConfig):
     m: PositiveInt = Field(30, description="rows of X")
@@ -127,7 +126,7 @@ class MatrixSensing(Experiment):
     def report(self, df, cfg, out: Path):
         fin = final_rows(df)
         best = best_by_method(fin, ["start", "kappa", "method"])
-        atomic_write(out / "best.csv", best.to_csv(index=False))
+        save_csv(best, out, "best.csv")
         cap = cfg.max_iters
         claims: list[Claim] = []
 

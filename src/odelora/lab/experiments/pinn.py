@@ -18,9 +18,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ..._io import atomic_write
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt, merged_with
-from ._common import save_fig
+from ._common import save_csv, save_fig
 
 PinnMethod = Literal[
     "odelora-euler", "odelora-rk4", "odelora-bs32", "odelora-dopri5", "odelora-adam",
@@ -267,7 +266,7 @@ class PinnExperiment(Experiment):
         e0, thr, target = self._levels(df, cfg)
         runs = run_table(df, target)
         rates = rate_table(runs, thr, e0)
-        atomic_write(out / "rates.csv", rates.to_csv(index=False))
+        save_csv(rates, out, "rates.csv")
         methods = [m for m in cfg.methods if m in set(rates.method)]
         claims: list[Claim] = []
         summary = []
@@ -282,7 +281,7 @@ class PinnExperiment(Experiment):
             claims += self._claims(cfg, rank, methods, wins, fast, sel, target)
             figs.append(self._window_figure(cfg, rank, methods, runs, rates, wins, thr, target, out))
             figs.append(self._evals_figure(cfg, rank, methods, df, wins, target, out))
-        atomic_write(out / "summary.csv", pd.DataFrame(summary).to_csv(index=False))
+        save_csv(pd.DataFrame(summary), out, "summary.csv")
         claims.append(self._endings(runs))
         return claims, figs
 

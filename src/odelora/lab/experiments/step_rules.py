@@ -23,10 +23,9 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from ...init import adapted_layers
-from ..._io import atomic_write
 from ..core import Claim, Experiment, NonEmpty, fmt, merged_with
 from ..tasks import TaskSpec, build_task
-from ._common import save_fig
+from ._common import save_csv, save_fig
 from .lora_gd_rate import RULES, Rule, _log_times, _step_sizes, fit_rate
 
 DEFAULT_CONSTANTS = {
@@ -168,7 +167,7 @@ class StepRules(Experiment):
                              acc=float(run.eval_acc.median())))
         fits = pd.DataFrame(fits)
         if len(fits):
-            atomic_write(out / "rate_fits.csv", fits.to_csv(index=False))
+            save_csv(fits, out, "rate_fits.csv")
             better = fits[fits["T"] < fits.logT]
             claims.append(Claim(
                 "the rate of min_(t<T) ||grad J||^2 against T, with ||V_t||^2",

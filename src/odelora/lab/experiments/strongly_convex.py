@@ -12,11 +12,10 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ..._io import atomic_write
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt
 from ..methods import MethodName, Run, train
 from ..problems import quadratic_fns, small_random_start, strongly_convex
-from ._common import final_rows, save_fig, status_text
+from ._common import final_rows, save_csv, save_fig, status_text
 
 
 def fitted_rate(iters: np.ndarray, metric: np.ndarray, lo: float = 1e-9, hi: float = 1e-3) -> float:
@@ -93,7 +92,7 @@ class StronglyConvex(Experiment):
         fin = final_rows(df)
         g = fin.groupby(["method", "hL"]).agg(conv=("status", lambda s: bool((s == "converged").all())), iters=("iters", "median"),
                                               rate=("rate", "median"), status=("status", lambda s: ",".join(sorted(set(s))))).reset_index()
-        atomic_write(out / "summary.csv", g.to_csv(index=False))
+        save_csv(g, out, "summary.csv")
         claims = []
         kappa = cfg.cond
         at1 = g[g.hL == 1.0]
