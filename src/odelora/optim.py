@@ -11,8 +11,6 @@ A step is a short pipeline of named parts::
 
 from __future__ import annotations
 
-import inspect
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -21,13 +19,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .checkpoint import check_state_dict, frames_entry, like_params, restored, saved_frames
 from .flows import Flow, get_flow
-from .geometry import Frame, imbalance
+from .geometry import imbalance
 from .integrators import Attempt, NonFiniteError, StepController, get_tableau, attempt
-from .pairs import LoRAPair, as_pairs
+from .options import check_adam_options, check_flow_options, check_lr, companion_options, pair_groups
+from .pairs import LoRAPair
 from .preconditioners import Move, get_preconditioner
 from .retractions import Factors, get_retraction
-from .store import PairStore, is_sharded
+from .store import PairStore
 
 __all__ = ["ODELoRA", "NonFiniteError", "StepRecord", "StepFailure"]
 
@@ -55,91 +55,6 @@ class StepRecord:
     t: float = 0.0
     imbalance: float | None = None
     loss: float | None = None
-
-
-def _param_groups(params: Any, start: int = 0) -> list[dict]:
-    """Param groups of pairs; unnamed pairs are numbered from ``start`` across the groups."""
-    items = list(params) if not isinstance(params, (LoRAPair, dict)) else [params]
-    if not items:
-        raise ValueError("ODELoRA got no LoRA pairs to optimize")
-    if any(isinstance(x, dict) and "params" in x and "pairs" not in x for x in items):
-        raise ValueError("ODELoRA param groups take 'pairs', not 'params': [{'pairs': [(B, A, scale), ...], 'lr': ...}]")
-    if all(isinstance(x, dict) and "pairs" in x for x in items):
-        groups = items
-    elif any(isinstance(x, dict) and "pairs" in x for x in items):
-        raise ValueError("mix of param groups ({'pairs': ...}) and bare pairs; use one form")
-    else:
-        groups = [{"pairs": items}]
-    out = []
-    for g in groups:
-        pairs = as_pairs(g["pairs"], start)
-        if not pairs:
-            raise ValueError("a param group has no pairs")
-        start += len(pairs)
-        rest = {k: v for k, v in g.items() if k != "pairs"}
-        if "params" in rest:
-            raise ValueError("ODELoRA param groups take 'pairs', not 'params'")
-        if "lr" in rest:
-            rest["lr"] = _check_lr(rest["lr"])
-        out.append(dict(params=[t for p in pairs for t in (p.B, p.A)], scales=[float(p.scale) for p in pairs], names=[p.name for p in pairs], **rest))
-    return out
-
-
-def _check_adam_options(preconditioner, betas, eps, weight_decay) -> None:
-    """Valid Adam options; ``weight_decay`` only for a preconditioner that reads it."""
-    try:
-        b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}") from None
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"betas must lie in [0, 1), got {betas}")
-    if not (eps >= 0 and math.isfinite(eps)) or not (weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise ValueError(f"eps and weight_decay must be finite and >= 0, got eps={eps!r}, weight_decay={weight_decay!r}")
-    if weight_decay and "weight_decay" not in preconditioner.options:
-        raise ValueError("weight_decay acts only with preconditioner='adam' (decoupled, as in AdamW); plain ODE steps have none")
-
-
-def _check_flow_options(flow: Flow, options: dict) -> None:
-    """Unknown keyword arguments for the flow, reported now rather than at the first step."""
-    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    accepted = set()
-    for fn in (flow.fn, flow.tangent):
-        try:
-            params = inspect.signature(fn).parameters.values() if fn is not None else []
-        except (TypeError, ValueError):  # no signature to read
-            return
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            return
-        accepted |= {p.name for p in params if p.kind in named}
-    accepted -= {"B", "A", "gB", "gA", "scale", "frame"}  # the optimizer passes these
-    bad = sorted(set(options) - accepted)
-    if bad:
-        raise ValueError(f"flow_options {bad} are not options of the {flow.name!r} flow; it takes {sorted(accepted)}")
-
-
-def _companion_kwargs(params: list[Tensor], kwargs: dict | None) -> dict:
-    """The companion AdamW's options: the caller's, with torch's fused kernel where nothing says
-    otherwise and the parameters allow it (plain floating-point tensors on CPU or CUDA). On a
-    head and its bias it takes a quarter of the time of the per-tensor or foreach loops."""
-    kwargs = dict(kwargs or {})
-    if "foreach" not in kwargs and "fused" not in kwargs and all(
-        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and not is_sharded(p) for p in params
-    ):
-        kwargs["fused"] = True
-    return kwargs
-
-
-def _check_lr(lr, zero: bool = False) -> float:
-    """``lr`` as a float: a positive finite number (a Python or NumPy number, or a one-element
-    tensor); ``zero`` also admits 0, which an LR scheduler's warm-up may set."""
-    try:
-        value = math.nan if isinstance(lr, (bool, str, bytes)) else float(lr)
-    except (TypeError, ValueError, RuntimeError):
-        value = math.nan
-    if not ((value > 0 or (zero and value == 0)) and math.isfinite(value)):
-        what = "non-negative" if zero else "positive"
-        raise ValueError(f"lr must be a {what} finite number (a float or a one-element tensor), got {lr!r}")
-    return value
 
 
 class _Field:
@@ -293,7 +208,7 @@ class ODELoRA(torch.optim.Optimizer):
         companion_kwargs: dict | None = None,
         sync_ranks: bool | None = None,
     ):
-        lr = _check_lr(lr)
+        lr = check_lr(lr)
         self.tableau = get_tableau(method)
         self.flow = get_flow(flow)
         self.retraction = get_retraction(retraction or self.flow.default_retraction(self.tableau.adaptive))
@@ -302,8 +217,8 @@ class ODELoRA(torch.optim.Optimizer):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
         if not self.preconditioner.uses_step and self.tableau.adaptive:  # the error estimate is of the RK step
             raise ValueError(f"preconditioner={self.preconditioner.name!r} needs a fixed-step method (euler, heun, midpoint, rk4)")
-        _check_adam_options(self.preconditioner, betas, eps, weight_decay)
-        _check_flow_options(self.flow, flow_options or {})
+        check_adam_options(self.preconditioner, betas, eps, weight_decay)
+        check_flow_options(self.flow, flow_options or {})
         if int(max_rejects) < 0 or int(max_skipped_steps) < 1:
             raise ValueError("need max_rejects >= 0 and max_skipped_steps >= 1")
         self.controller = StepController(rtol=rtol, atol=atol, h_min=H_MIN, h_max=1.0)
@@ -314,7 +229,7 @@ class ODELoRA(torch.optim.Optimizer):
         self.track_imbalance = track_imbalance
         self.sync_ranks = sync_ranks
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0)
-        super().__init__(_param_groups(params), defaults)
+        super().__init__(pair_groups(params), defaults)
         # Stages are evaluated at parameters rounded to their dtype: no tolerance below that.
         floor = max(torch.finfo(p.dtype).eps for g in self.param_groups for p in g["params"])
         self.controller.rtol = max(self.controller.rtol, float(floor))
@@ -324,7 +239,7 @@ class ODELoRA(torch.optim.Optimizer):
         if any(id(p) in factors for p in companion):
             raise ValueError("a companion parameter is also a factor of a LoRA pair: list each tensor once (pairs or companion)")
         if companion:
-            self._companion = torch.optim.AdamW(companion, lr=companion_lr, **_companion_kwargs(companion, companion_kwargs))
+            self._companion = torch.optim.AdamW(companion, lr=companion_lr, **companion_options(companion, companion_kwargs))
             for g in self._companion.param_groups:  # shared dicts: LR schedulers reach them too
                 g["companion"] = True
                 self.param_groups.append(g)
@@ -365,7 +280,7 @@ class ODELoRA(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if "pairs" in param_group:
             known = sum(len(g["scales"]) for g in self.param_groups if not g.get("companion"))
-            (param_group,) = _param_groups([param_group], start=known)
+            (param_group,) = pair_groups([param_group], start=known)
         if not param_group.get("companion") and ("scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"])):
             raise ValueError("ODELoRA param groups are built from pairs: pass {'pairs': [...], ...}")
         super().add_param_group(param_group)
@@ -410,7 +325,7 @@ class ODELoRA(torch.optim.Optimizer):
         for b in self.store.buckets:
             lr = self.param_groups[b.group]["lr"]
             try:
-                units.append(_check_lr(lr, zero=True))
+                units.append(check_lr(lr, zero=True))
             except ValueError as err:
                 raise ValueError(f"param group {b.group}: {err}") from None
         return units
@@ -462,9 +377,9 @@ class ODELoRA(torch.optim.Optimizer):
             if trusted and versions == store.versions():
                 return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
             if not trusted:
-                restored = _restored(y, store)
-                if restored is not None:
-                    return restored
+                y = restored(y, store)
+                if y is not None:
+                    return y
         self._last = None
         return store.pack()
 
@@ -556,8 +471,7 @@ class ODELoRA(torch.optim.Optimizer):
         extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=dict(self.stats), config=self._config(),
                                      layout=self.store.layout())
         if self._last is not None:  # derived, but resuming must reproduce the same arithmetic
-            extra["frames"] = [None if x.frame is None else [*(t.clone() for t in x.frame[:6]), x.frame.balanced] for x in self._last[1]]
-            extra["frame_layouts"] = [None if x.frame is None else [_dim_order(t) for t in x.frame[:6]] for x in self._last[1]]
+            extra.update(frames_entry(self._last[1]))
         if self._companion is not None:
             extra["companion"] = self._companion.state_dict()
         sd["odelora"] = extra
@@ -565,7 +479,7 @@ class ODELoRA(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        self._validate(state_dict)
+        check_state_dict(state_dict, self.param_groups, self.store.layout(), self._config())
         extra = state_dict.pop("odelora", None)
         super().load_state_dict(state_dict)
         self._store = None
@@ -583,14 +497,11 @@ class ODELoRA(torch.optim.Optimizer):
             self._rho = float(extra["rho"])
             self._skips = int(extra.get("skips", 0))
             self.stats.update(extra["stats"])
-            frames = extra.get("frames")
-            if frames is not None and len(frames) == len(self.store.buckets) and all(f is not None for f in frames):
-                layouts = extra.get("frame_layouts") or [None] * len(frames)
-                frames = [f if o is None else [*map(_laid_out, f[:6], o), *f[6:]] for f, o in zip(frames, layouts)]
-                y = [Factors(*self.store.stacked(b), b.scale, Frame(*f)) for b, f in zip(self.store.buckets, frames)]
+            y = saved_frames(extra, self.store)
+            if y is not None:
                 self._last = ((), y, False)  # checked against the parameters at the next step
             if self._companion is not None and "companion" in extra:
-                self._companion.load_state_dict(_like_params(extra["companion"], self._companion_params()))
+                self._companion.load_state_dict(like_params(extra["companion"], self._companion_params()))
         if self._companion is not None:  # re-share the companion's group dicts after the reload
             groups = iter(self._companion.param_groups)
             for i, g in enumerate(self.param_groups):
@@ -602,74 +513,6 @@ class ODELoRA(torch.optim.Optimizer):
     def _config(self) -> dict[str, str]:
         return dict(method=self.tableau.name, flow=self.flow.name, retraction=self.retraction.name, preconditioner=self.preconditioner.name)
 
-    def _validate(self, sd: dict) -> None:
-        """Clear errors for state dicts that do not fit this optimizer."""
-        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-            raise ValueError("not an optimizer state dict: expected the keys 'state' and 'param_groups' (from ODELoRA.state_dict())")
-        if "odelora" not in sd:
-            raise ValueError("not an ODELoRA state dict (no 'odelora' entry; another optimizer's?): ODELoRA resumes only from "
-                             "ODELoRA.state_dict(); start the new optimizer from scratch instead")
-        extra = sd["odelora"]
-        self._check_layout(extra)  # first: other shapes or ranks explain most other mismatches
-        mine, theirs = self.param_groups, sd["param_groups"]
-        if len(mine) != len(theirs):
-            raise ValueError(f"the state dict has {len(theirs)} param groups, this optimizer {len(mine)}: build the optimizer with the same pairs and groups")
-        for i, (g, h) in enumerate(zip(mine, theirs)):
-            if len(g["params"]) != len(h.get("params", [])):
-                raise ValueError(f"param group {i}: the state dict has {len(h.get('params', []))} tensors, this optimizer "
-                                 f"{len(g['params'])}: build the optimizer on the same model, adapters and companion parameters")
-            if not g.get("companion"):
-                try:
-                    _check_lr(h.get("lr"), zero=True)
-                except ValueError as err:
-                    raise ValueError(f"param group {i} of the state dict: {err}") from None
-                if list(h.get("scales", [])) != list(g["scales"]):
-                    raise ValueError(f"param group {i}: LoRA scales differ ({h.get('scales')} saved, {g['scales']} here): "
-                                     "build it on a model with the same lora_alpha and r (and use_rslora)")
-            for p, pid in zip(g["params"], h["params"]):
-                for key, val in sd["state"].get(pid, {}).items():
-                    if isinstance(val, Tensor) and val.ndim and val.shape != p.shape:
-                        raise ValueError(f"state '{key}' of parameter {pid} has shape {tuple(val.shape)}, the parameter {tuple(p.shape)}")
-        self._check_config(extra)
-        rho = extra.get("rho")
-        if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
-            raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
-
-    def _check_layout(self, extra: dict) -> None:
-        """The pairs' shapes and ranks must be those saved."""
-        mine = self.store.layout()
-        saved = extra.get("layout")
-        frames = extra.get("frames") or []
-        if saved is None and frames and all(f is not None for f in frames):  # saved before the layout was kept
-            saved = [[f[0].shape[0], f[0].shape[-2], f[2].shape[-2], f[3].shape[-2]] for f in frames]
-        if saved is not None and [list(map(int, x)) for x in saved] != mine:
-            show = lambda layout: "; ".join(f"{k} of {m} x {r} x {n}" for k, m, r, n in layout)
-            raise ValueError(f"the state dict was saved for pairs {show(saved)} (count of m x r x n), this optimizer has "
-                             f"{show(mine)}: build it on the same model, adapters and LoRA rank")
-
-    def _check_config(self, extra: dict) -> None:
-        """Another preconditioner is an error (its state would be dropped or left unused); another
-        method, flow or retraction a warning."""
-        config, here = extra.get("config") or {}, self._config()
-        if config.get("preconditioner", here["preconditioner"]) != here["preconditioner"]:
-            raise ValueError(f"the state dict was saved with preconditioner={config['preconditioner']!r}, this optimizer has "
-                             f"{here['preconditioner']!r}: build it with the saved preconditioner to resume, or start a new optimizer")
-        changed = {k: (v, here[k]) for k, v in config.items() if k in here and v != here[k]}
-        if changed:
-            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            warnings.warn(f"loading a state dict saved with other settings ({what}); the steps go on with this optimizer's", UserWarning, stacklevel=3)
-
-
-def _dim_order(t: Tensor) -> list[int]:
-    """``t``'s dimensions from the outermost in memory to the innermost: its layout."""
-    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
-
-
-def _laid_out(t: Tensor, order: list[int]) -> Tensor:
-    """``t`` with the layout ``order`` (same values). Checkpoint readers (DCP) hand tensors back
-    contiguous, and a matrix product's rounding depends on its operands' layout: cached frames
-    keep the layout they were saved with, so that a resumed run computes what the saved one would."""
-    return t.permute(order).contiguous().permute(sorted(range(len(order)), key=order.__getitem__))
 
 
 def _warn_zero_pairs(store: PairStore) -> None:
@@ -683,38 +526,6 @@ def _warn_zero_pairs(store: PairStore) -> None:
         warnings.warn(f"{len(zero)} LoRA pair(s) with B = 0 and A = 0 ({_short(zero)}): no flow moves them, since the "
                       "gradient reaches neither factor; initialize A (PEFT's default) or both (odelora.init.gaussian_ or spectral_)",
                       UserWarning, stacklevel=3)
-
-
-def _restored(y: list[Factors], store: PairStore) -> list[Factors] | None:
-    """The parameters with a loaded state's frames, if those frames describe them (else None)."""
-    out = []
-    for x, b in zip(y, store.buckets):
-        B, A = store.stacked(b)
-        tol = 100 * torch.finfo(b.dtype).eps
-        fr = x.frame
-        if fr is None or fr.UB.shape[:-1] != B.shape[:-1]:
-            return None
-        rB = (fr.UB * fr.sB.unsqueeze(-2)) @ fr.PB.mT
-        rA = (fr.UA * fr.sA.unsqueeze(-2)) @ fr.PA.mT
-        if not (torch.allclose(rB, B, rtol=tol, atol=tol * float(B.abs().max())) and torch.allclose(rA, A.mT, rtol=tol, atol=tol * float(A.abs().max()))):
-            return None
-        out.append(Factors(B, A, x.scale, fr))
-    return out
-
-
-def _like_params(sd: dict, params: list[Tensor]) -> dict:
-    """A torch optimizer state dict whose per-parameter tensors are laid out like their (possibly
-    sharded) parameters: whole tensors from a checkpoint become this rank's DTensor shards."""
-    state = {}
-    for pid, st in sd["state"].items():
-        p = params[int(pid)]
-        state[pid] = {
-            k: torch.distributed.tensor.distribute_tensor(v.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
-            if is_sharded(p) and isinstance(v, Tensor) and not is_sharded(v) and v.shape == p.shape
-            else v
-            for k, v in st.items()
-        }
-    return {**sd, "state": state}
 
 
 def _start_imbalance(x: Factors) -> float:

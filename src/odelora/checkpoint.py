@@ -1,0 +1,146 @@
+"""ODELoRA's checkpoints: what its state dict holds beyond torch's optimizer state, and the
+checks that a loaded one fits the optimizer.
+
+The ``"odelora"`` entry of ``ODELoRA.state_dict()`` holds the adaptive step fraction ``rho``, the
+count of skipped steps in a row, the statistics, the configuration (method, flow, retraction,
+preconditioner), the pairs' layout, the companion AdamW's state, and the frames of the last
+committed state with their memory layouts: frames are derived from the factors, but a resumed run
+must compute exactly what the saved one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from .geometry import Frame
+from .options import check_lr
+from .retractions import Factors
+from .store import PairStore, is_sharded
+
+__all__ = ["frames_entry", "saved_frames", "restored", "check_state_dict", "like_params"]
+
+
+def frames_entry(y: list[Factors]) -> dict:
+    """The ``frames`` and ``frame_layouts`` entries of a committed state (copies of its frames)."""
+    return dict(
+        frames=[None if x.frame is None else [*(t.clone() for t in x.frame[:6]), x.frame.balanced] for x in y],
+        frame_layouts=[None if x.frame is None else [_dim_order(t) for t in x.frame[:6]] for x in y],
+    )
+
+
+def saved_frames(extra: dict, store: PairStore) -> list[Factors] | None:
+    """The saved frames over the parameters' present values, in their saved layouts (None where a
+    bucket has none); :func:`restored` checks at the next step that they still describe them."""
+    frames = extra.get("frames")
+    if frames is None or len(frames) != len(store.buckets) or any(f is None for f in frames):
+        return None
+    layouts = extra.get("frame_layouts") or [None] * len(frames)
+    frames = [f if o is None else [*map(_laid_out, f[:6], o), *f[6:]] for f, o in zip(frames, layouts)]
+    return [Factors(*store.stacked(b), b.scale, Frame(*f)) for b, f in zip(store.buckets, frames)]
+
+
+def restored(y: list[Factors], store: PairStore) -> list[Factors] | None:
+    """The parameters with a loaded state's frames, if those frames describe them (else None)."""
+    out = []
+    for x, b in zip(y, store.buckets):
+        B, A = store.stacked(b)
+        tol = 100 * torch.finfo(b.dtype).eps
+        fr = x.frame
+        if fr is None or fr.UB.shape[:-1] != B.shape[:-1]:
+            return None
+        rB = (fr.UB * fr.sB.unsqueeze(-2)) @ fr.PB.mT
+        rA = (fr.UA * fr.sA.unsqueeze(-2)) @ fr.PA.mT
+        if not (torch.allclose(rB, B, rtol=tol, atol=tol * float(B.abs().max())) and torch.allclose(rA, A.mT, rtol=tol, atol=tol * float(A.abs().max()))):
+            return None
+        out.append(Factors(B, A, x.scale, fr))
+    return out
+
+
+def like_params(sd: dict, params: list[Tensor]) -> dict:
+    """A torch optimizer state dict whose per-parameter tensors are laid out like their (possibly
+    sharded) parameters: whole tensors from a checkpoint become this rank's DTensor shards."""
+    state = {}
+    for pid, st in sd["state"].items():
+        p = params[int(pid)]
+        state[pid] = {
+            k: torch.distributed.tensor.distribute_tensor(v.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
+            if is_sharded(p) and isinstance(v, Tensor) and not is_sharded(v) and v.shape == p.shape
+            else v
+            for k, v in st.items()
+        }
+    return {**sd, "state": state}
+
+
+def check_state_dict(sd: dict, groups: list[dict], layout: list[list[int]], config: dict[str, str]) -> None:
+    """Clear errors for a state dict that does not fit an optimizer with these param groups, pair
+    layout (:meth:`PairStore.layout`) and configuration; a warning where only the method, flow or
+    retraction differ."""
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError("not an optimizer state dict: expected the keys 'state' and 'param_groups' (from ODELoRA.state_dict())")
+    if "odelora" not in sd:
+        raise ValueError("not an ODELoRA state dict (no 'odelora' entry; another optimizer's?): ODELoRA resumes only from "
+                         "ODELoRA.state_dict(); start the new optimizer from scratch instead")
+    extra = sd["odelora"]
+    _check_layout(extra, layout)  # first: other shapes or ranks explain most other mismatches
+    mine, theirs = groups, sd["param_groups"]
+    if len(mine) != len(theirs):
+        raise ValueError(f"the state dict has {len(theirs)} param groups, this optimizer {len(mine)}: build the optimizer with the same pairs and groups")
+    for i, (g, h) in enumerate(zip(mine, theirs)):
+        if len(g["params"]) != len(h.get("params", [])):
+            raise ValueError(f"param group {i}: the state dict has {len(h.get('params', []))} tensors, this optimizer "
+                             f"{len(g['params'])}: build the optimizer on the same model, adapters and companion parameters")
+        if not g.get("companion"):
+            try:
+                check_lr(h.get("lr"), zero=True)
+            except ValueError as err:
+                raise ValueError(f"param group {i} of the state dict: {err}") from None
+            if list(h.get("scales", [])) != list(g["scales"]):
+                raise ValueError(f"param group {i}: LoRA scales differ ({h.get('scales')} saved, {g['scales']} here): "
+                                 "build it on a model with the same lora_alpha and r (and use_rslora)")
+        for p, pid in zip(g["params"], h["params"]):
+            for key, val in sd["state"].get(pid, {}).items():
+                if isinstance(val, Tensor) and val.ndim and val.shape != p.shape:
+                    raise ValueError(f"state '{key}' of parameter {pid} has shape {tuple(val.shape)}, the parameter {tuple(p.shape)}")
+    _check_config(extra, config)
+    rho = extra.get("rho")
+    if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
+        raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
+
+def _check_layout(extra: dict, mine: list[list[int]]) -> None:
+    """The pairs' shapes and ranks must be those saved."""
+    saved = extra.get("layout")
+    frames = extra.get("frames") or []
+    if saved is None and frames and all(f is not None for f in frames):  # saved before the layout was kept
+        saved = [[f[0].shape[0], f[0].shape[-2], f[2].shape[-2], f[3].shape[-2]] for f in frames]
+    if saved is not None and [list(map(int, x)) for x in saved] != mine:
+        show = lambda layout: "; ".join(f"{k} of {m} x {r} x {n}" for k, m, r, n in layout)
+        raise ValueError(f"the state dict was saved for pairs {show(saved)} (count of m x r x n), this optimizer has "
+                         f"{show(mine)}: build it on the same model, adapters and LoRA rank")
+
+def _check_config(extra: dict, here: dict[str, str]) -> None:
+    """Another preconditioner is an error (its state would be dropped or left unused); another
+    method, flow or retraction a warning."""
+    config = extra.get("config") or {}
+    if config.get("preconditioner", here["preconditioner"]) != here["preconditioner"]:
+        raise ValueError(f"the state dict was saved with preconditioner={config['preconditioner']!r}, this optimizer has "
+                         f"{here['preconditioner']!r}: build it with the saved preconditioner to resume, or start a new optimizer")
+    changed = {k: (v, here[k]) for k, v in config.items() if k in here and v != here[k]}
+    if changed:
+        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        warnings.warn(f"loading a state dict saved with other settings ({what}); the steps go on with this optimizer's", UserWarning, stacklevel=4)
+
+
+def _dim_order(t: Tensor) -> list[int]:
+    """``t``'s dimensions from the outermost in memory to the innermost: its layout."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def _laid_out(t: Tensor, order: list[int]) -> Tensor:
+    """``t`` with the layout ``order`` (same values). Checkpoint readers (DCP) hand tensors back
+    contiguous, and a matrix product's rounding depends on its operands' layout: cached frames
+    keep the layout they were saved with, so that a resumed run computes what the saved one would."""
+    return t.permute(order).contiguous().permute(sorted(range(len(order)), key=order.__getitem__))
