@@ -805,12 +805,24 @@ def test_errors_during_a_step_leave_the_parameters_untouched():
 
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
 def test_a_skipped_or_failed_step_changes_nothing_later_steps_see(method):
-    """NaN at the start of a step, or an error in the closure at a later stage (an out-of-memory
-    error, a data loader failing): the following steps match a run without that step, bit for bit
-    (the restored parameters keep their cached frames)."""
+    """NaN at the start of a step, an error in the closure at a later stage (an out-of-memory
+    error, a data loader failing), or an error after the stages, before the commit: the following
+    steps match a run without that step, bit for bit (the restored parameters keep their cached
+    frames)."""
     Y, B0, A0 = problem(22, dtype=torch.float32)
+
+    class Failing:  # the optimizer's preconditioner, failing when called
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("failed after the stages")
+
     runs = []
-    for event in (None, "nan", "raise"):
+    for event in (None, "nan", "raise", "after stages"):
         B, A = B0.detach().clone().requires_grad_(), A0.detach().clone().requires_grad_()
         opt = ODELoRA([(B, A)], lr=0.05, method=method)
         closure = make_closure(opt, B, A, Y)
@@ -829,9 +841,14 @@ def test_a_skipped_or_failed_step_changes_nothing_later_steps_see(method):
             if event == "raise" and i == 3:
                 with pytest.raises(MemoryError):
                     opt.step(failing)
+            if event == "after stages" and i == 3:
+                plain, opt.preconditioner = opt.preconditioner, Failing(opt.preconditioner)
+                with pytest.raises(RuntimeError, match="after the stages"):
+                    opt.step(closure)
+                opt.preconditioner = plain
             opt.step(closure)
         runs.append(torch.cat([B.detach().flatten(), A.detach().flatten(), torch.tensor([opt.last_step.h])]))
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
 def test_overflow_skip_leaves_adam_moments_and_half_precision_resume_is_exact():
@@ -1024,3 +1041,77 @@ def test_pairs_with_both_factors_zero_are_named_at_construction():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ODELoRA([(torch.zeros(12, 2, requires_grad=True), torch.ones(2, 9, requires_grad=True))], lr=0.1)
+
+
+def test_group_options_are_checked_like_the_constructors():
+    """Adam options given per param group (at construction or later) are checked as the
+    constructor's are, and a group added later raises rtol to its parameters' precision."""
+    Y, B, A = problem(30)
+    with pytest.raises(ValueError, match="weight_decay acts only with preconditioner='adam'"):
+        ODELoRA([{"pairs": [(B, A)], "weight_decay": 0.1}])
+    with pytest.raises(ValueError, match=r"betas must lie in \[0, 1\)"):
+        ODELoRA([{"pairs": [(B, A)], "betas": (1.0, 0.999)}], preconditioner="adam")
+    with pytest.raises(ValueError, match="eps and weight_decay must be finite numbers >= 0"):
+        ODELoRA([(B, A)], preconditioner="adam", eps=None)
+    opt = ODELoRA([(B, A)], method="bs32")
+    assert opt.controller.rtol == 1e-3
+    Bh, Ah = (torch.randn(4, 2).bfloat16().requires_grad_(), torch.randn(2, 3).bfloat16().requires_grad_())
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"pairs": [(Bh, Ah)], "betas": (0.9, 2.0)})
+    assert len(opt.param_groups) == 1  # a rejected group is not added
+    opt.add_param_group({"pairs": [(Bh, Ah)]})
+    assert opt.controller.rtol == torch.finfo(torch.bfloat16).eps
+
+
+def test_pairs_keep_their_order_names_and_scales():
+    g = torch.Generator().manual_seed(31)
+    shapes = [(6, 2, 5), (4, 2, 3), (6, 2, 5)]
+    pairs = [LoRAPair(torch.randn(m, r, generator=g, requires_grad=True), torch.randn(r, n, generator=g, requires_grad=True),
+                      torch.tensor(2.0)) for m, r, n in shapes]
+    assert all(type(p.scale) is float and p.scale == 2.0 for p in pairs)  # a one-element tensor scale, as a float
+    opt = ODELoRA(pairs)
+    assert [(p.name, tuple(p.B.shape)) for p in opt.pairs] == [("pair0", (6, 2)), ("pair1", (4, 2)), ("pair2", (6, 2))]
+    assert all(p.B is q.B and p.A is q.A for p, q in zip(opt.pairs, pairs))
+    with pytest.raises(TypeError, match=r"a list of such tuples, \[\(B, A\), ...\]"):
+        ODELoRA((pairs[0].B, pairs[0].A))
+
+
+def test_warnings_point_at_the_callers_line():
+    """Warnings from inside the optimizer (through torch's step wrappers) name the line that called it."""
+    Y, B, A = problem(32)
+    with pytest.warns(UserWarning, match="B = 0 and A = 0") as rec:
+        ODELoRA([(torch.zeros(3, 2, requires_grad=True), torch.zeros(2, 4, requires_grad=True))])
+    assert rec[0].filename == __file__
+    opt = ODELoRA([(B, A)], lr=0.1)
+    with pytest.warns(RuntimeWarning, match="skipped a step") as rec:
+        opt.step(make_closure(opt, B, A, Y * float("nan")))
+    assert rec[0].filename == __file__
+    sd = opt.state_dict()
+    with pytest.warns(UserWarning, match="other settings") as rec:
+        ODELoRA([(B, A)], lr=0.1, method="heun").load_state_dict(sd)
+    assert rec[0].filename == __file__
+
+
+def test_a_skipped_adaptive_step_says_how_many_tries_it_made():
+    """The step-size floor ends the tries early: the message counts those made, not max_rejects + 1."""
+    Y, B, A = problem(33)
+    B = torch.zeros_like(B, requires_grad=True)
+    opt = ODELoRA([(B, A)], lr=0.5, method="dopri5", flow="scaled", retraction="none", max_rejects=30)
+    with pytest.warns(RuntimeWarning, match="skipped a step") as rec:
+        opt.step(make_closure(opt, B, A, Y))
+    tries = opt.last_step.rejected
+    assert tries < 31 and f"in {tries} tries" in str(rec[0].message), (tries, str(rec[0].message))
+
+
+def test_a_companion_of_another_shape_is_refused_at_load():
+    """The companion AdamW's moments are checked like the pairs': loading them into a head of another
+    shape would let the fused AdamW write out of bounds at the next step."""
+    Y, B, A = problem(34)
+    h1, h2 = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    opt = ODELoRA([(B, A)], lr=0.1, companion=[h1])
+    for p in (B, A, h1):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt._companion.state[h1]["exp_avg"].shape == (3, 4)
+    with pytest.raises(ValueError, match=r"state 'exp_avg' of companion parameter 0 has shape \(3, 4\), the parameter \(5, 4\)"):
+        ODELoRA([(B, A)], lr=0.1, companion=[h2]).load_state_dict(opt.state_dict())

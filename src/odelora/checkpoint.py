@@ -11,11 +11,11 @@ must compute exactly what the saved one would have.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
+from ._warnings import warn
 from .geometry import Frame
 from .options import check_lr
 from .retractions import Factors
@@ -102,13 +102,26 @@ def check_state_dict(sd: dict, groups: list[dict], layout: list[list[int]], conf
                 raise ValueError(f"param group {i}: LoRA scales differ ({h.get('scales')} saved, {g['scales']} here): "
                                  "build it on a model with the same lora_alpha and r (and use_rslora)")
         for p, pid in zip(g["params"], h["params"]):
-            for key, val in sd["state"].get(pid, {}).items():
-                if isinstance(val, Tensor) and val.ndim and val.shape != p.shape:
-                    raise ValueError(f"state '{key}' of parameter {pid} has shape {tuple(val.shape)}, the parameter {tuple(p.shape)}")
+            _check_shapes(sd["state"].get(pid, {}), p, f"parameter {pid}")
+    companion = [p for g in groups if g.get("companion") for p in g["params"]]
+    for pid, st in ((extra.get("companion") or {}).get("state") or {}).items():
+        if not 0 <= int(pid) < len(companion):
+            raise ValueError(f"the state dict has companion state for parameter {pid}, this optimizer {len(companion)} "
+                             "companion parameters: build it with the same head and other trainable parameters")
+        _check_shapes(st, companion[int(pid)], f"companion parameter {pid}")
     _check_config(extra, config)
     rho = extra.get("rho")
     if not isinstance(rho, (int, float)) or not (rho > 0 and math.isfinite(rho)):
         raise ValueError(f"the state dict's adaptive step fraction must be positive and finite, got {rho!r}")
+
+
+def _check_shapes(state: dict, p: Tensor, who: str) -> None:
+    """Per-parameter state tensors (Adam moments) must have the parameter's shape."""
+    for key, val in state.items():
+        if isinstance(val, Tensor) and val.ndim and val.shape != p.shape:
+            raise ValueError(f"state '{key}' of {who} has shape {tuple(val.shape)}, the parameter {tuple(p.shape)}: build the "
+                             "optimizer on the same model, adapters, LoRA rank and companion parameters")
+
 
 def _check_layout(extra: dict, mine: list[list[int]]) -> None:
     """The pairs' shapes and ranks must be those saved."""
@@ -121,6 +134,7 @@ def _check_layout(extra: dict, mine: list[list[int]]) -> None:
         raise ValueError(f"the state dict was saved for pairs {show(saved)} (count of m x r x n), this optimizer has "
                          f"{show(mine)}: build it on the same model, adapters and LoRA rank")
 
+
 def _check_config(extra: dict, here: dict[str, str]) -> None:
     """Another preconditioner is an error (its state would be dropped or left unused); another
     method, flow or retraction a warning."""
@@ -131,7 +145,7 @@ def _check_config(extra: dict, here: dict[str, str]) -> None:
     changed = {k: (v, here[k]) for k, v in config.items() if k in here and v != here[k]}
     if changed:
         what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        warnings.warn(f"loading a state dict saved with other settings ({what}); the steps go on with this optimizer's", UserWarning, stacklevel=4)
+        warn(f"loading a state dict saved with other settings ({what}); the steps go on with this optimizer's")
 
 
 def _dim_order(t: Tensor) -> list[int]:

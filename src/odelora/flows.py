@@ -160,8 +160,9 @@ def _balanced_parts(B, A, gB, gA, scale, frame, damping):
 
 def _balanced_tangent(B, A, gB, gA, *, scale=1.0, frame: Frame, damping: float | None = None) -> Tangent:
     """The balanced flow's product velocity ``-P(G)/s`` as a :class:`Tangent` at ``frame``, with
-    ``h = g / s^2``: ``L = -hB (MA + lam)^-1 A.T``, ``R.T = -B.T (MB + lam)^-1 hA`` and
-    ``C = PU-weights * UB.T hB (MA + lam)^-1 A.T`` (the quantities of :func:`_balanced`)."""
+    ``h = g / s^2``, in the frame's bases: ``L = -hB (MA + lam)^-1 A.T UA``,
+    ``R.T = -UB.T B (MB + lam)^-1 hA`` and ``C = -diag(phiB) UB.T L`` with the damped projector
+    weights ``phiB = sB^2 / (sB^2 + lam)`` (the quantities of :func:`_balanced`)."""
     B, A, gB, gA, fr, invB, invA, inv_s2 = _balanced_parts(B, A, gB, gA, scale, frame, damping)
     wB = fr.sB * invB * -inv_s2  # (..., k), negated
     wA = wB if fr.balanced else fr.sA * invA * -inv_s2  # (..., k')

@@ -11,7 +11,6 @@ A step is a short pipeline of named parts::
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._warnings import warn
 from .checkpoint import check_state_dict, frames_entry, like_params, restored, saved_frames
 from .flows import Flow, get_flow
 from .geometry import imbalance
@@ -136,7 +136,8 @@ class ODELoRA(torch.optim.Optimizer):
             ``B``, ``A``, ``scale``), or param groups ``{"pairs": [...], "lr": ...}``. For a PEFT
             model use :func:`odelora.integrations.peft.create_odelora_optimizer`.
         lr: the time step h. With the scaled and balanced flows it is a full fine-tuning learning
-            rate: one Euler step moves ``scale * B @ A`` by ``-lr * P(G)``. For adaptive methods
+            rate: one Euler step moves ``scale * B @ A`` by ``-lr * P(G)`` (balanced; scaled:
+            ``-lr * (PU G + G PV)``). For adaptive methods
             (``bs32``, ``dopri5``) it is the largest step; the controller shrinks it as needed.
         method: ``"euler"``, ``"heun"``, ``"midpoint"``, ``"rk4"``, ``"bs32"`` or ``"dopri5"``.
             A method with s stages calls the closure s times per step (on the same batch); layers
@@ -229,10 +230,7 @@ class ODELoRA(torch.optim.Optimizer):
         self.track_imbalance = track_imbalance
         self.sync_ranks = sync_ranks
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0)
-        super().__init__(pair_groups(params), defaults)
-        # Stages are evaluated at parameters rounded to their dtype: no tolerance below that.
-        floor = max(torch.finfo(p.dtype).eps for g in self.param_groups for p in g["params"])
-        self.controller.rtol = max(self.controller.rtol, float(floor))
+        super().__init__(pair_groups(params), defaults)  # each group through add_param_group
         self._companion = None
         companion = [p for p in (companion or []) if p.requires_grad]
         factors = {id(p) for g in self.param_groups for p in g["params"]}
@@ -262,11 +260,8 @@ class ODELoRA(torch.optim.Optimizer):
 
     @property
     def pairs(self) -> list[LoRAPair]:
-        return [
-            LoRAPair(B, A, float(s), n)
-            for b in self.store.buckets
-            for B, A, s, n in zip(b.Bs, b.As, b.scale.tolist(), b.names)
-        ]
+        """The pairs, in the order given."""
+        return PairStore.pairs(self.param_groups)
 
     def _companion_params(self) -> list[Tensor]:
         return [p for g in self._companion.param_groups for p in g["params"]]
@@ -283,6 +278,12 @@ class ODELoRA(torch.optim.Optimizer):
             (param_group,) = pair_groups([param_group], start=known)
         if not param_group.get("companion") and ("scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"])):
             raise ValueError("ODELoRA param groups are built from pairs: pass {'pairs': [...], ...}")
+        if not param_group.get("companion"):
+            opts = {**self.defaults, **param_group}
+            check_adam_options(self.preconditioner, opts["betas"], opts["eps"], opts["weight_decay"])
+            # Stages are evaluated at parameters rounded to their dtype: no tolerance below that.
+            floor = max(torch.finfo(p.dtype).eps for p in param_group["params"])
+            self.controller.rtol = max(self.controller.rtol, float(floor))
         super().add_param_group(param_group)
         self._store = None
 
@@ -312,8 +313,12 @@ class ODELoRA(torch.optim.Optimizer):
             if self.tableau.adaptive:
                 self._rho = res.h_next
             return self._skip(fld, y0, self._failure(res), nfe=res.nfe, rejected=res.rejected, nonfinite=res.nonfinite)
-        move = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
-        overflow = self._overflow(move.y)
+        try:
+            move = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
+            overflow = self._overflow(move.y)
+        except BaseException:  # the parameters hold the last stage: put them back
+            self._restore(y0)
+            raise
         if overflow:
             return self._skip(fld, y0, f"the step overflows the {overflow} parameters", nfe=res.nfe, rejected=res.rejected + 1, nonfinite=res.nonfinite + 1)
         self._commit(move, fld, res)
@@ -432,7 +437,7 @@ class ODELoRA(torch.optim.Optimizer):
             )
         if nonfinite and self.on_nonfinite == "raise":
             raise NonFiniteError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warn(msg, RuntimeWarning)
         return fld.loss
 
     def _failure(self, res: Attempt) -> str:
@@ -440,7 +445,7 @@ class ODELoRA(torch.optim.Optimizer):
         if res.nonfinite == res.rejected:  # every try hit NaN/inf at a later stage
             return (f"a later stage was non-finite (loss, gradient or velocity) in all {res.rejected} tries, the step "
                     f"shrinking {1 / self.controller.shrink:g}-fold each time")
-        why = (f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {self.max_rejects + 1} tries "
+        why = (f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {res.rejected} tries "
                "(the next step starts from the last step size tried)")
         if res.ratios is not None and res.ratios.numel():
             names = [n for b in self.store.buckets for n in b.names]
@@ -514,7 +519,6 @@ class ODELoRA(torch.optim.Optimizer):
         return dict(method=self.tableau.name, flow=self.flow.name, retraction=self.retraction.name, preconditioner=self.preconditioner.name)
 
 
-
 def _warn_zero_pairs(store: PairStore) -> None:
     """Warn about pairs with ``B = 0`` and ``A = 0``: the gradient reaches neither factor there, so
     no flow ever moves them (unsharded parameters with values only; checked once)."""
@@ -523,9 +527,8 @@ def _warn_zero_pairs(store: PairStore) -> None:
         for B, A, n in zip(b.Bs, b.As, b.names) if not (bool(B.detach().any()) or bool(A.detach().any()))
     ]
     if zero:
-        warnings.warn(f"{len(zero)} LoRA pair(s) with B = 0 and A = 0 ({_short(zero)}): no flow moves them, since the "
-                      "gradient reaches neither factor; initialize A (PEFT's default) or both (odelora.init.gaussian_ or spectral_)",
-                      UserWarning, stacklevel=3)
+        warn(f"{len(zero)} LoRA pair(s) with B = 0 and A = 0 ({_short(zero)}): no flow moves them, since the "
+             "gradient reaches neither factor; initialize A (PEFT's default) or both (odelora.init.gaussian_ or spectral_)")
 
 
 def _start_imbalance(x: Factors) -> float:

@@ -52,8 +52,12 @@ def check_adam_options(preconditioner, betas, eps, weight_decay) -> None:
         raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}") from None
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ValueError(f"betas must lie in [0, 1), got {betas}")
-    if not (eps >= 0 and math.isfinite(eps)) or not (weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise ValueError(f"eps and weight_decay must be finite and >= 0, got eps={eps!r}, weight_decay={weight_decay!r}")
+    try:
+        ok = all(float(x) >= 0 and math.isfinite(float(x)) for x in (eps, weight_decay))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"eps and weight_decay must be finite numbers >= 0, got eps={eps!r}, weight_decay={weight_decay!r}")
     if weight_decay and "weight_decay" not in preconditioner.options:
         raise ValueError("weight_decay acts only with preconditioner='adam' (decoupled, as in AdamW); plain ODE steps have none")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -50,8 +51,13 @@ class LoRAPair:
                 f"{who}: {' and '.join(frozen)} {'does' if len(frozen) == 1 else 'do'} not require grad, so it would get no gradient while the optimizer rewrites "
                 "both factors. Train both factors (requires_grad_()) or leave the pair out"
             )
-        if not isinstance(self.scale, (int, float)) or not (self.scale > 0 and math.isfinite(self.scale)):
+        try:  # a Python, NumPy or one-element tensor number, kept as a float
+            scale = float(self.scale) if not isinstance(self.scale, (bool, str, bytes)) else math.nan
+        except (TypeError, ValueError, RuntimeError):
+            scale = math.nan
+        if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"{who}: scale must be a positive finite number, got {self.scale!r}")
+        object.__setattr__(self, "scale", scale)
 
     @property
     def rank(self) -> int:
@@ -62,7 +68,7 @@ def as_pair(item: Any, index: int = 0) -> LoRAPair:
     """Accept a :class:`LoRAPair`, a ``(B, A)`` or ``(B, A, scale)`` tuple, or a mapping with keys
     ``B``, ``A`` and optionally ``scale``, ``name``."""
     if isinstance(item, LoRAPair):
-        return item
+        return item if item.name else dataclasses.replace(item, name=f"pair{index}")
     if isinstance(item, Mapping):
         missing = {"B", "A"} - set(item)
         if missing:
@@ -71,9 +77,13 @@ def as_pair(item: Any, index: int = 0) -> LoRAPair:
     if isinstance(item, (tuple, list)) and len(item) in (2, 3) and all(isinstance(t, Tensor) for t in item[:2]):
         scale = float(item[2]) if len(item) == 3 else 1.0
         return LoRAPair(item[0], item[1], scale, f"pair{index}")
+    hint = ""
+    if isinstance(item, Tensor):
+        hint = (": the pairs are a list of such tuples, [(B, A), ...], not the tensors themselves (for a PEFT model: "
+                "odelora.integrations.peft.lora_pairs(model) or create_odelora_optimizer(model, lr))")
     raise TypeError(
         f"pair #{index}: expected a LoRAPair, a (B, A[, scale]) tuple or a dict with B and A, "
-        f"got {type(item).__name__}"
+        f"got {type(item).__name__}{hint}"
     )
 
 

@@ -30,7 +30,8 @@ class Move:
 
 
 class Plain:
-    """The RK step itself (SGD-like: the product moves by ``-lr P(G)`` per unit step)."""
+    """The RK step itself (SGD-like: with the balanced flow the product moves by ``-lr P(G)`` per
+    unit step)."""
 
     name = "none"
     per_coordinate = False  # only the product of the velocity matters

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .geometry import compute_dtype
+from .pairs import LoRAPair
 from .retractions import Factors
 
 try:  # torch built with distributed support
@@ -71,7 +72,7 @@ class Bucket:
 class PairStore:
     """Buckets of the pairs in a list of param groups. A group lists its pairs' factors as
     ``params = [B_0, A_0, B_1, A_1, ...]`` with ``scales`` and ``names`` (as the optimizer's
-    ``_param_groups`` writes them); this is the only place that reads the factors from that layout."""
+    ``options.pair_groups`` writes them); this is the only place that reads the factors from that layout."""
 
     def __init__(self, groups: list[dict]):
         self.buckets: list[Bucket] = []
@@ -82,13 +83,22 @@ class PairStore:
             pairs = list(zip(g["params"][0::2], g["params"][1::2]))
             for i, (B, A) in enumerate(pairs):
                 by_key.setdefault((tuple(B.shape), tuple(A.shape), B.dtype, B.device), []).append(i)
-            for (_, _, _, device), idx in by_key.items():
+            for idx in by_key.values():
                 device = _local(pairs[idx[0]][0]).device
                 dt = compute_dtype(pairs[idx[0]][0])
                 scale = torch.tensor([g["scales"][i] for i in idx], dtype=dt, device=device)
                 self.buckets.append(
                     Bucket(gi, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], [g["names"][i] for i in idx], scale, dt)
                 )
+
+    @staticmethod
+    def pairs(groups: list[dict]) -> list[LoRAPair]:
+        """The pairs of the groups, in their order."""
+        return [
+            LoRAPair(B, A, s, n)
+            for g in groups if not g.get("companion")
+            for B, A, s, n in zip(g["params"][0::2], g["params"][1::2], g["scales"], g["names"])
+        ]
 
     @staticmethod
     def stacked(b: Bucket) -> tuple[Tensor, Tensor]:

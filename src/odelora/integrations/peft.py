@@ -6,11 +6,11 @@ Rule for everything else that is trainable (documented in ``partition``): it is 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from .._warnings import warn
 from ..optim import ODELoRA
 from ..pairs import FSDP1_ADVICE, LoRAPair
 
@@ -110,9 +110,9 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
         if missing:
             raise ValueError(f"no LoRA adapter(s) {sorted(missing)}; the model's adapters: {sorted(adapters) or 'none'}")
     if half_frozen:
-        warnings.warn(f"{len(half_frozen)} LoRA layer(s) with one factor frozen ({', '.join(half_frozen[:3])}"
-                      f"{', ...' if len(half_frozen) > 3 else ''}): their trainable factor goes to the AdamW companion, "
-                      "not the flow; unfreeze both factors for ODELoRA to move them", UserWarning, stacklevel=2)
+        warn(f"{len(half_frozen)} LoRA layer(s) with one factor frozen ({', '.join(half_frozen[:3])}"
+             f"{', ...' if len(half_frozen) > 3 else ''}): their trainable factor goes to the AdamW companion, "
+             "not the flow; unfreeze both factors for ODELoRA to move them")
     part.adapters = sorted(adapters)
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) in unselected:
@@ -121,9 +121,9 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
             why = reasons.get(id(p)) or ("bias" if name.endswith("bias") else "not a LoRA factor (head, modules_to_save, ...)")
             part.others.append((name, p, why))
     if part.left:
-        warnings.warn(f"{len(part.left)} trainable LoRA factor(s) of adapters other than {sorted(wanted)} ({part.left[0]}"
-                      f"{', ...' if len(part.left) > 1 else ''}) are left as they are; freeze them, or select their adapter "
-                      "to train them too", UserWarning, stacklevel=2)
+        warn(f"{len(part.left)} trainable LoRA factor(s) of adapters other than {sorted(wanted)} ({part.left[0]}"
+             f"{', ...' if len(part.left) > 1 else ''}) are left as they are; freeze them, or select their adapter "
+             "to train them too")
     return part
 
 
