@@ -107,6 +107,22 @@ def test_errors_are_clear():
         integrate(f, [torch.ones(2)], (0, 1), method="rk4", h=0.1, t_eval=[2.0])
 
 
+def test_callback_max_steps_and_a_given_controller():
+    """``callback(t, y)`` after every accepted step, with the state the closed form gives there;
+    ``max_steps`` stops a run that needs more; a ``controller`` passed in sets the tolerances."""
+    seen = []
+    res = integrate(lambda y: [-y[0]], [torch.ones(2, dtype=torch.float64)], (0, 1), method="rk4", h=0.25,
+                    callback=lambda t, y: seen.append((t, float(y[0][0]))))
+    assert [t for t, _ in seen] == [0.25, 0.5, 0.75, 1.0] and res.stats.accepted == 4
+    assert all(abs(v - math.exp(-t)) < 1e-4 for t, v in seen)
+    with pytest.raises(RuntimeError, match="max_steps=3 reached at t=0.75"):
+        integrate(lambda y: [-y[0]], [torch.ones(2)], (0, 1), method="rk4", h=0.25, max_steps=3)
+    loose = integrate(lambda y: [-y[0]], [torch.ones(2, dtype=torch.float64)], (0, 1), controller=StepController(rtol=1e-3, atol=1e-3))
+    tight = integrate(lambda y: [-y[0]], [torch.ones(2, dtype=torch.float64)], (0, 1), controller=StepController(rtol=1e-10, atol=1e-12))
+    assert loose.stats.accepted < tight.stats.accepted
+    assert abs(float(tight.y[0][0]) - math.exp(-1)) < 1e-9 < abs(float(loose.y[0][0]) - math.exp(-1))
+
+
 def test_exponential_closed_form():
     res = integrate(lambda y: [-y[0]], [torch.ones(3, dtype=torch.float64)], (0, 1), method="dopri5", rtol=1e-10, atol=1e-12)
     assert abs(float(res.y[0][0]) - np.exp(-1)) < 1e-9

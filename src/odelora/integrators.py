@@ -367,9 +367,6 @@ class SolverStats:
     accepted: int = 0
     rejected: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(nfe=self.nfe, steps=self.steps, accepted=self.accepted, rejected=self.rejected)
-
 
 @dataclass
 class IntegrationResult:
@@ -427,7 +424,7 @@ def integrate(
     for target in outs:
         while target - t > eps:
             if stats.steps >= max_steps:
-                raise RuntimeError(f"integrate: max_steps={max_steps} reached at t={t:.6g}")
+                raise RuntimeError(f"integrate: max_steps={max_steps} reached at t={t:.6g}; raise max_steps, or loosen rtol and atol")
             hh = min(step, target - t)
             res = attempt(f, y, hh, tab, space, ctrl, parts=parts, max_tries=max_steps - stats.steps, first=first)
             stats.nfe += res.nfe
