@@ -237,3 +237,70 @@ def test_installed_version_is_the_package_version():
     import odelora
 
     assert importlib.metadata.version("odelora") == odelora.__version__
+
+
+def test_a_config_that_repeats_a_case_is_refused_before_anything_is_written(capsys, tmp_path):
+    msg = one_line_error(capsys, _fl_args(tmp_path / "o", rules="[odelora, odelora]"))
+    assert "more than once" in msg and "list each value once" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_config_or_meta_gets_one_line_and_a_takeover_drops_the_old_meta(capsys, tmp_path):
+    out = tmp_path / "o"
+    assert cli(_fl_args(out)) == 0
+    (out / "meta.json").write_text('{"started": "x", "wall_seconds": 3')  # cut short
+    assert cli(["report", str(out)]) == 0  # the report needs only the cases
+    (out / "config.yaml").write_text("- damaged\n")
+    assert "is damaged" in one_line_error(capsys, _fl_args(out))
+    # a folder with no finished case is taken over, and the other config's times go with it
+    fresh = tmp_path / "f"
+    fresh.mkdir()
+    (fresh / "config.yaml").write_text("experiment: lora-mf\nconfig: {}\n")
+    (fresh / "meta.json").write_text('{"wall_seconds": 3600, "interrupted": true, "ran": 0}')
+    assert cli(_fl_args(fresh)) == 0
+    from odelora.lab.report import run_seconds
+
+    wall, cpu = run_seconds(fresh)
+    assert wall < 600 and '"earlier_runs"' not in (fresh / "meta.json").read_text()
+
+
+def test_reproduce_refuses_a_foreign_folder_before_running_and_runs_each_experiment_once(capsys, tmp_path, monkeypatch):
+    from odelora.lab import cli as cli_module
+
+    root = tmp_path / "r"
+    assert cli(_fl_args(root / "feature-learning", steps=5)) == 0  # another config of feature-learning
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="another config"):
+        cli(["reproduce", "--quick", "--only", "lora-gd-rate", "feature-learning", "--out", str(root), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "expected about" not in out and not (root / "lora-gd-rate").exists()  # refused before the estimate
+    ran = []
+    monkeypatch.setattr(cli_module, "machine_speed", lambda: 1.0)
+    import odelora.lab.runner as runner
+
+    real = runner.run_experiment
+    monkeypatch.setattr(runner, "run_experiment", lambda exp, *a, **k: ran.append(exp.name) or real(exp, *a, **k))
+    monkeypatch.setattr(type(get_experiment("feature-learning")), "QUICK", dict(TINY_FL))
+    assert cli(["reproduce", "--quick", "--only", "feature-learning", "feature-learning", "--out", str(tmp_path / "q"),
+                "--no-progress"]) == 0
+    assert ran == ["feature-learning"]
+
+
+def test_the_estimate_spreads_cases_over_no_more_workers_than_cores(monkeypatch):
+    from odelora.lab.runner import estimate_seconds
+
+    exp = get_experiment("lora-gd-rate")
+    cfg = exp.quick_config()
+    cases = exp.cases(cfg)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert estimate_seconds(exp, cfg, cases, 8) == estimate_seconds(exp, cfg, cases, 2) < estimate_seconds(exp, cfg, cases, 1)
+
+
+def test_rewriting_a_file_keeps_its_mode(tmp_path):
+    from odelora._io import atomic_write
+
+    path = tmp_path / "report.md"
+    path.write_text("old")
+    path.chmod(0o600)
+    atomic_write(path, "new")
+    assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o600

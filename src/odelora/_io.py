@@ -21,15 +21,19 @@ def current_umask() -> int:
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
-    The file gets the mode an ordinary ``open(path, "w")`` would give (0666 minus the umask);
-    ``mkstemp`` alone would leave it at 0600.
+    The file gets the mode an ordinary ``open(path, "w")`` would give: an existing file's, else
+    0666 minus the umask (``mkstemp`` alone would leave it at 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
+            os.fchmod(fh.fileno(), mode)
             fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())

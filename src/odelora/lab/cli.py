@@ -133,12 +133,13 @@ def _cmd_run(args) -> int:
 def _run(exp, cfg, args) -> int:
     """Run ``exp`` with ``cfg`` into ``args.out`` (default runs/NAME) and print its claims."""
     from .report import build_report
-    from .runner import check_out_dir, claim_folder, estimate_seconds, pending_cases, run_experiment
+    from .runner import check_out_dir, claim_folder, estimate_seconds, grid_cases, pending_cases, run_experiment
 
+    total = len(grid_cases(exp, cfg))  # a config that repeats a case is refused before anything is written
     out = check_out_dir(Path(args.out or Path("runs") / exp.name))
     claim_folder(out, exp.name, cfg)  # refuses a folder of another config before any estimate
     t0 = time.time()
-    total, todo = len(exp.cases(cfg)), pending_cases(exp, cfg, out)
+    todo = pending_cases(exp, cfg, out)
     est = estimate_seconds(exp, cfg, todo, args.jobs, machine_speed())
     saved = f" ({total - len(todo)} saved, {len(todo)} to run)" if len(todo) < total else ""
     print(f"{exp.name}: {total} cases{saved}, expected about {_minutes(est)} with {args.jobs} job(s)", flush=True)
@@ -182,10 +183,10 @@ def _cmd_reproduce(args) -> int:
     from .core import SUITES
     from .registry import EXPERIMENTS, get_experiment
     from .report import build_overview, build_report, count, run_seconds
-    from .runner import check_out_dir, estimate_seconds, load_config, pending_cases, run_experiment
+    from .runner import check_folder, check_out_dir, estimate_seconds, load_config, pending_cases, run_experiment
 
     suites = SUITES if args.all else tuple(args.suites or DEFAULT_SUITES[args.quick])
-    names = args.only or [n for n, cls in EXPERIMENTS.items() if cls.SUITE in suites]
+    names = list(dict.fromkeys(args.only)) if args.only else [n for n, cls in EXPERIMENTS.items() if cls.SUITE in suites]
     bad = [n for n in names if n not in EXPERIMENTS]
     if bad:
         raise SystemExit(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from: {', '.join(EXPERIMENTS)}")
@@ -195,6 +196,7 @@ def _cmd_reproduce(args) -> int:
     def planned(name):
         exp = get_experiment(name)
         cfg = load_config(exp, None, None, quick=args.quick)
+        check_folder(root / name, name, cfg)  # before anything runs, and before its saved cases count
         return exp, cfg, estimate_seconds(exp, cfg, pending_cases(exp, cfg, root / name), args.jobs, speed)
 
     plan = [planned(n) for n in names]

@@ -6,10 +6,10 @@ Nothing here knows any particular experiment; the table of experiments is ``regi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 import typing
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
@@ -50,7 +50,6 @@ class Claim:
     note: str = ""
     finding: bool = False
     table: str = ""  # an optional markdown table with the measured values in full
-    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:

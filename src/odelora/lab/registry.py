@@ -15,17 +15,13 @@ from .experiments.step_rules import StepRules
 from .experiments.strongly_convex import StronglyConvex
 from .experiments.trajectory_fidelity import TrajectoryFidelity
 
-__all__ = ["EXPERIMENTS", "get_experiment", "names"]
+__all__ = ["EXPERIMENTS", "get_experiment"]
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
     cls.name: cls
     for cls in (StronglyConvex, MatrixSensing, TrajectoryFidelity, FeatureLearning, LoraMF, LoraGDRate, *PINN_EXPERIMENTS, InitScale, Sensitivity, StepRules,
                 Finetune)
 }
-
-
-def names() -> list[str]:
-    return list(EXPERIMENTS)
 
 
 def get_experiment(name: str) -> Experiment:

@@ -79,7 +79,10 @@ def build_report(out: Path) -> tuple[list[Claim], Path]:
     exp, cfg, saved = _load(out)
     df = read_results(out)
     claims, figures = exp.report(df, cfg, out)
-    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):  # none yet, or damaged: the report needs only the cases
+        meta = {}
     notes = notes_markdown(claims)
     parts = [
         f"# {exp.name}: {exp.summary}",
@@ -122,7 +125,7 @@ def run_seconds(folder: Path) -> tuple[float, float]:
         return 0.0, 0.0
     runs = [*meta.get("earlier_runs", []), meta]
     wall = sum(r.get("wall_seconds") or 0.0 for r in runs)
-    cpu = sum((r.get("case_cpu_seconds") or 0.0) + (r.get("prepare_seconds") or 0.0) for r in runs)
+    cpu = sum((r.get("case_cpu_seconds") or 0.0) + (r.get("prepare_cpu_seconds") or 0.0) for r in runs)
     return wall, cpu
 
 

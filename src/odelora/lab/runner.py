@@ -5,7 +5,7 @@ Layout of an output folder::
     config.yaml      experiment name and its full config
     meta.json        package versions, git revision, host, times
     cases/<id>.csv   one file per finished case, written atomically (temp file + rename)
-    results.csv      all rows, rebuilt from cases/ after every run
+    results.csv      all rows, rebuilt from cases/ at the end of every completed run
 
 A case either has its complete file or none, so an interrupted sweep reruns only unfinished cases:
 no row is lost and none is duplicated. A folder is tied to its config only once it holds a
@@ -198,39 +198,62 @@ def read_results(out: Path) -> pd.DataFrame:
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
 
 
+def _config_text(name: str, cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump({"experiment": name, "config": cfg.model_dump()}, sort_keys=True)
+
+
+def check_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
+    """Refuse a folder that holds finished cases of another experiment or config (writes nothing)."""
+    path, text = Path(out) / "config.yaml", _config_text(name, cfg)
+    if not (path.exists() and path.read_text() != text and finished_cases(out)):
+        return
+    try:
+        old = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("config", {}), dict):
+        raise SystemExit(f"{path} is damaged (not the YAML mapping a run writes) and {out} holds finished cases: restore "
+                         "the file, or use another --out")
+    new = yaml.safe_load(text)
+    if old.get("experiment") != name:
+        what = f"experiment {old.get('experiment')!r}"
+    else:
+        keys = sorted(k for k in set(old.get("config", {})) | set(new["config"]) if old.get("config", {}).get(k) != new["config"].get(k))
+        what = f"another config (differs in {', '.join(keys)})"
+    raise SystemExit(f"{out} holds {len(finished_cases(out))} finished cases of {what}; use another --out or delete the folder")
+
+
 def claim_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
-    """Write config.yaml, refusing only when finished cases of another config are there."""
-    text = yaml.safe_dump({"experiment": name, "config": cfg.model_dump()}, sort_keys=True)
-    path = out / "config.yaml"
-    if path.exists() and path.read_text() != text and finished_cases(out):
-        try:
-            old = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            old = {}
-        new = yaml.safe_load(text)
-        if old.get("experiment") != name:
-            what = f"experiment {old.get('experiment')!r}"
-        else:
-            keys = sorted(k for k in set(old.get("config", {})) | set(new["config"]) if old.get("config", {}).get(k) != new["config"].get(k))
-            what = f"another config (differs in {', '.join(keys)})"
-        raise SystemExit(f"{out} holds {len(finished_cases(out))} finished cases of {what}; use another --out or delete the folder")
+    """Write config.yaml, refusing only when finished cases of another config are there. A folder
+    taken over from another config (no finished case) loses that config's meta.json too."""
+    check_folder(out, name, cfg)
+    path, text = out / "config.yaml", _config_text(name, cfg)
+    if path.exists() and path.read_text() != text:
+        (out / "meta.json").unlink(missing_ok=True)  # times of another config's (unfinished) runs
     atomic_write(path, text)
+
+
+def grid_cases(exp: Experiment, cfg: ExperimentConfig) -> list[dict]:
+    """The config's cases; a config that yields one case twice (a value listed twice) is refused."""
+    cases = exp.cases(cfg)
+    ids = [case_id(c) for c in cases]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise SystemExit(f"{exp.name}: the config gives case {twice[0]} more than once: a value is listed twice (in methods, "
+                         "a rate grid, ...); list each value once")
+    return cases
 
 
 def pending_cases(exp: Experiment, cfg: ExperimentConfig, out: Path) -> list[dict]:
     """The cases of ``cfg`` that ``out`` holds no results of (all, for a new folder)."""
-    cases = exp.cases(cfg)
-    ids = [case_id(c) for c in cases]
-    if len(set(ids)) != len(ids):
-        raise RuntimeError(f"{exp.name}: duplicate case ids")
-    return [c for c, i in zip(cases, ids) if not (Path(out) / "cases" / f"{i}.csv").exists()]
+    return [c for c in grid_cases(exp, cfg) if not (Path(out) / "cases" / f"{case_id(c)}.csv").exists()]
 
 
 def estimate_seconds(exp: Experiment, cfg: ExperimentConfig, cases: list[dict], jobs: int, speed: float = 1.0) -> float:
-    """Expected wall time: the cost model's case seconds spread over ``jobs`` workers
-    (longest first), plus the shared preparation, times the machine's speed factor."""
+    """Expected wall time: the cost model's case seconds spread over ``jobs`` workers, at most one
+    per core (longest first), plus the shared preparation, times the machine's speed factor."""
     costs = sorted((exp.case_cost(cfg, c) for c in cases), reverse=True)
-    lanes = [0.0] * max(1, jobs)
+    lanes = [0.0] * max(1, min(jobs, os.cpu_count() or 1))
     for c in costs:
         lanes[lanes.index(min(lanes))] += c
     return speed * (max(lanes) + (exp.prepare_cost(cfg) if cases else 0.0))
@@ -242,14 +265,14 @@ def _save_meta(out: Path, meta: dict, *, interrupted: bool, cases: int, ran: int
     runs of the folder kept on record and every case's time, whichever run saved it."""
     meta = dict(meta, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), interrupted=interrupted, cases=cases, ran=ran,
                 case_seconds=round(sum(timings.values()), 2), case_cpu_seconds=round(sum(cpu.values()), 2),
-                prepare_seconds=round(prepared, 2), wall_seconds=round(wall, 2), jobs=jobs,
+                prepare_cpu_seconds=round(prepared, 2), wall_seconds=round(wall, 2), jobs=jobs,
                 case_times={cid: round(dt, 2) for cid, dt in sorted(timings.items())},
                 case_cpu_times={cid: round(dc, 2) for cid, dc in sorted(cpu.items())})
     try:
         before = json.loads((out / "meta.json").read_text())
         meta["earlier_runs"] = before.pop("earlier_runs", []) + [
             {k: before.get(k) for k in ("started", "finished", "interrupted", "ran", "case_seconds", "case_cpu_seconds",
-                                        "prepare_seconds", "wall_seconds", "jobs")}]
+                                        "prepare_cpu_seconds", "wall_seconds", "jobs")}]
         for key in ("case_times", "case_cpu_times"):
             meta[key] = dict(sorted({**before.get(key, {}), **meta[key]}.items()))
     except (OSError, ValueError, TypeError):
@@ -260,14 +283,14 @@ def _save_meta(out: Path, meta: dict, *, interrupted: bool, cases: int, ran: int
 def run_experiment(
     exp: Experiment, cfg: ExperimentConfig, out: Path, *, jobs: int = 1, progress: bool = True
 ) -> pd.DataFrame:
+    cases = grid_cases(exp, cfg)
     out = check_out_dir(out)
     claim_folder(out, exp.name, cfg)
     exp.out = out
     meta = dict(experiment=exp.name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
-    cases = exp.cases(cfg)
     todo = pending_cases(exp, cfg, out)
     todo.sort(key=lambda c: -exp.case_cost(cfg, c))  # longest first: better packing on the workers
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     import torch
 
     torch.set_num_threads(max(1, min(jobs, os.cpu_count() or 1)))  # the preparation too: no more threads than jobs
@@ -275,7 +298,7 @@ def run_experiment(
         for stale in ("report.md", "claims.json"):  # a report of fewer cases than the folder will hold
             (out / stale).unlink(missing_ok=True)
         exp.prepare(cfg)
-    prepared = time.perf_counter() - t0
+    prepared = time.process_time() - c0  # CPU seconds: this process prepares, the workers run the cases
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
     bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc=exp.name, unit="case", disable=not progress,

@@ -130,7 +130,8 @@ class StronglyConvex(Experiment):
         claims.append(Claim("largest step h L that converges, per method", "reported", "; ".join(stable), None,
                             note=(f"At the top of the grid for {', '.join(edges)}: a larger step might converge too." if edges else "")))
         claims.append(Claim("fitted linear rates (per iteration) per step size", "reported",
-                            "; ".join(f"{m}: " + ", ".join(f"{r.hL:g}: {r.rate:.4f}" for r in g[g.method == m].itertuples() if np.isfinite(r.rate))
+                            "; ".join(f"{m}: " + (", ".join(f"{r.hL:g}: {r.rate:.4f}" for r in g[g.method == m].itertuples()
+                                                            if np.isfinite(r.rate)) or "none fitted")
                                       for m in cfg.methods),
                             None, note="Rates are fitted where the error is between 1e-9 and 1e-3; steps that never got there have none."))
         figs = []
