@@ -419,7 +419,7 @@ def test_closure_returning_none_is_allowed():
         opt.zero_grad()
         (0.5 * ((B @ A - Y) ** 2).sum()).backward()
 
-    l0 = float(0.5 * ((B @ A - Y) ** 2).sum())
+    l0 = float(0.5 * ((B @ A - Y) ** 2).sum().detach())
     for _ in range(20):
         assert opt.step(closure) is None
     assert float(0.5 * ((B @ A - Y) ** 2).sum()) < 1e-3 * l0 and opt.last_step.loss is None
