@@ -107,6 +107,18 @@ def test_errors_are_clear():
         integrate(f, [torch.ones(2)], (0, 1), method="rk4", h=0.1, t_eval=[2.0])
 
 
+@pytest.mark.parametrize("method, h", [("rk4", 0.1), ("dopri5", None)])
+def test_runs_to_the_end_of_t_span_whatever_t_eval_says(method, h):
+    """As ``solve_ivp``: states at the ``t_eval`` times only, and ``y`` the state at ``t_span[1]``,
+    also where no ``t_eval`` time is the end (closed form ``exp(-t)``)."""
+    res = integrate(lambda y: [-y[0]], [torch.ones(1, dtype=torch.float64)], (0.0, 2.0), method=method, h=h,
+                    rtol=1e-10, atol=1e-12, t_eval=[0.5, 1.0])
+    assert res.ts == [0.5, 1.0] and len(res.ys) == 2
+    for t, y in zip(res.ts, res.ys):
+        assert float(y[0]) == pytest.approx(math.exp(-t), rel=1e-5)
+    assert float(res.y[0]) == pytest.approx(math.exp(-2.0), rel=1e-5)
+
+
 def test_callback_max_steps_and_a_given_controller():
     """``callback(t, y)`` after every accepted step, with the state the closed form gives there;
     ``max_steps`` stops a run that needs more; a ``controller`` passed in sets the tolerances."""

@@ -370,15 +370,13 @@ class SolverStats:
 
 @dataclass
 class IntegrationResult:
-    """``ys[i]`` is the state at ``ts[i]``; ``y`` is the final state."""
+    """``ys[i]`` is the state at ``ts[i]`` (the ``t_eval`` times); ``y`` is the state at the end
+    of ``t_span``."""
 
     ts: list[float]
     ys: list[Any]
     stats: SolverStats = field(default_factory=SolverStats)
-
-    @property
-    def y(self) -> Any:
-        return self.ys[-1]
+    y: Any = None
 
 
 def integrate(
@@ -400,7 +398,8 @@ def integrate(
 
     Fixed-step tableaus need ``h`` (the last step is shortened to land on each output time);
     embedded pairs adapt ``h`` (initial guess ``h`` or ``(t1 - t0) / 100``). States are saved at
-    ``t_eval`` (default: only the end), which the solver steps onto exactly. ``space`` defaults to
+    ``t_eval`` (default: only the end), which the solver steps onto exactly; it always runs to
+    ``t_span[1]``, the state ``y`` of the result, as ``scipy.integrate.solve_ivp`` does. ``space`` defaults to
     :class:`VectorSpace` (``y0`` a list of tensors); with another space ``y0`` is a list of its
     parts (for LoRA factors, of :class:`odelora.retractions.Factors`).
     """
@@ -421,7 +420,7 @@ def integrate(
     result = IntegrationResult([], [], stats)
     t, step, first = t0, float(h) if h else (t1 - t0) / 100, None
     eps = 1e-12 * max(1.0, abs(t1))
-    for target in outs:
+    for target in outs + ([t1] if not outs or outs[-1] < t1 - eps else []):
         while target - t > eps:
             if stats.steps >= max_steps:
                 raise RuntimeError(f"integrate: max_steps={max_steps} reached at t={t:.6g}; raise max_steps, or loosen rtol and atol")
@@ -438,6 +437,8 @@ def integrate(
             first = res.stages[-1] if tab.fsal else None
             if callback is not None:
                 callback(t, y)
-        result.ts.append(target)
-        result.ys.append([x.clone() for x in y] if isinstance(space, VectorSpace) else y)
+        if target in outs:
+            result.ts.append(target)
+            result.ys.append([x.clone() for x in y] if isinstance(space, VectorSpace) else y)
+    result.y = y
     return result

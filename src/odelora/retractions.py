@@ -16,7 +16,8 @@ retractions, chosen by name (``RETRACTIONS``):
   factors are well conditioned, and since truncation is the nearest rank-r matrix, a step moves
   the product by at most ``2 h |sum_j b_j s (dB_j A_j + B_j dA_j)|`` however small the singular
   values are (Kieri & Vandereycken 2019 analyse such projected methods for dynamical low-rank
-  approximation). Cost per stage O((m + n) r^2 + r^3) with two thin QRs and a 2r x 2r SVD.
+  approximation). Cost O((m + n) k^2 + k^3) with two thin QRs of k columns and a k x k SVD,
+  ``k = 2r`` for Euler and a stage taken at the start, ``2r`` more for each stage taken elsewhere.
 
 * ``"split"``: the same projected Runge-Kutta method with the one-sided projector-splitting
   retraction ``P_U1 Y``, ``U1 = orth(Y V0)`` (Lubich & Oseledets 2014), ``V0`` the start's row
@@ -150,6 +151,11 @@ class BalanceSteps(FactorSteps):
         return [_balanced_state(x) for x in y]
 
 
+def _product_values(fr: Frame) -> Tensor:
+    """Singular values of the frame's product ``B A`` (r x r work)."""
+    return fr.sB * fr.sA if fr.balanced else torch.linalg.svdvals(fr.core())
+
+
 def _product_norm(x: Factors) -> Tensor:
     """``|B A|_F`` per pair from the frame (r x r work)."""
     fr = x.ensure_frame()
@@ -235,7 +241,7 @@ class TruncateSteps(Retraction):
             return x0
         fr, M, Ls, Rs = blocks
         k_out = min(x0.rank, x0.B.shape[-2], x0.A.shape[-1])
-        U, S, V, UtUB, VtUA = self.reduce(fr.UB, fr.UA, M, Ls, Rs, k_out)
+        U, S, V, UtUB, VtUA = self.reduce_at(fr)(fr.UB, fr.UA, M, Ls, Rs, k_out)
         # overlaps with the start's factors, for the closest balanced factorization
         over = (UtUB @ (fr.sB.unsqueeze(-1) * fr.PB.mT), VtUA @ (fr.sA.unsqueeze(-1) * fr.PA.mT))
         carried = _carried(fr, UtUB, VtUA) if reaches_rounding(S) else False
@@ -244,7 +250,11 @@ class TruncateSteps(Retraction):
         zero = _zero_product(fr)
         return _keep_where(zero & (S.amax(-1) == 0), x0, y) if bool(zero.any()) else y
 
-    reduce = staticmethod(truncate)  # rank <= (2s + 1) r in the bases -> rank r
+    @staticmethod
+    def reduce_at(fr: Frame):
+        """How a step from the state of frame ``fr`` is brought back to rank r."""
+        return truncate  # rank <= (2s + 1) r in the bases -> rank r
+
     retract = staticmethod(BalanceSteps.retract)  # factors moved by a preconditioned step: balanced, same product
 
     def error_ratios(self, y0, y1, h, coeffs, stages, atol, rtol):
@@ -265,10 +275,17 @@ class SplitSteps(TruncateSteps):
     """``"split"``: as ``"truncate"``, with the one-sided projector-splitting retraction
     (:func:`~odelora.geometry.split_project`) in place of the truncation: the same ``2 h |F|``
     bound and orders, QRs of ``m x r`` instead of ``m x 2r`` blocks and an ``r x r`` SVD; the
-    result is a projection of the stepped product, not its nearest rank-r matrix."""
+    result is a projection of the stepped product, not its nearest rank-r matrix.
+
+    From a product of rank below r the start's row basis holds directions that rounding chose (those
+    of its zero singular values), and the splitting keeps what the stepped product does along them:
+    such steps (PEFT's ``B = 0`` start, a gradient of rank below r after it) take the truncation."""
 
     name = "split"
-    reduce = staticmethod(split_project)
+
+    @staticmethod
+    def reduce_at(fr: Frame):
+        return truncate if reaches_rounding(_product_values(fr)) else split_project
 
 
 def _frob2(L: Tensor, M: Tensor, R: Tensor) -> Tensor:

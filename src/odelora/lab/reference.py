@@ -14,8 +14,8 @@ __all__ = ["balanced_velocity", "exact_balanced_flow"]
 
 
 def balanced_velocity(B: np.ndarray, A: np.ndarray, G: np.ndarray, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """``(dB, dA)`` with ``scale (dB A + B dA) = -P(G)`` and ``B^T B - A A^T`` constant, for
-    full-rank ``B`` (m, r) and ``A`` (r, n); ``G = dL/dW`` (m, n)."""
+    """``(dB, dA)`` with ``scale (dB A + B dA) = -P(G)``, and ``d/dt (B^T B - A A^T) = 0`` where
+    the factors are balanced, for full-rank ``B`` (m, r) and ``A`` (r, n); ``G = dL/dW`` (m, n)."""
     hB = G @ A.T / scale
     hA = B.T @ G / scale
     MB, MA = B.T @ B, A @ A.T
