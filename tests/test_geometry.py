@@ -27,27 +27,42 @@ def test_balance_keeps_product_and_balances(m, n, r, seed, logc):
     np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(MB))[::-1], sv, rtol=1e-10, atol=1e-12 * sv[0])
 
 
+def balance_reference(B: np.ndarray, A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The balanced factorization ``U S^1/2 Q`` of ``BA`` closest to ``(B, A)`` (independent of
+    odelora): numpy's SVD of the dense product, Q from scipy's orthogonal Procrustes."""
+    r = B.shape[1]
+    U, S, Vt = np.linalg.svd(B @ A, full_matrices=False)
+    U, S, V = U[:, :r], S[:r], Vt[:r].T
+    left = np.vstack([U * np.sqrt(S), V * np.sqrt(S)])
+    Q, _ = orthogonal_procrustes(left, np.vstack([B, A.T]))
+    return (U * np.sqrt(S)) @ Q, ((V * np.sqrt(S)) @ Q).T
+
+
 def test_balance_is_the_closest_balanced_factorization(rng):
     """Among the balanced factorizations U S^1/2 Q of BA, balance picks the Q closest to (B, A):
     an orthogonal Procrustes problem, solved here by scipy."""
     for _ in range(5):
         B, A = rng.standard_normal((9, 3)), rng.standard_normal((3, 7)) * 3
-        U, S, Vt = np.linalg.svd(B @ A, full_matrices=False)
-        U, S, V = U[:, :3], S[:3], Vt[:3].T
-        left = np.vstack([U * np.sqrt(S), V * np.sqrt(S)])
-        Q, _ = orthogonal_procrustes(left, np.vstack([B, A.T]))
         Bb, Ab = (t.numpy() for t in balance(torch.from_numpy(B), torch.from_numpy(A)))
-        np.testing.assert_allclose(Bb, (U * np.sqrt(S)) @ Q, atol=1e-10)
-        np.testing.assert_allclose(Ab, ((V * np.sqrt(S)) @ Q).T, atol=1e-10)
+        Bref, Aref = balance_reference(B, A)
+        np.testing.assert_allclose(Bb, Bref, atol=1e-10)
+        np.testing.assert_allclose(Ab, Aref, atol=1e-10)
 
 
 def test_balance_batched_dtype_and_zero_start(rng):
-    B = torch.from_numpy(rng.standard_normal((5, 12, 3)))
+    """Each pair of a batch (B scaled from 0.1 to 10) is balanced as scipy's Procrustes reference
+    says, factor by factor (1e-10) and with its own product kept (1e-12 relative): the batched
+    SVDs and alignments must not mix pairs, and a rotation of the factors that keeps the product
+    (which a comparison of products alone would miss) is caught; bfloat16 stays bfloat16."""
+    B = torch.from_numpy(rng.standard_normal((5, 12, 3)) * np.logspace(-1, 1, 5)[:, None, None])
     A = torch.from_numpy(rng.standard_normal((5, 3, 9)))
     Bb, Ab = balance(B, A)
     for i in range(5):
-        b1, a1 = balance(B[i], A[i])
-        torch.testing.assert_close(Bb[i] @ Ab[i], b1 @ a1)
+        Bref, Aref = balance_reference(B[i].numpy(), A[i].numpy())
+        X = (B[i] @ A[i]).numpy()
+        np.testing.assert_allclose(Bb[i].numpy(), Bref, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(Ab[i].numpy(), Aref, rtol=0, atol=1e-10)
+        np.testing.assert_allclose((Bb[i] @ Ab[i]).numpy(), X, rtol=0, atol=1e-12 * np.linalg.norm(X))
     Bh, Ah = balance(B.bfloat16(), A.bfloat16())
     assert Bh.dtype == torch.bfloat16 and Ah.dtype == torch.bfloat16
     assert float(imbalance(Bh, Ah).max()) < 2e-2

@@ -13,6 +13,7 @@ from odelora import LoRAPair, NonFiniteError, ODELoRA, StepFailure, balance, imb
 from odelora.integrators import TABLEAUS
 
 from conftest import projection_reference
+from test_retractions import dense_truncation
 
 FLOWS = ["balanced", "scaled", "gradient"]
 METHODS = list(TABLEAUS)
@@ -323,22 +324,68 @@ def test_adaptive_method_recovers_from_a_non_finite_stage():
 @pytest.mark.parametrize("flow", FLOWS)
 @pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
 def test_nonfinite_first_stage_skips_the_step_untouched(flow, method):
+    """Parameters, time and (adaptive methods) the step size stay. For dopri5 lr = 0.5 makes the
+    controller's step fraction ``_rho`` differ from 1 (at 0.05 it stays 1, where a reset would pass
+    unseen); fixed-step methods keep no step size. Without a preconditioner there is no state per
+    parameter: Adam's moments across a skip are checked below."""
     Y, B, A = problem(1)
-    opt = ODELoRA([(B, A)], lr=0.05, method=method, flow=flow)
+    lr = 0.5 if TABLEAUS[method].adaptive else 0.05
+    opt = ODELoRA([(B, A)], lr=lr, method=method, flow=flow)
     closure = make_closure(opt, B, A, Y)
     opt.step(closure)
     before = (B.detach().clone(), A.detach().clone(), opt.param_groups[0]["t"], opt._rho)
-    sd = opt.state_dict()
+    if TABLEAUS[method].adaptive:
+        assert before[3] != 1.0
     with pytest.warns(RuntimeWarning, match="skipped a step: the loss is nan"):
         opt.step(lambda: closure() * float("nan"))
     assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
-    assert opt.param_groups[0]["t"] == before[2] and opt._rho == before[3]
+    assert opt.param_groups[0]["t"] == before[2]
+    if TABLEAUS[method].adaptive:
+        assert opt._rho == before[3]
     assert opt.stats["skipped"] == 1 and not opt.last_step.accepted
-    assert sd["state"] == opt.state_dict()["state"]
+    assert not opt.state
     strict = ODELoRA([(B, A)], lr=0.05, method=method, flow=flow, on_nonfinite="raise")
     with pytest.raises(NonFiniteError):
         strict.step(lambda: closure() * float("inf"))
     assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_a_skipped_step_keeps_adam_moments_also_after_a_resume(method):
+    """With ``preconditioner="adam"`` a step skipped for a NaN loss leaves ``exp_avg``,
+    ``exp_avg_sq`` and ``step`` exactly as they were (compared with copies taken before), also in
+    a fresh optimizer resumed from a (weights_only) checkpoint, whose moments equal the saved ones
+    bit for bit; the next good steps of both then agree bit for bit."""
+    Y, B, A = problem(1)
+    opt = ODELoRA([(B, A)], lr=0.05, method=method, preconditioner="adam")
+    closure = make_closure(opt, B, A, Y)
+    for _ in range(3):
+        opt.step(closure)
+    keys = ("exp_avg", "exp_avg_sq", "step")
+    before = [{k: opt.state[p][k].clone() for k in keys} for p in (B, A)]
+    assert all(int(st["step"]) == 3 for st in before)
+    buf = saved({"opt": opt.state_dict(), "B": B.detach(), "A": A.detach()})
+
+    def same_state(o, params):
+        return all(torch.equal(o.state[p][k], st[k]) for p, st in zip(params, before) for k in keys)
+
+    with pytest.warns(RuntimeWarning, match="skipped a step: the loss is nan"):
+        opt.step(lambda: closure() * float("nan"))
+    assert same_state(opt, (B, A)) and opt.stats["skipped"] == 1
+    ck = torch.load(buf, weights_only=True)
+    B2, A2 = ck["B"].clone().requires_grad_(), ck["A"].clone().requires_grad_()
+    opt2 = ODELoRA([(B2, A2)], lr=0.05, method=method, preconditioner="adam")
+    opt2.load_state_dict(ck["opt"])
+    assert same_state(opt2, (B2, A2))
+    closure2 = make_closure(opt2, B2, A2, Y)
+    with pytest.warns(RuntimeWarning, match="skipped a step: the loss is nan"):
+        opt2.step(lambda: closure2() * float("nan"))
+    assert same_state(opt2, (B2, A2))
+    for _ in range(2):
+        opt.step(closure)
+        opt2.step(closure2)
+    assert torch.equal(B2.detach(), B.detach()) and torch.equal(A2.detach(), A.detach())
+    assert all(torch.equal(opt.state[p][k], opt2.state[q][k]) for p, q in ((B, B2), (A, A2)) for k in keys)
 
 
 @pytest.mark.parametrize("method", ["heun", "rk4"])
@@ -398,6 +445,25 @@ def test_consecutive_failures_raise_naming_the_pair():
         opt.step(bad)
     with pytest.raises(StepFailure, match="layer.v.*3 skipped steps in a row.*Lower lr"):
         opt.step(bad)
+
+
+def test_a_good_step_resets_the_skip_count_and_a_resume_keeps_it():
+    """``max_skipped_steps`` counts skips *in a row*: with 3, bad, bad, good, bad, bad (bad: a NaN
+    loss) raises nothing, since the good step starts the count again. The count is part of the
+    state: a fresh optimizer loaded after those two skips fails at the next bad step."""
+    Y, B, A = problem(3)
+    opt = ODELoRA([(B, A)], lr=0.1, max_skipped_steps=3)
+    good = make_closure(opt, B, A, Y)
+    bad = make_closure(opt, B, A, Y * float("nan"))
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        for closure in (bad, bad, good, bad, bad):
+            opt.step(closure)
+    assert opt.stats["skipped"] == 4 and opt.stats["accepted"] == 1
+    sd = torch.load(saved(opt.state_dict()), weights_only=True)
+    opt2 = ODELoRA([(B, A)], lr=0.1, max_skipped_steps=3)
+    opt2.load_state_dict(sd)
+    with pytest.raises(StepFailure, match="3 skipped steps in a row"):
+        opt2.step(make_closure(opt2, B, A, Y * float("nan")))
 
 
 def test_nan_gradient_without_closure_is_skipped():
@@ -467,10 +533,10 @@ def test_euler_without_closure_uses_grad_and_multistage_needs_closure():
     X0 = (B @ A).detach().numpy()
     Bn, An = B.detach().numpy().copy(), A.detach().numpy().copy()
     opt.step()
-    # one Euler step is the truncated step X0 - h P(G): within O(h^2) of X0 - h P(G)
-    step = (B @ A).detach().numpy() - X0
-    P = projection_reference(G, Bn, An)
-    assert np.linalg.norm(step + 0.1 * P) < 0.1 * 0.1 * 10 * np.linalg.norm(P)
+    # one Euler step is the rank-2 truncation of X0 - h P(G) (numpy's SVDs for P and the truncation)
+    X_ref = dense_truncation(X0 - 0.1 * projection_reference(G, Bn, An), 2)
+    X1 = (B @ A).detach().numpy()
+    assert np.linalg.norm(X1 - X_ref) <= 1e-12 * np.linalg.norm(X_ref - X0), np.linalg.norm(X1 - X_ref)
     with pytest.raises(ValueError, match="closure"):
         ODELoRA([(B, A)], lr=0.1, method="rk4").step()
 
@@ -735,6 +801,32 @@ def test_a_step_that_leaves_the_product_at_zero_keeps_PEFTs_start(method, retrac
     assert torch.allclose(B1 @ A1, B2 @ A2, rtol=0, atol=1e-6) and l2 == pytest.approx(l1, rel=1e-5)
 
 
+@pytest.mark.parametrize("retraction", ["truncate", "split", "balance"])
+def test_a_zero_product_pair_stays_while_its_bucket_mate_moves(retraction):
+    """Two pairs of one shape share a bucket: (B0, A0) with a real loss and PEFT's start (0, A1)
+    whose loss term has zero gradient. After an Euler step the second pair keeps its A1 bit for bit
+    and B1 = 0 (its product stays zero, and (0, 0) is a state no flow leaves), while B0 A0 moves:
+    the per-pair choice within one bucket, not the all-or-nothing one."""
+    Y, B0, A0 = problem(35)
+    g = torch.Generator().manual_seed(35)
+    B1 = torch.zeros_like(B0, requires_grad=True)
+    A1 = torch.randn(A0.shape, generator=g, dtype=torch.float64).requires_grad_()
+    opt = ODELoRA([(B0, A0), (B1, A1)], lr=0.1, retraction=retraction)
+    assert len(opt.store.buckets) == 1
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((B0 @ A0 - Y) ** 2).sum() + 0 * (B1 @ A1).sum()
+        loss.backward()
+        return loss
+
+    X0, A1_before = (B0 @ A0).detach().clone(), A1.detach().clone()
+    opt.step(closure)
+    assert opt.last_step.accepted
+    assert torch.equal(A1.detach(), A1_before) and not B1.detach().any()
+    assert float((B0 @ A0 - X0).detach().norm()) > 1e-2 * float(X0.norm())
+
+
 @pytest.mark.parametrize("preconditioner", [None, "adam"])
 def test_lr_warm_up_from_zero_starts_training_at_B_zero(preconditioner):
     Y, B, A = peft_start(1)
@@ -889,6 +981,88 @@ def test_overflow_skip_leaves_adam_moments_and_half_precision_resume_is_exact():
         assert torch.equal(finals[0], finals[1])
 
 
+def test_an_overflowing_plain_half_precision_step_is_skipped_untouched():
+    """An rk4 step without preconditioner whose result exceeds float16's range: the stages run in
+    float32 and stay finite (the gradients here do not depend on the parameters, and the closure
+    returns no loss, so the float16 copies of the stages may overflow unseen), the new factors
+    (about sqrt(lr |G|) = 1e6 > 65504) do not. The step is skipped: B and A bit for bit as
+    before, one rejected non-finite try recorded; with ``on_nonfinite="raise"`` a NonFiniteError."""
+    g = torch.Generator().manual_seed(36)
+    GB, GA = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+    for on_nonfinite in ("warn", "raise"):
+        B = torch.randn(6, 2, generator=torch.Generator().manual_seed(37)).half().requires_grad_()
+        A = torch.randn(2, 5, generator=torch.Generator().manual_seed(38)).half().requires_grad_()
+        opt = ODELoRA([(B, A)], lr=1e12, method="rk4", on_nonfinite=on_nonfinite)
+
+        def closure():
+            opt.zero_grad()
+            ((GB * B.float()).sum() + (GA * A.float()).sum()).backward()
+
+        before = (B.detach().clone(), A.detach().clone())
+        if on_nonfinite == "warn":
+            with pytest.warns(RuntimeWarning, match="the step overflows the float16 parameters"):
+                opt.step(closure)
+        else:
+            with pytest.raises(NonFiniteError, match="overflows the float16"):
+                opt.step(closure)
+        assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
+        rec = opt.last_step
+        assert not rec.accepted and rec.nonfinite == 1 and rec.rejected == 1 and rec.nfe == 4
+        assert opt.stats["skipped"] == 1 and opt.param_groups[0]["t"] == 0.0
+
+
+def test_a_non_finite_value_on_another_rank_skips_the_step_here(monkeypatch):
+    """Two ranks simulated in one process: ``_ranks`` says 2 and ``all_reduce`` (through the
+    optimizer module's ``torch.distributed``) answers a MIN reduction of the finite-flag with 0,
+    as when another rank saw NaN. The step is skipped, saying so, with the parameters bit for bit
+    as before although every value here was finite."""
+    import odelora.optim
+
+    Y, B, A = problem(39)
+    opt = ODELoRA([(B, A)], lr=0.1, method="rk4")
+    ops = []
+
+    def all_reduce(t, op=None, **kwargs):
+        ops.append(op)
+        if op == odelora.optim.dist.ReduceOp.MIN:
+            t.zero_()
+
+    monkeypatch.setattr(opt, "_ranks", lambda: 2)
+    monkeypatch.setattr(odelora.optim.dist, "all_reduce", all_reduce)
+    before = (B.detach().clone(), A.detach().clone())
+    with pytest.warns(RuntimeWarning, match="skipped a step: a non-finite loss or gradient on another rank"):
+        opt.step(make_closure(opt, B, A, Y))
+    assert ops == [odelora.optim.dist.ReduceOp.MIN]
+    assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
+    assert opt.stats["skipped"] == 1 and opt.last_step.nonfinite == 1
+
+
+def test_adaptive_steps_take_the_largest_error_of_all_ranks(monkeypatch):
+    """A dopri5 step accepted at once alone (checked first) is rejected when the MAX reduction of
+    the error ratios (another rank's errors 1e3 times larger, simulated as above) says so: every
+    rank must take the same step-size decision. The MIN reduction of the finite-flag passes."""
+    import odelora.optim
+
+    Y, B, A = problem(40)
+    B1, A1 = B.detach().clone().requires_grad_(), A.detach().clone().requires_grad_()
+    alone = ODELoRA([(B1, A1)], lr=0.05, method="dopri5")
+    alone.step(make_closure(alone, B1, A1, Y))
+    assert alone.last_step.accepted and alone.last_step.rejected == 0
+    opt = ODELoRA([(B, A)], lr=0.05, method="dopri5")
+    ops = []
+
+    def all_reduce(t, op=None, **kwargs):
+        ops.append(op)
+        if op == odelora.optim.dist.ReduceOp.MAX:
+            t.mul_(1e3)
+
+    monkeypatch.setattr(opt, "_ranks", lambda: 2)
+    monkeypatch.setattr(odelora.optim.dist, "all_reduce", all_reduce)
+    opt.step(make_closure(opt, B, A, Y))
+    assert opt.last_step.accepted and opt.last_step.rejected >= 1, opt.last_step
+    assert opt.last_step.h < alone.last_step.h and odelora.optim.dist.ReduceOp.MAX in ops
+
+
 def test_a_state_dict_of_another_rank_is_refused():
     Y, B, A = problem(25)
     opt = ODELoRA([(B, A)], lr=0.05)
@@ -984,6 +1158,69 @@ def test_companion_steps_like_torch_adamw_with_the_options_given(kwargs):
         opt.step()
         twin.step()
     torch.testing.assert_close(W.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def companion_problem(seed=41):
+    """A head W next to a LoRA pair, both feeding one output: loss = 0.5 |W X + s B A X - Yt|^2,
+    so W's gradient ``(W X + s B A X - Yt) X.T`` depends on the pair (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(9, 16, generator=g, dtype=torch.float64)
+    Yt = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    W = (0.1 * torch.randn(12, 9, generator=g, dtype=torch.float64)).requires_grad_()
+    _, B, A = problem(seed)
+    return X, Yt, W, B, A
+
+
+def companion_closure(opt, X, Yt, W, B, A, s, k=1.0):
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * k * ((W @ X + s * B @ A @ X - Yt) ** 2).sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_companion_gradients_come_from_the_first_stage():
+    """With rk4 the closure runs at four points per step; the companion must step from the
+    gradient at the step's start. Reference: torch's single-tensor AdamW (same options, float64)
+    stepped on ``(W X + s B A X - Yt) X.T`` computed by hand from the parameters before each step."""
+    X, Yt, W, B, A = companion_problem()
+    s, lr = 1.5, 0.05
+    opt = ODELoRA([(B, A, s)], lr=lr, method="rk4", companion=[W], companion_lr=0.01,
+                  companion_kwargs={"weight_decay": 0.1, "betas": (0.8, 0.95)})
+    W_ref = W.detach().clone().requires_grad_()
+    twin = torch.optim.AdamW([W_ref], lr=0.01, weight_decay=0.1, betas=(0.8, 0.95), foreach=False)
+    closure = companion_closure(opt, X, Yt, W, B, A, s)
+    for _ in range(2):
+        P = s * B.detach() @ A.detach()
+        W_ref.grad = (W_ref.detach() @ X + P @ X - Yt) @ X.T
+        twin.step()
+        opt.step(closure)
+        assert opt.last_step.accepted and opt.last_step.nfe == 4
+    torch.testing.assert_close(W.detach(), W_ref.detach(), rtol=0, atol=1e-12)
+    assert float((W_ref.detach() - companion_problem()[2].detach()).abs().max()) > 1e-3  # it moved
+
+
+def test_companion_skips_with_the_step_and_steps_once_per_accepted_step():
+    """A step skipped for a NaN loss leaves W bit for bit (and the companion AdamW unstepped); an
+    adaptive bs32 run with rejected tries steps the companion once per accepted step, not per try
+    (its AdamW ``step`` count equals the accepted steps)."""
+    X, Yt, W, B, A = companion_problem()
+    s = 1.5
+    opt = ODELoRA([(B, A, s)], lr=0.05, method="rk4", companion=[W], companion_lr=0.01)
+    opt.step(companion_closure(opt, X, Yt, W, B, A, s))
+    W_before = W.detach().clone()
+    with pytest.warns(RuntimeWarning, match="skipped a step: the loss is nan"):
+        opt.step(companion_closure(opt, X, Yt, W, B, A, s, k=float("nan")))
+    assert torch.equal(W.detach(), W_before) and int(opt._companion.state[W]["step"]) == 1
+    X, Yt, W, B, A = companion_problem()
+    opt = ODELoRA([(B, A, s)], lr=2.0, method="bs32", rtol=1e-6, atol=1e-9, companion=[W], companion_lr=0.01)
+    closure = companion_closure(opt, X, Yt, W, B, A, s)
+    for _ in range(4):
+        opt.step(closure)
+    assert opt.stats["rejected"] >= 2 and opt.stats["accepted"] == 4 and opt.stats["skipped"] == 0, opt.stats
+    assert int(opt._companion.state[W]["step"]) == 4
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
