@@ -20,15 +20,22 @@ def state(B, A, s=1.0):
     return [Factors(torch.as_tensor(B)[None], torch.as_tensor(A)[None], torch.tensor([s], dtype=torch.as_tensor(B).dtype))]
 
 
-def field_for(grad, flow="balanced"):
-    """Velocities of `flow` for the loss whose gradient in W is grad(X), X = s B A."""
+def field_for(grad, flow="balanced", param_dtype=None):
+    """Velocities of `flow` for the loss whose gradient in W is grad(X), X = s B A. With
+    ``param_dtype`` (half precision) the gradient is taken as the optimizer takes it for such
+    parameters: at the factors rounded to that dtype, and rounded to it (``.grad`` has the
+    parameters' dtype); the flow then works in the state's precision (float32)."""
+
+    def rounded(t):
+        return t if param_dtype is None else t.to(param_dtype).to(t.dtype)
 
     def f(y):
         out = []
         for x in y:
-            X = x.scale[:, None, None] * x.B @ x.A
+            Bp, Ap = rounded(x.B), rounded(x.A)
+            X = x.scale[:, None, None] * Bp @ Ap
             G = grad(X)
-            gB, gA = x.scale[:, None, None] * G @ x.A.mT, x.scale[:, None, None] * x.B.mT @ G
+            gB, gA = rounded(x.scale[:, None, None] * G @ Ap.mT), rounded(x.scale[:, None, None] * Bp.mT @ G)
             kw = {"frame": x.ensure_frame()} if flows.get_flow(flow).uses_frame else {}
             out.append(flows.get_flow(flow)(x.B, x.A, gB, gA, scale=x.scale, **kw))
         return out
@@ -144,29 +151,52 @@ def test_projected_adaptive_pairs_meet_their_tolerance(method, retraction, rng):
     assert errs[0] < 100 * 1e-4 and errs[1] < 100 * 1e-7 and errs[1] < errs[0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
-def test_a_step_moves_the_product_by_at_most_2h_G_near_rank_deficiency(method, dtype, rng):
+@pytest.mark.parametrize("flow", ["balanced", "scaled"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("method", ["euler", "rk4", "bs32", "dopri5"])
+def test_a_step_moves_the_product_by_at_most_2h_G_near_rank_deficiency(method, dtype, flow, rng):
     """Factors with singular values down to 1e-14 and a rank-1 gradient (a batch of one): with the
-    truncation retraction |X1 - X0| <= 2 h sum_j |b_j| |G_j| whatever the singular values; the
-    factor-space step of the same flow overshoots by orders of magnitude (the h^2 dB dA term)."""
+    truncation retraction |X1 - X0| <= 2 h sum_j |b_j| |V_j| whatever the singular values, V_j the
+    product velocity of stage j; the factor-space step of the same flow overshoots by orders of
+    magnitude (the h^2 dB dA term), or overflows (float16, Dormand-Prince).
+
+    The bound is the retraction's (the truncation is the nearest rank-r matrix; the splitting keeps
+    X0's row space), so it holds for any flow, with the flow's own bound on V: |P(G)| <= |G| for the
+    balanced flow, |PU G + G PV| <= 2 |G| for the scaled one (it counts PU G PV twice; damped
+    projectors only shrink it). Half precision: factors rounded to float16/bfloat16 (in float16 the
+    1e-14 direction underflows to zero), gradients taken at rounded factors and rounded, as the
+    optimizer takes them (see ``field_for``); slack 1.3 as in the optimizer's rank-1 test, for the
+    rounded gradients, whose rounding the damped inverses may magnify along small directions.
+    Measured: at most 0.46 of the bound for every case."""
+    from odelora.integrators import NonFiniteError
+
     m, n, r, h = 20, 16, 4, 0.5
     U = np.linalg.qr(rng.standard_normal((m, r)))[0]
     V = np.linalg.qr(rng.standard_normal((n, r)))[0]
     sv = np.array([1.0, 1e-3, 1e-8, 1e-14])
     B, A = U * np.sqrt(sv), (V * np.sqrt(sv)).T
     g = rng.standard_normal(m)[:, None] * rng.standard_normal(n)[None, :]  # rank-1 gradient
-    Gt = torch.from_numpy(g).to(dtype)
-    y0 = state(torch.from_numpy(B).to(dtype), torch.from_numpy(A).to(dtype))
+    half = dtype in (torch.float16, torch.bfloat16)
+    work = torch.float32 if half else dtype  # the optimizer's compute precision
+    Bt, At, Gt = (torch.from_numpy(x).to(dtype).to(work) for x in (B, A, g))
+    X0 = (Bt.double() @ At.double()).numpy()  # the start the step really leaves from (rounded in half precision)
+    y0 = state(Bt, At)
     tab = get_tableau(method)
-    bound = 2 * h * sum(abs(b) for b in tab.b) * np.linalg.norm(g)
+    vmax = {"balanced": 1.0, "scaled": 2.0}[flow]
+    bound = 2 * h * sum(abs(b) for b in tab.b) * vmax * float(Gt.double().norm())
+    slack = 1.3 if half else 1 + 1e-5
     moves = {}
     for name in ("truncate", "split", "none"):
-        y1, _ = rk_step(field_for(lambda X: Gt), y0, [h], tab, get_retraction(name))
+        try:
+            y1, _ = rk_step(field_for(lambda X: Gt, flow, dtype if half else None), y0, [h], tab, get_retraction(name))
+        except NonFiniteError:  # a stage overflowed: only the factor-space step may
+            assert name == "none"
+            moves[name] = np.inf
+            continue
         X1 = (y1[0].B[0].double() @ y1[0].A[0].double()).numpy()
-        moves[name] = np.linalg.norm(X1 - B @ A)
-    assert moves["truncate"] <= bound * (1 + 1e-5)
-    assert moves["split"] <= bound * (1 + 1e-5)
+        moves[name] = np.linalg.norm(X1 - X0)
+    assert moves["truncate"] <= bound * slack, moves["truncate"] / bound
+    assert moves["split"] <= bound * slack, moves["split"] / bound
     assert not np.isfinite(moves["none"]) or moves["none"] > 100 * bound
 
 
@@ -230,6 +260,120 @@ def test_steps_from_a_product_of_rank_below_r_do_not_depend_on_rounding(rng, met
     dX = float((X - Xp).norm() / X.norm())
     dF = max(float((B - Bp).norm() / B.norm()), float((A - Ap).norm() / A.norm()))
     assert dX < 1e-9 and dF < 1e-9, (dX, dF)
+
+
+def _rank_3_then_full_rank(rng, m, n, r):
+    """The rounding test's start and gradients at other sizes, in float64: A0, then a rank-3
+    gradient and three full-rank ones."""
+    A0 = torch.from_numpy(rng.standard_normal((r, n)) / n**0.5)
+    Gs = [torch.from_numpy(rng.standard_normal((m, 3)) @ rng.standard_normal((3, n)) * 1e-2)]
+    Gs += [torch.from_numpy(rng.standard_normal((m, n)) * 1e-3)] * 3
+    return A0, Gs
+
+
+def _steps_from_B_zero(A0, Gs, dtype, method, split=False, retraction="truncate"):
+    """The rounding test's run in ``dtype``: from (0, A0), one step per gradient of the loss
+    ``<G, X> + |X|^2 / 2`` (X = s B A), summed in two parts if ``split``. The factors after it."""
+    from odelora import ODELoRA
+
+    s, m, r = 2.0, Gs[0].shape[0], A0.shape[0]
+    B = torch.zeros(m, r, dtype=dtype, requires_grad=True)
+    A = A0.to(dtype).requires_grad_()
+    opt = ODELoRA([(B, A, s)], lr=0.1, method=method, retraction=retraction)
+    for G in Gs:
+        G = G.to(dtype)
+        parts = [G * 0.3, G - G * 0.3] if split else [G]
+
+        def closure():
+            opt.zero_grad()
+            X = s * B @ A
+            loss = sum((P * X).sum() for P in parts) + 0.5 * X.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return B.detach().double(), A.detach().double()
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_wide_float32_steps_from_a_product_of_rank_below_r_do_not_depend_on_rounding(method, rng):
+    """The test above at a width users have: 1024 x 1024, r = 8, float32, truncation. A rank-3
+    gradient from B = 0, then three full-rank ones; the loss whole or summed in two parts.
+
+    What rounding justifies here is what the problem does to a rounding-level change, which the
+    same runs in float64 measure: products 31 eps64 apart after four steps (Euler) and 438 eps64
+    (RK4, whose stages take the new directions while their singular values are tiny and
+    ill-separated), factors 72 eps64 (Euler). Float32 at the same amplification: 3.7e-6 and 5.2e-5
+    for the products, 8.6e-6 for Euler's factors; measured 3.8e-6 and 1.6e-4, and 2.1e-5. Bounds:
+    4e-5 and 5e-4 (products), 2e-4 (Euler's factors). RK4's factors are not bounded here: whether
+    they agree depends on a sign that rounding chooses (a canonical sign that a near tie lets
+    rounding flip, docs/robustness.md; measured 0.156 apart with two threads, 1.1e-3 with one). Dropping rounding-level values on float64's scale
+    instead of float32's leaves RK4's products 3e-2 apart."""
+    A0, Gs = _rank_3_then_full_rank(rng, 1024, 1024, 8)
+    (B, A), (Bp, Ap) = (_steps_from_B_zero(A0, Gs, torch.float32, method, split=split) for split in (False, True))
+    X, Xp = B @ A, Bp @ Ap
+    dX = float((X - Xp).norm() / X.norm())
+    dF = max(float((B - Bp).norm() / B.norm()), float((A - Ap).norm() / A.norm()))
+    assert dX < {"euler": 4e-5, "rk4": 5e-4}[method], dX
+    if method == "euler":
+        assert dF < 2e-4, dF
+
+
+@pytest.mark.xfail(strict=True, reason="limitation: in float32, RK4's second stage from a product of rank below r takes "
+                   "the product's new second-order singular values (4e-6 of the largest, 37 eps) for rounding (drop_rounding's "
+                   "tau = eps^(3/4) = 6.4e-6) and damps what is left (eps * max^2): products 1.1e-2 from float64's after 4 steps")
+def test_float32_rk4_from_a_product_of_rank_below_r_follows_float64_at_a_wide_layer(rng):
+    """The wide rounding test's whole-loss run (1024 x 1024, r = 8: a rank-3 gradient from B = 0,
+    then three full-rank ones) in float32 and in float64: the products must agree to what float32
+    rounding explains, which the float64 run's own sensitivity to a rounding-level change puts at
+    438 eps after four steps (5.2e-5 in float32); bound 1e-3, 20 times that. Euler's are
+    1.8e-5 apart. RK4's are 2.2e-3 apart after the second step and 1.1e-2 after the fourth: at its
+    second stage (``X0 + h/2 k1`` from the rank-3 product) three new singular values are real but
+    small, 4.4e-6, 4.0e-6 and 3.9e-6 of the largest (second order in h); float32 maps them to
+    4.1e-7, 2.3e-7, 1.8e-7 as new directions below ``tau = eps^(3/4)`` max, and its damping
+    ``eps * max^2`` then weighs them 0.77, 0.66, 0.60 in the projection, so k2 moves along them
+    25-40% less than float64 does, and the third stage's new singular values come out 1.57e-3
+    instead of 2.05e-3. The float64 run with float32's tau and damping agrees with float32 to
+    6e-5 (with either alone it does not)."""
+    A0, Gs = _rank_3_then_full_rank(rng, 1024, 1024, 8)
+    B32, A32 = _steps_from_B_zero(A0, Gs, torch.float32, "rk4")
+    B64, A64 = _steps_from_B_zero(A0, Gs, torch.float64, "rk4")
+    X32, X64 = B32 @ A32, B64 @ A64
+    err = float((X32 - X64).norm() / X64.norm())
+    assert err < 1e-3, err
+
+
+@pytest.mark.parametrize("rank", [512, 1], ids=["full-rank", "rank-1"])
+def test_a_wide_float32_euler_step_from_B_zero_is_the_dense_truncation(rank, rng):
+    """One Euler step of the optimizer from PEFT's start at a layer of 2048 x 512, r = 8, float32,
+    for a full-rank gradient and a rank-1 one (a batch of one): the product must be the rank-r
+    truncation of ``X0 - h P(G)`` computed densely in float64 from the same float32 inputs, with
+    ``P(G) = G PV`` at B = 0 (B's column space is empty; PV from numpy's SVD of A). Float32 forms
+    ``G A.T`` with sums of n = 512 terms, whose rounding is about ``sqrt(n) u = 1.4e-6`` relative
+    (measured 9.3e-7 and 6.8e-7); bound 1e-5. A damping of ``sqrt(eps)`` instead of ``eps`` moves
+    the step by 4.7e-4."""
+    from odelora import ODELoRA
+
+    m, n, r, s, h = 2048, 512, 8, 2.0, 0.1
+    A0 = (rng.standard_normal((r, n)) / n**0.5).astype(np.float32)
+    G = (rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n)) / rank**0.5).astype(np.float32)
+    B = torch.zeros(m, r, requires_grad=True)
+    A = torch.from_numpy(A0.copy()).requires_grad_()
+    opt = ODELoRA([(B, A, s)], lr=h)
+    Gt = torch.from_numpy(G)
+
+    def closure():
+        opt.zero_grad()
+        loss = (Gt * (s * B @ A)).sum()  # dL/dW = G
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    X1 = s * (B.detach().double() @ A.detach().double()).numpy()
+    V = np.linalg.svd(A0.astype(np.float64).T, full_matrices=False)[0]
+    expected = dense_truncation(-h * G.astype(np.float64) @ V @ V.T, r)
+    err = np.linalg.norm(X1 - expected) / np.linalg.norm(expected)
+    assert err < 1e-5, err
 
 
 def test_balanced_factors_do_not_depend_on_the_signs_of_singular_vectors(rng):
