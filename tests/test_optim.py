@@ -564,7 +564,7 @@ def test_closure_returning_none_is_allowed():
     l0 = float(0.5 * ((B @ A - Y) ** 2).sum().detach())
     for _ in range(20):
         assert opt.step(closure) is None
-    assert float(0.5 * ((B @ A - Y) ** 2).sum()) < 1e-3 * l0 and opt.last_step.loss is None
+    assert float(0.5 * ((B @ A - Y) ** 2).sum().detach()) < 1e-3 * l0 and opt.last_step.loss is None
 
 
 def test_load_state_dict_validates_with_clear_errors():
