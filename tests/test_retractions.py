@@ -231,31 +231,8 @@ def test_steps_from_a_product_of_rank_below_r_do_not_depend_on_rounding(rng, met
     (every method: the directions the gradient adds were aligned by the signs rounding gave them).
     The splitting retraction kept what the stepped product does along the start's rounding-chosen
     row directions (RK4: products 8e-2 apart) until such steps took the truncation."""
-    from odelora import ODELoRA
-
-    m, n, r, s = 32, 24, 6, 2.0
-    A0 = torch.from_numpy(rng.standard_normal((r, n)) / n**0.5)
-    Gs = [torch.from_numpy(rng.standard_normal((m, 3)) @ rng.standard_normal((3, n)) * 1e-2)]
-    Gs += [torch.from_numpy(rng.standard_normal((m, n)) * 1e-3)] * 3
-
-    def run(split):
-        B = torch.zeros(m, r, dtype=torch.float64, requires_grad=True)
-        A = A0.clone().requires_grad_()
-        opt = ODELoRA([(B, A, s)], lr=0.1, method=method, retraction=retraction)
-        for G in Gs:
-            parts = [G * 0.3, G - G * 0.3] if split else [G]
-
-            def closure():
-                opt.zero_grad()
-                X = s * B @ A
-                loss = sum((P * X).sum() for P in parts) + 0.5 * X.square().sum()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-        return B.detach().clone(), A.detach().clone()
-
-    (B, A), (Bp, Ap) = run(False), run(True)
+    A0, Gs = _rank_3_then_full_rank(rng, 32, 24, 6)
+    (B, A), (Bp, Ap) = (_steps_from_B_zero(A0, Gs, torch.float64, method, split=split, retraction=retraction) for split in (False, True))
     X, Xp = B @ A, Bp @ Ap
     dX = float((X - Xp).norm() / X.norm())
     dF = max(float((B - Bp).norm() / B.norm()), float((A - Ap).norm() / A.norm()))
@@ -278,7 +255,7 @@ def _steps_from_B_zero(A0, Gs, dtype, method, split=False, retraction="truncate"
 
     s, m, r = 2.0, Gs[0].shape[0], A0.shape[0]
     B = torch.zeros(m, r, dtype=dtype, requires_grad=True)
-    A = A0.to(dtype).requires_grad_()
+    A = A0.to(dtype, copy=True).requires_grad_()
     opt = ODELoRA([(B, A, s)], lr=0.1, method=method, retraction=retraction)
     for G in Gs:
         G = G.to(dtype)
