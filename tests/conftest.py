@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from odelora import flows
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -53,6 +55,42 @@ def damped_projection_reference(G: np.ndarray, B: np.ndarray, A: np.ndarray, dam
 
     PU, PV = proj(B), proj(A.T)
     return PU @ G + G @ PV - PU @ G @ PV
+
+
+def field_for(grad, flow="balanced", param_dtype=None):
+    """Velocities of `flow` for the loss whose gradient in W is grad(X), X = s B A. With
+    ``param_dtype`` (half precision) the gradient is taken as the optimizer takes it for such
+    parameters: at the factors rounded to that dtype, and rounded to it (``.grad`` has the
+    parameters' dtype); the flow then works in the state's precision (float32)."""
+
+    def rounded(t):
+        return t if param_dtype is None else t.to(param_dtype).to(t.dtype)
+
+    def f(y):
+        out = []
+        for x in y:
+            Bp, Ap = rounded(x.B), rounded(x.A)
+            X = x.scale[:, None, None] * Bp @ Ap
+            G = grad(X)
+            gB, gA = rounded(x.scale[:, None, None] * G @ Ap.mT), rounded(x.scale[:, None, None] * Bp.mT @ G)
+            kw = {"frame": x.ensure_frame()} if flows.get_flow(flow).uses_frame else {}
+            out.append(flows.get_flow(flow)(x.B, x.A, gB, gA, scale=x.scale, **kw))
+        return out
+
+    return f
+
+
+def dense_truncation(Y, r):
+    """The best rank-r approximation of Y (numpy's SVD)."""
+    u, s, vt = np.linalg.svd(Y, full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vt[:r]
+
+
+def dense_split(Y, A0):
+    """P_U1 Y with U1 an orthonormal basis of Y V0, V0 the row space of A0 (numpy)."""
+    V0 = np.linalg.qr(A0.T)[0]
+    U1 = np.linalg.qr(Y @ V0)[0]
+    return U1 @ (U1.T @ Y)
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ from odelora import balance
 from odelora.integrators import get_tableau, rk_step
 from odelora.retractions import Factors, get_retraction
 
-from conftest import projection_reference
-from test_retractions import dense_split, dense_truncation, field_for
+from conftest import dense_split, dense_truncation, field_for, projection_reference
 
 DEVICES = ["cpu", "cpu-cholesky-qr", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
