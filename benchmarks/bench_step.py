@@ -25,8 +25,11 @@ random weights: the step's cost does not depend on the values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -101,6 +104,25 @@ def floor(opt: ODELoRA, device, companion: bool = False):
     return once
 
 
+@contextlib.contextmanager
+def profiler_quiet():
+    """The profiler's C++ side writes a line to the process's stderr at each start and stop;
+    silence file descriptor 2 meanwhile (Python's exceptions still print, after it)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
@@ -114,7 +136,7 @@ def step_counts(opt, prepare, device, steps: int = 3) -> dict:
     for _ in range(steps):
         prepare()
         sync(device)
-        with profile(activities=acts) as prof:
+        with profiler_quiet(), profile(activities=acts) as prof:
             opt.step()
         events = prof.events()
         spans = [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith("Optimizer.step#")]
@@ -148,7 +170,7 @@ def peak_step_bytes(step, prepare, device) -> int:
         return torch.cuda.max_memory_allocated() - before
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profiler_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         prepare()
         step()
         prepare()
@@ -193,6 +215,7 @@ def model_benchmark(targets: str, label: str, repeats: int, device, pretrained: 
     from odelora.lab.tasks import minilm_classifier
     from odelora.integrations.peft import create_odelora_optimizer
 
+    progress(f"timing {label}: {repeats} alternating training steps of each optimizer ...")
     models, opts = {}, {}
     for name in ("odelora", "split", "adamw"):
         m = minilm_classifier(8, 16.0, 0, targets=targets, pretrained=pretrained).to(device)
@@ -223,6 +246,7 @@ def model_benchmark(targets: str, label: str, repeats: int, device, pretrained: 
 
 
 def growth_benchmark(width: int, rank: int, repeats: int, device, pairs: int = 12) -> dict:
+    progress(f"timing growth: width {width}, rank {rank} ...")
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(device)
     sets = {}

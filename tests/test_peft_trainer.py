@@ -234,7 +234,8 @@ def test_trainer_trains_with_odelora_and_logs_statistics(method, stages, tmp_pat
 
     assert all(float(imbalance(p.B.detach(), p.A.detach())) < 1e-5 for p in lora_pairs(model))  # rebalanced
     assert logs[-1]["loss"] < logs[0]["loss"]
-    assert trainer.optimizer is not None and trainer.optimizer.optimizer.stats["nfe"] == 12 * stages
+    assert trainer.odelora is trainer.optimizer.optimizer and trainer.odelora.stats["nfe"] == 12 * stages
+    assert logs[-1]["odelora_nfe_total"] == 12 * stages and trainer.odelora.last_step.nfe == stages
 
 
 def test_trainer_stages_share_dropout_masks_and_take_a_given_optimizer(tmp_path):

@@ -92,13 +92,20 @@ class ODELoRATrainer(Trainer):
         super().__init__(*args, callbacks=callbacks, **kwargs)
         from ..integrators import get_tableau
 
-        given = _unwrap(self.optimizer)  # optimizers=(ODELoRA(...), scheduler)
+        given = self.odelora  # optimizers=(ODELoRA(...), scheduler)
         stages = given.tableau.stages if given is not None else get_tableau(self.odelora_kwargs.get("method", "euler")).stages
         if stages > 1 and self.args.gradient_accumulation_steps > 1:
             raise ValueError(
                 "multi-stage ODELoRA methods re-evaluate the loss on the step's batch; use "
                 "gradient_accumulation_steps=1 (raise the batch size instead) or method='euler'"
             )
+
+    @property
+    def odelora(self) -> ODELoRA | None:
+        """The ODELoRA optimizer (``last_step``, ``stats``), which ``self.optimizer`` wraps once
+        the Trainer has prepared it (accelerate's ``AcceleratedOptimizer``); None before
+        ``create_optimizer``."""
+        return _unwrap(self.optimizer)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -107,7 +114,7 @@ class ODELoRATrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         prepared = self._prepare_inputs(inputs)
-        opt = _unwrap(self.optimizer)
+        opt = self.odelora
         multi = opt is not None and opt.tableau.stages > 1
         rng = _rng_state() if multi else None  # where the first stage's forward starts
         loss = super().training_step(model, prepared, num_items_in_batch)
