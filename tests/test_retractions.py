@@ -10,7 +10,7 @@ from scipy.linalg import orthogonal_procrustes
 
 from odelora import NonFiniteError, ODELoRA
 from odelora.geometry import balance, balanced_factors
-from odelora.integrators import Stage, get_tableau, integrate, rk_step
+from odelora.integrators import get_tableau, integrate, rk_step
 from odelora.retractions import Factors, get_retraction
 
 from conftest import dense_split, dense_truncation, field_for, projection_reference
