@@ -843,6 +843,75 @@ def test_adam_preconditioner_trains_resumes_and_keeps_its_coordinates():
     assert torch.equal(B2.detach(), B.detach()) and torch.equal(A2.detach(), A.detach())
 
 
+@pytest.mark.parametrize("method", ["heun", "rk4"])
+@pytest.mark.parametrize("retraction,preconditioner", [(None, "adam"), ("split", "adam"), ("none", None), ("balance", None)])
+def test_resume_is_exact_where_committed_factors_are_not_row_major(retraction, preconditioner, method):
+    """These steps leave factors laid out column-major (products computed as ``(b.T a.T).T``),
+    while a resumed run reads them from the parameters; products round by layout. From PEFT's
+    start with a rank-1 gradient (a batch of one) at r = 16, the resumed run must still continue
+    bit for bit."""
+    def make():
+        g = torch.Generator().manual_seed(0)
+        B = torch.zeros(30, 16, dtype=torch.float64, requires_grad=True)
+        A = (torch.randn(16, 20, generator=g, dtype=torch.float64) / 20**0.5).requires_grad_()
+        x = torch.randn(30, generator=g, dtype=torch.float64)
+        return B, A, x / x.norm(), torch.randn(20, generator=g, dtype=torch.float64)
+
+    def run(B, A, x, y, sd=None, steps=3):
+        opt = ODELoRA([(B, A)], lr=1e-2 if preconditioner else 0.1, method=method, retraction=retraction, preconditioner=preconditioner)
+        if sd is not None:
+            opt.load_state_dict(sd)
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * ((x @ (B @ A) - y) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(steps):
+            opt.step(closure)
+        return opt
+
+    B, A, x, y = make()
+    opt = run(B, A, x, y)
+    sd = torch.load(saved(opt.state_dict()), weights_only=True)
+    mid = B.detach().clone(), A.detach().clone()
+    for _ in range(3):
+        opt.step(lambda: (opt.zero_grad(), (0.5 * ((x @ (B @ A) - y) ** 2).sum()).backward())[0])
+    B2, A2, _, _ = make()
+    with torch.no_grad():
+        B2.copy_(mid[0]), A2.copy_(mid[1])
+    run(B2, A2, x, y, sd)
+    assert torch.equal(B2.detach(), B.detach()) and torch.equal(A2.detach(), A.detach())
+
+
+@pytest.mark.parametrize("m,n", [(20, 4), (4, 20)])
+@pytest.mark.parametrize("method,ratio", [("euler", 0.5), ("rk4", 1 - 0.5 + 0.5**2 / 2 - 0.5**3 / 6 + 0.5**4 / 24)])
+def test_rank_above_the_layer_from_B_zero_follows_the_closed_form(m, n, method, ratio):
+    """r = 6 > min(m, n) from PEFT's start, the target a rank-3 change D with its rows in A's row
+    space (the first step moves X = BA by ``-h G PV``). On ``0.5 |X - D|^2`` the projected flow
+    then moves X along ``D - X`` (D's spaces hold every stage), so each step of size h = 0.5
+    multiplies ``|X - D|`` by the method's stability function at -0.5: 1/2 for Euler,
+    ``1 - z + z^2/2 - z^3/6 + z^4/24`` (z = 0.5) for RK4. The scaled flow with an adaptive
+    method, on a target with rows anywhere, must run and converge too."""
+    g = torch.Generator().manual_seed(0)
+    for flow, meth in (("balanced", method), ("scaled", "dopri5")):
+        B = torch.zeros(m, 6, dtype=torch.float64, requires_grad=True)
+        A = (torch.randn(6, n, generator=g, dtype=torch.float64) / n**0.5).requires_grad_()
+        rows = A.detach()[:3] if flow == "balanced" else torch.randn(3, n, generator=g, dtype=torch.float64)
+        D = torch.randn(m, 3, generator=g, dtype=torch.float64) @ rows
+        opt = ODELoRA([(B, A)], lr=0.5, method=meth, flow=flow)
+        closure = make_closure(opt, B, A, D)
+        errs = []
+        for _ in range(5 if flow == "balanced" else 30):  # dopri5's first steps from B = 0 are short
+            opt.step(closure)
+            errs.append(float(torch.linalg.matrix_norm(B.detach() @ A.detach() - D) / torch.linalg.matrix_norm(D)))
+        if flow == "balanced":
+            np.testing.assert_allclose(errs, [ratio ** (k + 1) for k in range(5)], rtol=1e-9)
+        else:
+            assert errs[-1] < 1e-6
+
+
 def peft_start(seed=0, m=10, n=8, r=2):
     g = torch.Generator().manual_seed(seed)
     Y = torch.randn(m, n, generator=g)

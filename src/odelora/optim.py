@@ -398,7 +398,7 @@ class ODELoRA(torch.optim.Optimizer):
         return None
 
     def _commit(self, move: Move, fld: _Field, res: Attempt) -> None:
-        store, y = self.store, move.y
+        store, y = self.store, [x.contiguous() for x in move.y]
         store.unpack(y)
         self._last = (store.versions(), y, True)
         for p, entries in move.state.items():

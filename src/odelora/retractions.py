@@ -64,6 +64,12 @@ class Factors:
     def rank(self) -> int:
         return self.B.shape[-1]
 
+    def contiguous(self) -> "Factors":
+        """The same factors laid out as they are read from the parameters (row-major stacks). A
+        product's rounding depends on its operands' layout, and a resumed run reads its factors
+        from the parameters: committing this layout makes it compute what the saved run would."""
+        return Factors(self.B.contiguous(), self.A.contiguous(), self.scale, self.frame)
+
 
 def _factor_ratios(y0, y1, h, coeffs, stages, atol, rtol) -> Tensor:
     """Per pair: root mean square over the pair's factor entries of the error against
@@ -174,7 +180,7 @@ def _carried(fr: Frame, UtUB: Tensor, VtUA: Tensor) -> Tensor:
         S0, WL, WR = fr.sB * fr.sB, UtUB, VtUA
     else:  # X0 / s = UB core UA.T: its singular vectors in the frame's bases
         core = fr.core()
-        W0, S0, Z0h = torch.linalg.svd(core)
+        W0, S0, Z0h = torch.linalg.svd(core, full_matrices=False)  # core is k x k' (k != k' where r > min(m, n))
         WL, WR = UtUB @ W0, VtUA @ Z0h.mT
     real = (S0 > torch.finfo(S0.dtype).eps * S0.amax(-1, keepdim=True)).to(S0.dtype).unsqueeze(-2)
     return (WL.square() * real).sum(-1) * (WR.square() * real).sum(-1)
