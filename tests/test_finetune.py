@@ -48,6 +48,10 @@ def test_finetune_shortcut_runs_the_lab_experiment_and_either_command_resumes(tm
     assert cli(["run", "finetune", "--quick", *sets, "--out", out, "--no-progress"]) == 0  # the same experiment and config
     assert (tmp_path / "ft" / "report.md").exists()
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ft" / "results.csv"), df)
+    for f in (tmp_path / "ft" / "cases").glob("*adamw*.csv"):  # a partial run: AdamW's case not finished
+        f.unlink()
+    assert cli(["report", out]) == 0
+    assert "ODELoRA against AdamW | reported | not compared: AdamW is not among the methods run" in (tmp_path / "ft" / "report.md").read_text()
 
 
 def test_finetune_flags_are_config_keys(capsys, tmp_path):

@@ -12,7 +12,7 @@ from odelora.lab import registry
 from odelora.lab.cli import main as cli
 from odelora.lab.registry import get_experiment
 from odelora.lab.report import build_report
-from odelora.lab.runner import load_config, run_experiment
+from odelora.lab.runner import case_id, damaged_cases, folder_lock, load_config, pending_cases, run_experiment
 
 TINY = {
     "matrix-sensing": dict(
@@ -249,6 +249,85 @@ def test_interrupted_and_damaged_folders_report_what_they_hold(tmp_path, capsys)
     (root / exp.name / "config.yaml").write_text("experiment: feature-learning\nconfig: {bogus: 1}\n")
     with pytest.raises(SystemExit, match="config.yaml is damaged .*bogus"):
         cli(["report", str(root / exp.name)])
+
+
+def test_a_damaged_case_file_is_computed_again_or_named(tmp_path, capsys):
+    """Case files are written whole; one damaged afterwards (emptied, cut short) is an unfinished
+    case, run again to the same rows. One that does not parse is a one-line error naming it."""
+    exp, cfg = _tiny_ms()
+    out = tmp_path / "ms"
+    full = run_experiment(exp, cfg, out, progress=False)
+    cut, emptied = sorted((out / "cases").glob("*.csv"))[:2]
+    cut.write_bytes(cut.read_bytes()[:100])
+    emptied.write_bytes(b"")
+    assert {f.name for f in damaged_cases(out)} == {cut.name, emptied.name}
+    assert sorted(case_id(c) + ".csv" for c in pending_cases(exp, cfg, out)) == sorted([cut.name, emptied.name])
+    again = run_experiment(exp, cfg, out, progress=False)
+    assert "2 damaged case file(s) (empty or cut short) will be computed again" in capsys.readouterr().err
+    key = ["case", "run", "iter"]
+    pd.testing.assert_frame_equal(again.sort_values(key).reset_index(drop=True), full.sort_values(key).reset_index(drop=True))
+    cut.write_bytes(b'a,b\n1,"2\n')  # ends with a newline, but an unclosed quote
+    with pytest.raises(SystemExit, match=f"{cut.name} is damaged .*delete it and rerun"):
+        cli(["report", str(out)])
+
+
+def test_folders_in_use_or_of_the_other_kind_are_refused(tmp_path, monkeypatch):
+    """A second command writing a folder in use is refused, as are an experiment's run into a
+    reproduction root and a reproduction into an experiment's folder (their reports would overwrite
+    each other)."""
+    exp, cfg = _tiny_ms()
+    out = tmp_path / "ms"
+    out.mkdir()
+    with folder_lock(out):
+        with pytest.raises(SystemExit, match="is in use by another odelora command"):
+            cli(["run", "matrix-sensing", "--quick", "--out", str(out), "--no-progress"])
+        with pytest.raises(SystemExit, match="is in use by another odelora command"):
+            cli(["report", str(out)])
+    assert not (out / "config.yaml").exists()
+    monkeypatch.setattr(registry.EXPERIMENTS["trajectory-fidelity"], "QUICK", TINY["trajectory-fidelity"])
+    root = tmp_path / "root"
+    assert cli(["reproduce", "--quick", "--only", "trajectory-fidelity", "--out", str(root), "--no-progress"]) == 0
+    before = (root / "report.md").read_text()
+    with pytest.raises(SystemExit, match="is a reproduction root .*trajectory-fidelity.*pass --out"):
+        cli(["run", "matrix-sensing", "--quick", "--out", str(root), "--no-progress"])
+    with pytest.raises(SystemExit, match="is the run folder of one experiment"):
+        cli(["reproduce", "--quick", "--only", "trajectory-fidelity", "--out", str(root / "trajectory-fidelity")])
+    assert (root / "report.md").read_text() == before
+
+
+def test_interruptions_say_what_is_saved_and_kill_is_one(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before any case finished does not point to a report of nothing; ``kill`` (SIGTERM)
+    stops a run as Ctrl-C does: saved cases kept, meta.json written, a message, exit 143."""
+    import os
+    import signal
+
+    exp, cfg = _tiny_ms()
+    original = type(exp).run_case
+
+    def interrupted(self, cfg, case):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(exp), "run_case", interrupted)
+    with pytest.raises(KeyboardInterrupt) as err:
+        run_experiment(exp, cfg, tmp_path / "a", progress=False)
+    assert str(err.value).startswith("interrupted: 0 of") and str(err.value).endswith("rerun the same command to resume")
+    calls = []
+
+    def killed(self, cfg, case):
+        calls.append(case)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, cfg, case)
+
+    monkeypatch.setattr(type(exp), "run_case", killed)
+    sets = [a for k, v in TINY["matrix-sensing"].items() for a in ("--set", f"{k}={v}")]
+    handler = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    assert cli(["run", "matrix-sensing", *sets, "--out", str(tmp_path / "b"), "--no-progress"]) == 128 + signal.SIGTERM
+    assert "odelora: terminated: 1 of" in capsys.readouterr().err
+    assert len(list((tmp_path / "b" / "cases").glob("*.csv"))) == 1
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["interrupted"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # the command's handler is gone after it
 
 
 def test_matrix_sensing_reports_a_run_missing_methods(tmp_path):

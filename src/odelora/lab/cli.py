@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -133,32 +135,51 @@ def _cmd_run(args) -> int:
 def _run(exp, cfg, args) -> int:
     """Run ``exp`` with ``cfg`` into ``args.out`` (default runs/NAME) and print its claims."""
     from .report import build_report
-    from .runner import check_out_dir, claim_folder, estimate_seconds, grid_cases, pending_cases, run_experiment
+    from .runner import check_out_dir, claim_folder, estimate_seconds, folder_lock, grid_cases, pending_cases, run_experiment
 
     total = len(grid_cases(exp, cfg))  # a config that repeats a case is refused before anything is written
     out = check_out_dir(Path(args.out or Path("runs") / exp.name))
-    claim_folder(out, exp.name, cfg)  # refuses a folder of another config before any estimate
-    t0 = time.time()
-    todo = pending_cases(exp, cfg, out)
-    est = estimate_seconds(exp, cfg, todo, args.jobs, machine_speed())
-    saved = f" ({total - len(todo)} saved, {len(todo)} to run)" if len(todo) < total else ""
-    print(f"{exp.name}: {total} cases{saved}, expected about {_minutes(est)} with {args.jobs} job(s)", flush=True)
-    run_experiment(exp, cfg, out, jobs=args.jobs, progress=not args.no_progress)
-    claims, report = build_report(out)
+    _refuse_root(out, exp.name)
+    with folder_lock(out):
+        claim_folder(out, exp.name, cfg)  # refuses a folder of another config before any estimate
+        t0 = time.time()
+        todo = pending_cases(exp, cfg, out)
+        est = estimate_seconds(exp, cfg, todo, args.jobs, machine_speed())
+        saved = f" ({total - len(todo)} saved, {len(todo)} to run)" if len(todo) < total else ""
+        print(f"{exp.name}: {total} cases{saved}, expected about {_minutes(est)} with {args.jobs} job(s)", flush=True)
+        run_experiment(exp, cfg, out, jobs=args.jobs, progress=not args.no_progress)
+        claims, report = build_report(out)
     _print_claims(claims)
     print(f"{exp.name}: {time.time() - t0:.0f} s, report {report}")
     return 0
 
 
+def _refuse_root(out: Path, name: str) -> None:
+    """An experiment's run folder must not be a reproduction root (their reports would overwrite
+    each other)."""
+    from .registry import EXPERIMENTS
+
+    inside = [n for n in EXPERIMENTS if (out / n / "config.yaml").exists()]
+    if inside:
+        raise SystemExit(f"{out} is a reproduction root (it holds the run folders of {', '.join(inside[:3])}"
+                         f"{', ...' if len(inside) > 3 else ''}); pass --out {out / name} or another folder")
+
+
 def _cmd_report(args) -> int:
-    from .report import build_overview, build_report
-    from .runner import check_out_dir
+    from .runner import check_out_dir, folder_lock
 
     folder = Path(args.dir)
     if not folder.is_dir():
         raise SystemExit(f"{folder}: " + ("a file; give the folder a run wrote (runs/NAME) or a reproduction root"
                                           if folder.exists() else "no such folder"))
     check_out_dir(folder)  # reports are written there: a one-line error where they cannot be
+    with folder_lock(folder):
+        return _report(folder)
+
+
+def _report(folder: Path) -> int:
+    from .report import build_overview, build_report
+
     if (folder / "config.yaml").exists():
         claims, report = build_report(folder)
         _print_claims(claims)
@@ -181,9 +202,8 @@ def _cmd_report(args) -> int:
 
 def _cmd_reproduce(args) -> int:
     from .core import SUITES
-    from .registry import EXPERIMENTS, get_experiment
-    from .report import build_overview, build_report, count, run_seconds
-    from .runner import check_folder, check_out_dir, estimate_seconds, load_config, pending_cases, run_experiment
+    from .registry import EXPERIMENTS
+    from .runner import check_out_dir, folder_lock
 
     suites = SUITES if args.all else tuple(args.suites or DEFAULT_SUITES[args.quick])
     names = list(dict.fromkeys(args.only)) if args.only else [n for n, cls in EXPERIMENTS.items() if cls.SUITE in suites]
@@ -191,6 +211,19 @@ def _cmd_reproduce(args) -> int:
     if bad:
         raise SystemExit(f"unknown experiment(s) {', '.join(map(repr, bad))}; choose from: {', '.join(EXPERIMENTS)}")
     root = check_out_dir(Path(args.out or ("runs/quick" if args.quick else "runs/full")))
+    if (root / "config.yaml").exists():
+        raise SystemExit(f"{root} is the run folder of one experiment (it holds config.yaml); reproduce writes a folder per "
+                         "experiment under --out: pass another folder")
+    with folder_lock(root):
+        return _reproduce(root, names, suites, args)
+
+
+def _reproduce(root: Path, names: list[str], suites, args) -> int:
+    from .core import SUITES
+    from .registry import EXPERIMENTS, get_experiment
+    from .report import build_overview, build_report, count, run_seconds
+    from .runner import check_folder, estimate_seconds, folder_lock, load_config, pending_cases, run_experiment
+
     speed = machine_speed()
 
     def planned(name):
@@ -212,8 +245,10 @@ def _cmd_reproduce(args) -> int:
     wall = cpu = 0.0
     for exp, cfg, est in plan:
         print(f"== {exp.name} (expected {_minutes(est)})", flush=True)
-        run_experiment(exp, cfg, root / exp.name, jobs=args.jobs, progress=not args.no_progress)
-        claims, _ = build_report(root / exp.name)
+        (root / exp.name).mkdir(exist_ok=True)
+        with folder_lock(root / exp.name):
+            run_experiment(exp, cfg, root / exp.name, jobs=args.jobs, progress=not args.no_progress)
+            claims, _ = build_report(root / exp.name)
         _print_claims(claims)
         w, c = run_seconds(root / exp.name)
         wall, cpu = wall + w, cpu + c
@@ -353,15 +388,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    if extra:  # reported by the command's parser, whose --help lists its options
-        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    got = []
+
+    def terminated(signum, frame):  # `kill` or a job scheduler's stop: saved and reported as Ctrl-C is
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() else None
     try:
+        args, extra = build_parser().parse_known_args(argv)  # imports every experiment: a Ctrl-C may come here
+        if extra:  # reported by the command's parser, whose --help lists its options
+            args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
     except KeyboardInterrupt as exc:
-        msg = str(exc) or "interrupted; finished work is saved: rerun the same command to resume"
-        print(f"\nodelora: {msg}", file=sys.stderr)
-        return 130
+        msg = str(exc) or "finished work is saved: rerun the same command to resume"
+        print(f"\nodelora: {'terminated' if got else 'interrupted'}: {msg.removeprefix('interrupted: ')}", file=sys.stderr)
+        return 128 + (got[0] if got else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,21 @@ Layout of an output folder::
     meta.json        package versions, git revision, host, times
     cases/<id>.csv   one file per finished case, written atomically (temp file + rename)
     results.csv      all rows, rebuilt from cases/ at the end of every completed run
+    .lock            held by the command writing the folder (:func:`folder_lock`)
 
 A case either has its complete file or none, so an interrupted sweep reruns only unfinished cases:
-no row is lost and none is duplicated. A folder is tied to its config only once it holds a
-finished case; until then a run with another config may take it over.
+no row is lost and none is duplicated; a case file damaged afterwards (empty, or cut short: every
+file a run writes ends with a newline) counts as unfinished and is run again. A folder is tied to
+its config only once it holds a finished case; until then a run with another config may take it over.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import platform
 import re
@@ -24,7 +28,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
 import yaml
@@ -36,7 +42,7 @@ from .core import Experiment, ExperimentConfig
 
 __all__ = [
     "load_config", "run_experiment", "read_results", "case_id", "provenance", "check_out_dir",
-    "RunInterrupted", "config_error", "estimate_seconds",
+    "RunInterrupted", "config_error", "estimate_seconds", "folder_lock",
 ]
 
 
@@ -141,6 +147,18 @@ def check_out_dir(out: Path) -> Path:
     return out
 
 
+@contextmanager
+def folder_lock(out: Path):
+    """Hold ``out/.lock`` while a command writes ``out``: a second command writing the same folder
+    is refused instead of mixing its cases with this one's (the lock goes with the process)."""
+    with open(Path(out) / ".lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{out} is in use by another odelora command; wait for it to finish or pass another --out") from None
+        yield
+
+
 def provenance() -> dict:
     import numpy
     import torch
@@ -160,6 +178,27 @@ def provenance() -> dict:
         odelora=__version__, torch=torch.__version__, numpy=numpy.__version__, pandas=pd.__version__,
         python=sys.version.split()[0], platform=platform.platform(), cpus=os.cpu_count(), git_revision=rev, git_dirty=dirty,
     )
+
+
+@contextmanager
+def _workers_starting():
+    """Hold a Ctrl-C back while the workers start (it interrupts as usual after): a worker torn
+    down while it starts prints its failed start. The server they fork from is started with
+    Ctrl-C ignored, which it inherits (a blocked signal it does not): it imports its preload
+    before protecting itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _worker_init(threads: int) -> None:
@@ -186,8 +225,32 @@ def _write_case(out: Path, cid: str, case: dict, rows: list[dict]) -> None:
     atomic_write(out / "cases" / f"{cid}.csv", df.to_csv(index=False))
 
 
+def _whole(path: Path) -> bool:
+    """Whether a case file ends as every file a run writes does, with a newline."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
+    except OSError:  # empty: no last byte
+        return False
+
+
+def damaged_cases(out: Path) -> list[Path]:
+    """Case files that are empty or cut short (damaged after the run wrote them)."""
+    return [f for f in sorted((Path(out) / "cases").glob("*.csv")) if not _whole(f)]
+
+
 def finished_cases(out: Path) -> list[Path]:
-    return sorted((Path(out) / "cases").glob("*.csv"))
+    bad = set(damaged_cases(out))
+    return [f for f in sorted((Path(out) / "cases").glob("*.csv")) if f not in bad]
+
+
+def _read_case(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"{path} is damaged ({type(exc).__name__}); delete it and rerun the command that made "
+                         f"{path.parent.parent} to compute that case again") from None
 
 
 def read_results(out: Path) -> pd.DataFrame:
@@ -195,7 +258,7 @@ def read_results(out: Path) -> pd.DataFrame:
     files = finished_cases(out)
     if not files:
         raise SystemExit(f"{out}: no finished cases (run `odelora run` first)")
-    return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    return pd.concat([_read_case(f) for f in files], ignore_index=True)
 
 
 def _config_text(name: str, cfg: ExperimentConfig) -> str:
@@ -246,7 +309,8 @@ def grid_cases(exp: Experiment, cfg: ExperimentConfig) -> list[dict]:
 
 def pending_cases(exp: Experiment, cfg: ExperimentConfig, out: Path) -> list[dict]:
     """The cases of ``cfg`` that ``out`` holds no results of (all, for a new folder)."""
-    return [c for c in grid_cases(exp, cfg) if not (Path(out) / "cases" / f"{case_id(c)}.csv").exists()]
+    done = {f.stem for f in finished_cases(out)}
+    return [c for c in grid_cases(exp, cfg) if case_id(c) not in done]
 
 
 def estimate_seconds(exp: Experiment, cfg: ExperimentConfig, cases: list[dict], jobs: int, speed: float = 1.0) -> float:
@@ -289,6 +353,10 @@ def run_experiment(
     exp.out = out
     meta = dict(experiment=exp.name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
     todo = pending_cases(exp, cfg, out)
+    bad = damaged_cases(out)
+    if bad:
+        print(f"{exp.name}: {len(bad)} damaged case file(s) (empty or cut short) will be computed again: "
+              + ", ".join(f.name for f in bad[:3]) + (" ..." if len(bad) > 3 else ""), file=sys.stderr, flush=True)
     todo.sort(key=lambda c: -exp.case_cost(cfg, c))  # longest first: better packing on the workers
     t0, c0 = time.perf_counter(), time.process_time()
     import torch
@@ -301,7 +369,7 @@ def run_experiment(
     prepared = time.process_time() - c0  # CPU seconds: this process prepares, the workers run the cases
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
-    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc=exp.name, unit="case", disable=not progress,
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc=exp.name, unit="case", disable=None if progress else True,
                leave=False, mininterval=2.0)
     cfg_data = cfg.model_dump()
     tasks = [(exp, cfg_data, c) for c in todo]
@@ -312,7 +380,8 @@ def run_experiment(
         else:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["odelora.lab.registry"])
-            pool = ctx.Pool(min(jobs, len(todo)), initializer=_worker_init, initargs=(1,))
+            with _workers_starting():
+                pool = ctx.Pool(min(jobs, len(todo)), initializer=_worker_init, initargs=(1,))
             results = pool.imap_unordered(_run_one, tasks, chunksize=1)
         for cid, case, rows, (dt, dc) in results:
             _write_case(out, cid, case, rows)
@@ -323,8 +392,8 @@ def run_experiment(
         _save_meta(out, meta, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
                    prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
         raise RunInterrupted(
-            f"interrupted: {done} of {len(cases)} cases of {exp.name} are saved in {out}; "
-            f"rerun the same command to resume (`odelora report {out}` reports on the saved ones)"
+            f"interrupted: {done} of {len(cases)} cases of {exp.name} are saved in {out}; rerun the same command to resume"
+            + (f" (`odelora report {out}` reports on the saved ones)" if done else "")
         ) from None
     finally:
         if pool is not None:

@@ -164,7 +164,7 @@ class Finetune(Experiment):
         noise = (f"one held-out article is {article:.4f} of accuracy" + ("; these are single runs, so a gap of a point or "
                  "less is within run-to-run noise" if seeds == 1 else ""))
         if not ode or "adamw" not in methods:
-            missing = "AdamW is" if "adamw" not in methods else "no ODELoRA method is"
+            missing = "AdamW is not" if "adamw" not in methods else "no ODELoRA method is"
             claims.append(Claim("ODELoRA against AdamW", "reported", f"not compared: {missing} among the methods run", None))
         else:
             w = best.loc["adamw"]
