@@ -262,8 +262,11 @@ def test_a_damaged_case_file_is_computed_again_or_named(tmp_path, capsys):
     emptied.write_bytes(b"")
     assert {f.name for f in damaged_cases(out)} == {cut.name, emptied.name}
     assert sorted(case_id(c) + ".csv" for c in pending_cases(exp, cfg, out)) == sorted([cut.name, emptied.name])
+    (out / "cases" / "not-of-this-grid.csv").write_bytes(b"")  # left by another config: not named
     again = run_experiment(exp, cfg, out, progress=False)
-    assert "2 damaged case file(s) (empty or cut short) will be computed again" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 damaged case file(s) (empty or cut short) will be computed again" in err and "not-of-this-grid" not in err
+    (out / "cases" / "not-of-this-grid.csv").unlink()
     key = ["case", "run", "iter"]
     pd.testing.assert_frame_equal(again.sort_values(key).reset_index(drop=True), full.sort_values(key).reset_index(drop=True))
     cut.write_bytes(b'a,b\n1,"2\n')  # ends with a newline, but an unclosed quote
@@ -281,8 +284,6 @@ def test_folders_in_use_or_of_the_other_kind_are_refused(tmp_path, monkeypatch):
     with folder_lock(out):
         with pytest.raises(SystemExit, match="is in use by another odelora command"):
             cli(["run", "matrix-sensing", "--quick", "--out", str(out), "--no-progress"])
-        with pytest.raises(SystemExit, match="is in use by another odelora command"):
-            cli(["report", str(out)])
     assert not (out / "config.yaml").exists()
     monkeypatch.setattr(registry.EXPERIMENTS["trajectory-fidelity"], "QUICK", TINY["trajectory-fidelity"])
     root = tmp_path / "root"
@@ -293,6 +294,65 @@ def test_folders_in_use_or_of_the_other_kind_are_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="is the run folder of one experiment"):
         cli(["reproduce", "--quick", "--only", "trajectory-fidelity", "--out", str(root / "trajectory-fidelity")])
     assert (root / "report.md").read_text() == before
+
+
+def test_report_of_a_root_holds_each_folder_it_rewrites_and_unlockable_filesystems_run(tmp_path, monkeypatch, capsys):
+    import errno
+
+    monkeypatch.setattr(registry.EXPERIMENTS["trajectory-fidelity"], "QUICK", TINY["trajectory-fidelity"])
+    root = tmp_path / "root"
+    assert cli(["reproduce", "--quick", "--only", "trajectory-fidelity", "--out", str(root), "--no-progress"]) == 0
+    report = (root / "trajectory-fidelity" / "report.md").read_text()
+    (root / "trajectory-fidelity" / "report.md").unlink()
+    with folder_lock(root / "trajectory-fidelity"):
+        with pytest.raises(SystemExit, match="trajectory-fidelity is in use"):
+            cli(["report", str(root)])
+    assert not (root / "trajectory-fidelity" / "report.md").exists()
+    with pytest.raises(SystemExit, match="no experiment folder"):
+        cli(["report", str(tmp_path)])
+    assert not (tmp_path / ".lock").exists()  # nothing left in a folder that is neither kind
+
+    import fcntl
+
+    def no_locks(fh, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    capsys.readouterr()
+    assert cli(["report", str(root)]) == 0
+    assert "does not lock files (No locks available)" in capsys.readouterr().err
+    assert (root / "trajectory-fidelity" / "report.md").read_text() == report
+
+
+def test_signals_wait_while_workers_start(tmp_path):
+    """Ctrl-C and SIGTERM sent while the workers start (the first pool of a fresh process, whose
+    server start also resets the signal mask) wait until they have started, then interrupt; a
+    mask the caller had is put back."""
+    import signal
+    import subprocess
+    import sys
+
+    code = """
+import os, signal
+from odelora.lab.runner import _workers_starting
+for sig in (signal.SIGINT, signal.SIGTERM):
+    got = []
+    signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+    try:
+        with _workers_starting():
+            os.kill(os.getpid(), sig)
+            got.append("held")
+    except KeyboardInterrupt:
+        got.append("interrupted")
+    print(sig.name, got)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+with _workers_starting():
+    pass
+print("still blocked:", signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["SIGINT ['held', 'interrupted']", f"SIGTERM ['held', {int(signal.SIGTERM)}]", "still blocked: True"]
 
 
 def test_interruptions_say_what_is_saved_and_kill_is_one(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ saved and that rerunning the same command resumes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -173,15 +174,11 @@ def _cmd_report(args) -> int:
         raise SystemExit(f"{folder}: " + ("a file; give the folder a run wrote (runs/NAME) or a reproduction root"
                                           if folder.exists() else "no such folder"))
     check_out_dir(folder)  # reports are written there: a one-line error where they cannot be
-    with folder_lock(folder):
-        return _report(folder)
-
-
-def _report(folder: Path) -> int:
     from .report import build_overview, build_report
 
     if (folder / "config.yaml").exists():
-        claims, report = build_report(folder)
+        with folder_lock(folder):
+            claims, report = build_report(folder)
         _print_claims(claims)
     else:  # a reproduction root: rebuild each experiment's report, then the overview
         from .registry import EXPERIMENTS
@@ -193,9 +190,12 @@ def _report(folder: Path) -> int:
             names.remove(n)
         if not names:
             raise SystemExit(f"{folder}: no experiment folder with a finished case (runs/NAME folders hold config.yaml and cases/)")
-        for n in names:
-            build_report(folder / n)
-        _, report = build_overview(folder, names)
+        with contextlib.ExitStack() as held:  # the root and every folder whose report is rewritten
+            for f in (folder, *(folder / n for n in names)):
+                held.enter_context(folder_lock(f))
+            for n in names:
+                build_report(folder / n)
+            _, report = build_overview(folder, names)
     print(f"report: {report}")
     return 0
 
@@ -222,7 +222,7 @@ def _reproduce(root: Path, names: list[str], suites, args) -> int:
     from .core import SUITES
     from .registry import EXPERIMENTS, get_experiment
     from .report import build_overview, build_report, count, run_seconds
-    from .runner import check_folder, estimate_seconds, folder_lock, load_config, pending_cases, run_experiment
+    from .runner import check_folder, check_out_dir, estimate_seconds, folder_lock, load_config, pending_cases, run_experiment
 
     speed = machine_speed()
 
@@ -245,8 +245,7 @@ def _reproduce(root: Path, names: list[str], suites, args) -> int:
     wall = cpu = 0.0
     for exp, cfg, est in plan:
         print(f"== {exp.name} (expected {_minutes(est)})", flush=True)
-        (root / exp.name).mkdir(exist_ok=True)
-        with folder_lock(root / exp.name):
+        with folder_lock(check_out_dir(root / exp.name)):
             run_experiment(exp, cfg, root / exp.name, jobs=args.jobs, progress=not args.no_progress)
             claims, _ = build_report(root / exp.name)
         _print_claims(claims)

@@ -9,14 +9,14 @@ Layout of an output folder::
     .lock            held by the command writing the folder (:func:`folder_lock`)
 
 A case either has its complete file or none, so an interrupted sweep reruns only unfinished cases:
-no row is lost and none is duplicated; a case file damaged afterwards (empty, or cut short: every
-file a run writes ends with a newline) counts as unfinished and is run again. A folder is tied to
+no row is lost and none is duplicated; a case file damaged afterwards (emptied, or cut in the middle
+of a line: every file a run writes ends with a newline) counts as unfinished and is run again. A folder is tied to
 its config only once it holds a finished case; until then a run with another config may take it over.
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -150,12 +150,23 @@ def check_out_dir(out: Path) -> Path:
 @contextmanager
 def folder_lock(out: Path):
     """Hold ``out/.lock`` while a command writes ``out``: a second command writing the same folder
-    is refused instead of mixing its cases with this one's (the lock goes with the process)."""
+    is refused instead of mixing its cases with this one's (the lock goes with the process). Where
+    the system or filesystem has no ``flock`` (Windows; some cluster filesystems), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
     with open(Path(out) / ".lock", "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SystemExit(f"{out} is in use by another odelora command; wait for it to finish or pass another --out") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            print(f"odelora: {out}: this filesystem does not lock files ({exc.strerror}); run one command at a time there",
+                  file=sys.stderr)
         yield
 
 
@@ -182,23 +193,24 @@ def provenance() -> dict:
 
 @contextmanager
 def _workers_starting():
-    """Hold a Ctrl-C back while the workers start (it interrupts as usual after): a worker torn
-    down while it starts prints its failed start. The server they fork from is started with
-    Ctrl-C ignored, which it inherits (a blocked signal it does not): it imports its preload
-    before protecting itself."""
+    """Hold Ctrl-C and SIGTERM back while the workers start (they interrupt as usual after): a
+    worker torn down while it starts prints its failed start. The server the workers fork from is
+    started first, with Ctrl-C ignored, which it inherits (a blocked signal it does not): it imports
+    its preload before protecting itself. (So later forkserver children of this process ignore
+    Ctrl-C too; the server is shared.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            multiprocessing.forkserver.ensure_running()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        multiprocessing.forkserver.ensure_running()  # (it also starts the resource tracker, which resets the mask)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _worker_init(threads: int) -> None:
@@ -353,7 +365,8 @@ def run_experiment(
     exp.out = out
     meta = dict(experiment=exp.name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
     todo = pending_cases(exp, cfg, out)
-    bad = damaged_cases(out)
+    ids = {case_id(c) for c in cases}
+    bad = [f for f in damaged_cases(out) if f.stem in ids]
     if bad:
         print(f"{exp.name}: {len(bad)} damaged case file(s) (empty or cut short) will be computed again: "
               + ", ".join(f.name for f in bad[:3]) + (" ..." if len(bad) > 3 else ""), file=sys.stderr, flush=True)
