@@ -193,8 +193,9 @@ def provenance() -> dict:
 
 @contextmanager
 def _workers_starting():
-    """Hold Ctrl-C and SIGTERM back while the workers start (they interrupt as usual after): a
-    worker torn down while it starts prints its failed start. The server the workers fork from is
+    """Hold Ctrl-C and SIGTERM back while the pool starts (they interrupt as usual after): a pool
+    interrupted while it is built is never torn down (``Pool()`` cleans up after an ``Exception``
+    only), and its workers outlive the run. The server the workers fork from is
     started first, with Ctrl-C ignored, which it inherits (a blocked signal it does not): it imports
     its preload before protecting itself. (So later forkserver children of this process ignore
     Ctrl-C too; the server is shared.)"""
