@@ -193,25 +193,33 @@ def provenance() -> dict:
 
 @contextmanager
 def _workers_starting():
-    """Hold Ctrl-C and SIGTERM back while the pool starts (they interrupt as usual after): a pool
-    interrupted while it is built is never torn down (``Pool()`` cleans up after an ``Exception``
-    only), and its workers outlive the run. The server the workers fork from is
-    started first, with Ctrl-C ignored, which it inherits (a blocked signal it does not): it imports
-    its preload before protecting itself. (So later forkserver children of this process ignore
-    Ctrl-C too; the server is shared.)"""
+    """Hold Ctrl-C and SIGTERM back while the pool starts; one that came meanwhile interrupts
+    when the block ends. A pool interrupted while it is built is never torn down (``Pool()``
+    cleans up after an ``Exception`` only): its workers outlive the run, and one still starting
+    prints a traceback when it finds the pool's semaphores gone. The signals are held by Python
+    handlers, not by a signal mask: the kernel hands a signal to any thread that does not block
+    it (torch's and tqdm's threads), and Python runs the handler in the main thread whichever
+    thread received it. The server the workers fork from is started first, with Ctrl-C
+    ignored, which it inherits (a handler it does not): it imports its preload before protecting
+    itself. (So later forkserver children of this process ignore Ctrl-C too; the server is
+    shared.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        multiprocessing.forkserver.ensure_running()  # (it also starts the resource tracker, which resets the mask)
+        multiprocessing.forkserver.ensure_running()
     finally:
         signal.signal(signal.SIGINT, previous)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda n, _: held.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(held):
+            signal.raise_signal(s)
 
 
 def _worker_init(threads: int) -> None:
