@@ -56,6 +56,9 @@ def test_bad_config_values_in_other_experiments(capsys, tmp_path):
     out = ["--out", str(tmp_path / "o")]
     assert "widths.0" in one_line_error(capsys, ["run", "feature-learning", "--set", "widths=[0, 64]", *out])
     assert "rules.0" in one_line_error(capsys, ["run", "feature-learning", "--set", "rules=[lora-minus]", *out])
+    assert "two different values" in one_line_error(capsys, ["run", "feature-learning", "--set", "widths=[64, 64]", *out])
+    assert "rank 100 exceeds the smallest width, 64" in one_line_error(
+        capsys, ["run", "feature-learning", "--set", "rank=100", "--set", "widths=[64, 128]", *out])
     assert "settings.0" in one_line_error(capsys, ["run", "lora-mf", "--set", "settings=[dw=1]", *out])
     assert "alphas" in one_line_error(capsys, ["run", "lora-mf", "--set", "alphas=[0.01]", *out])
     assert "problems.0" in one_line_error(capsys, ["run", "lora-gd-rate", "--set", "problems=[mnist]", *out])

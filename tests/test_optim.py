@@ -1493,3 +1493,155 @@ def test_a_companion_of_another_shape_is_refused_at_load():
     assert opt._companion.state[h1]["exp_avg"].shape == (3, 4)
     with pytest.raises(ValueError, match=r"state 'exp_avg' of companion parameter 0 has shape \(3, 4\), the parameter \(5, 4\)"):
         ODELoRA([(B, A)], lr=0.1, companion=[h2]).load_state_dict(opt.state_dict())
+
+
+def with_head(method="rk4", preconditioner=None, dtype=torch.float64, seed=0):
+    """The problem's pair plus a trained bias (the companion), and a closure over them."""
+    Y, B, A = problem(seed, dtype=dtype)
+    bias = torch.zeros(Y.shape[1], dtype=dtype, requires_grad=True)
+    opt = ODELoRA([(B, A)], lr=0.05, method=method, preconditioner=preconditioner, companion=[bias], companion_lr=0.01)
+    return opt, (B, A, bias), Y
+
+
+def head_closure(opt, tensors, Y):
+    B, A, bias = tensors
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((B.double() @ A.double() + bias.double() - Y) ** 2).sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("method,preconditioner", [("rk4", None), ("euler", "adam"), ("dopri5", None)])
+def test_copies_and_pickles_step_as_the_original(method, preconditioner):
+    """``copy.deepcopy`` and ``pickle`` of the tensors with their optimizer give one that steps
+    exactly as the original goes on to."""
+    import copy
+    import pickle
+
+    opt, tensors, Y = with_head(method, preconditioner)
+    for _ in range(3):
+        opt.step(head_closure(opt, tensors, Y))
+    copies = [copy.deepcopy((opt, tensors)), pickle.loads(pickle.dumps((opt, tensors)))]
+    for _ in range(3):
+        opt.step(head_closure(opt, tensors, Y))
+    for opt2, tensors2 in copies:
+        for _ in range(3):
+            opt2.step(head_closure(opt2, tensors2, Y))
+        assert all(torch.equal(a, b) for a, b in zip(tensors, tensors2))
+        assert opt2.stats == opt.stats and opt2.last_step == opt.last_step
+
+
+def test_a_checkpoint_resumes_in_another_precision():
+    """A float32 run's state dict loaded beside its factors cast to float64 steps as a new float64
+    optimizer does from those factors (Euler keeps no state beyond them), and the other way round."""
+    for src, dst, tol in ((torch.float32, torch.float64, 1e-13), (torch.float64, torch.float32, 1e-6)):
+        Y, B, A = problem(dtype=src)
+        opt = ODELoRA([(B, A)], lr=0.05)
+        for _ in range(3):
+            opt.step(make_closure(opt, B, A, Y))
+        sd = opt.state_dict()
+        results = []
+        for load in (True, False):
+            B2, A2 = (t.detach().to(dst).requires_grad_() for t in (B, A))
+            opt2 = ODELoRA([(B2, A2)], lr=0.05)
+            if load:
+                opt2.load_state_dict(sd)
+            for _ in range(2):
+                opt2.step(make_closure(opt2, B2, A2, Y))
+            results.append((B2 @ A2).detach().double())
+        assert (results[0] - results[1]).abs().max() <= tol * results[1].abs().max()
+
+
+@pytest.mark.parametrize("on_nonfinite", ["warn", "raise"])
+def test_a_non_finite_companion_gradient_skips_the_step(on_nonfinite):
+    opt, (B, A, bias), Y = with_head("euler")
+    opt.on_nonfinite = on_nonfinite
+    before = [t.detach().clone() for t in (B, A, bias)]
+    closure = head_closure(opt, (B, A, bias), Y)
+    closure()
+    bias.grad[0] = float("inf")
+    if on_nonfinite == "raise":
+        with pytest.raises(NonFiniteError, match="companion parameter 0"):
+            opt.step()
+    else:
+        with pytest.warns(RuntimeWarning, match="non-finite gradient of companion parameter 0"):
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, (B, A, bias)))
+    assert opt.stats["skipped"] == 1 and opt.stats["accepted"] == 0
+    opt.step(closure)
+    assert opt.stats["accepted"] == 1 and bool(torch.isfinite(bias).all()) and not torch.equal(bias, before[2])
+
+
+def test_a_closure_must_return_the_loss_or_none():
+    Y, B, A = problem()
+    opt = ODELoRA([(B, A)], lr=0.05, method="heun")
+    closure = make_closure(opt, B, A, Y)
+    before = [t.detach().clone() for t in (B, A)]
+    for value, what in (((1.0, 2.0), "a tuple"), (torch.ones(3), r"a tensor of shape \(3,\)"), ({"loss": 1.0}, "a dict")):
+        def bad(value=value):
+            closure()
+            return value
+
+        with pytest.raises(TypeError, match=f"the closure returned {what}"):
+            opt.step(bad)
+        assert all(torch.equal(a, b) for a, b in zip(before, (B, A)))
+    for value, number in ((np.float32(1.5), 1.5), (2, 2.0), (torch.tensor([3.0]), 3.0)):
+        opt.step(lambda value=value: (closure(), value)[1])
+        assert opt.last_step.loss == number and opt.last_step.accepted
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_a_tensor_lr_steps_and_records_numbers(preconditioner):
+    Y, B, A = problem()
+    opt = ODELoRA([(B, A)], lr=0.05, preconditioner=preconditioner)
+    opt.param_groups[0]["lr"] = torch.tensor(0.05, dtype=torch.float64)
+    for _ in range(2):
+        opt.step(make_closure(opt, B, A, Y))
+    assert type(opt.last_step.h) is float and type(opt.last_step.t) is float and type(opt.param_groups[0]["t"]) is float
+    assert opt.last_step.t == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_factors_moved_to_another_dtype_after_construction_are_followed(preconditioner):
+    """``model.double()`` after building the optimizer: the next steps compute in float64 (as a
+    new float64 optimizer does from there for Euler), not in the float32 of the construction."""
+    Y, B, A = problem(dtype=torch.float32)
+    opt = ODELoRA([(B, A)], lr=0.05, preconditioner=preconditioner)
+    opt.step(make_closure(opt, B, A, Y))
+    for p in (B, A):
+        p.data = p.data.double()
+    B2, A2 = (t.detach().clone().requires_grad_() for t in (B, A))
+    fresh = ODELoRA([(B2, A2)], lr=0.05, preconditioner=preconditioner)
+    opt.step(make_closure(opt, B, A, Y))
+    fresh.step(make_closure(fresh, B2, A2, Y))
+    assert B.dtype == torch.float64 and opt.store.buckets[0].dtype == torch.float64
+    if preconditioner is None:
+        assert ((B @ A - B2 @ A2).abs().max() <= 1e-13 * (B2 @ A2).abs().max())
+    else:  # the moments follow the factors' dtype
+        assert all(opt.state[p]["exp_avg"].dtype == torch.float64 for p in (B, A))
+
+
+def test_misused_options_fail_saying_what_to_pass():
+    Y, B, A = problem()
+    for damping in (float("nan"), float("inf"), -1.0, "1e-6"):
+        with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+            ODELoRA([(B, A)], lr=0.05, flow_options={"damping": damping})
+    bias = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="companion_lr"):
+        ODELoRA([(B, A)], lr=0.05, companion=[bias], companion_kwargs={"lr": 0.1})
+    with pytest.raises(ValueError, match="listed twice"):
+        ODELoRA([(B, A)], lr=0.05, companion=[bias, bias])
+    opt = ODELoRA([(B, A)], lr=0.05)
+    with pytest.raises(ValueError, match="companion=\\[...\\] when building ODELoRA"):
+        opt.add_param_group({"params": [bias], "companion": True})
+    for scale in ("2", True, None, torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="scale must be a positive finite number"):
+            ODELoRA([(B, A, scale)], lr=0.05)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["t"] = float("nan")
+    with pytest.raises(ValueError, match="integration time t must be a finite number"):
+        opt.load_state_dict(sd)

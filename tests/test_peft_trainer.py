@@ -93,6 +93,9 @@ def test_half_frozen_and_frozen_adapters_are_named():
         part = partition(model)
     assert [p.name for p in part.pairs] == ["base_model.model.fc2[default]"]
     assert [(n.split(".")[-3], why) for n, _, why in part.others] == [("lora_B", "LoRA factor whose partner lora_A is frozen")]
+    model.base_model.model.fc2.lora_A["default"].weight.requires_grad_(False)  # LoRA-FA: every lora_A frozen
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="every LoRA layer has one factor frozen.*AdamW"):
+        create_odelora_optimizer(model)
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match=r"LoRA adapters \(default\) have no pair with both factors trainable"):
@@ -225,8 +228,17 @@ def test_trainer_trains_with_odelora_and_logs_statistics(method, stages, tmp_pat
     trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y),
                              odelora_kwargs=dict(method=method, companion_lr=1e-2))
     net.calls = 0
+    losses, compute = [], trainer.compute_loss
+
+    def recorded(*a, **k):
+        out = compute(*a, **k)
+        losses.append(float(out.detach()))
+        return out
+
+    trainer.compute_loss = recorded
     trainer.train()
     assert net.calls == 12 * stages  # one forward per RK stage
+    assert trainer.odelora.last_step.loss == pytest.approx(losses[-stages], rel=1e-6)  # the first stage's, from the Trainer
     logs = [h for h in trainer.state.log_history if "odelora_nfe_per_step" in h]
     assert len(logs) == 3 and all(h["odelora_nfe_per_step"] == stages for h in logs)
     assert all(h["odelora_h"] == 0.5 and 0 <= h["odelora_imbalance"] < 1 for h in logs)  # drift before retraction

@@ -33,11 +33,15 @@ def frames_entry(y: list[Factors]) -> dict:
 
 
 def saved_frames(extra: dict, store: PairStore) -> list[Factors] | None:
-    """The saved frames over the parameters' present values, in their saved layouts (None where a
-    bucket has none); :func:`restored` checks at the next step that they still describe them."""
+    """The saved frames over the parameters' present values, in their saved layouts, on the
+    factors' device (None where a bucket has none, or the compute dtype changed: the frames are
+    then computed anew); :func:`restored` checks at the next step that they still describe them."""
     frames = extra.get("frames")
     if frames is None or len(frames) != len(store.buckets) or any(f is None for f in frames):
         return None
+    if any(t.dtype != b.dtype for f, b in zip(frames, store.buckets) for t in f[:6]):
+        return None
+    frames = [[*(t.to(b.scale.device) for t in f[:6]), *f[6:]] for f, b in zip(frames, store.buckets)]
     layouts = extra.get("frame_layouts") or [None] * len(frames)
     frames = [f if o is None else [*map(_laid_out, f[:6], o), *f[6:]] for f, o in zip(frames, layouts)]
     return [Factors(*store.stacked(b), b.scale, Frame(*f)) for b, f in zip(store.buckets, frames)]
@@ -98,6 +102,8 @@ def check_state_dict(sd: dict, groups: list[dict], layout: list[list[int]], conf
                 check_lr(h.get("lr"), zero=True)
             except ValueError as err:
                 raise ValueError(f"param group {i} of the state dict: {err}") from None
+            if not (isinstance(h.get("t", 0.0), (int, float)) and math.isfinite(h.get("t", 0.0))):
+                raise ValueError(f"param group {i} of the state dict: the integration time t must be a finite number, got {h.get('t')!r}")
             if list(h.get("scales", [])) != list(g["scales"]):
                 raise ValueError(f"param group {i}: LoRA scales differ ({h.get('scales')} saved, {g['scales']} here): "
                                  "build it on a model with the same lora_alpha and r (and use_rslora)")

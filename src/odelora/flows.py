@@ -23,6 +23,7 @@ skipping its gauge term) and the retraction the optimizer uses with it by defaul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,8 +81,8 @@ def _check_shapes(B, A, gB, gA):
 
 def _damping(dt: torch.dtype, damping: float | None) -> float:
     d = default_damping(dt) if damping is None else float(damping)
-    if d < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
+    if not (d >= 0 and math.isfinite(d)):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
     return d
 
 

@@ -11,6 +11,7 @@ A step is a short pipeline of named parts::
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -62,8 +63,9 @@ class _Field:
     there (the closure, or ``.grad`` for the first stage) and returns the raw flow velocities.
     Raises :class:`NonFiniteError` naming the pairs at a NaN/inf loss, gradient or velocity."""
 
-    def __init__(self, opt: "ODELoRA", closure, first_from_grad: bool, y0: list[Factors]):
+    def __init__(self, opt: "ODELoRA", closure, first_from_grad: bool, y0: list[Factors], first_loss=None):
         self.opt, self.closure, self.first_from_grad, self.y0 = opt, closure, first_from_grad, y0
+        self.first_loss = first_loss  # of the gradients in .grad, where the loop gives it
         self.loss: Tensor | None = None
         self.companion_grads: list | None = None
         self.calls = 0
@@ -83,11 +85,11 @@ class _Field:
         self.calls += 1
         if y is not self.y0:
             store.unpack(y)
-        loss = None
+        loss = self.first_loss if first else None
         if not (first and self.first_from_grad):
             store.clear_grads()
             with torch.enable_grad():
-                loss = self.closure()
+                loss = _checked_loss(self.closure())
             if not store.has_grads():
                 raise RuntimeError(
                     "the closure left no gradient on the LoRA pairs: it must zero the gradients, compute the loss, "
@@ -99,8 +101,10 @@ class _Field:
                 self.companion_grads = [None if p.grad is None else p.grad.clone() for p in opt._companion_params()]
         v = [self._velocity(x, gB, gA) for x, (gB, gA) in zip(y, store.grads())]
         total = sum(t.sum() for k in v for t in k)
-        if loss is not None:  # inf * 0 is NaN: a non-finite loss poisons the sum too
-            total = total + torch.as_tensor(loss).detach().to(total).sum() * 0
+        # inf * 0 is NaN: a non-finite loss or companion gradient poisons the sum too
+        poison = ([torch.as_tensor(loss).detach()] if loss is not None else []) + [g for g in self.companion_grads or [] if first and g is not None]
+        if poison:
+            total = total + sum(x.to(total).sum() for x in poison) * 0
         ok = torch.isfinite(total)  # one sync: NaN/inf anywhere makes the sum so
         if not bool(opt._agree_all(ok)):
             raise NonFiniteError(self._describe(loss, v) if not bool(ok) else "a non-finite loss or gradient on another rank")
@@ -120,8 +124,22 @@ class _Field:
         bad_g = store.names_where([~(torch.isfinite(gB).flatten(1).all(1) & torch.isfinite(gA).flatten(1).all(1)) for gB, gA in store.grads()])
         if bad_g:
             return f"non-finite gradient in {_short(bad_g)}"
+        bad_c = [f"companion parameter {i} {tuple(g.shape)}" for i, g in enumerate(self.companion_grads or [])
+                 if g is not None and not bool(torch.isfinite(g).all())]
+        if bad_c:
+            return f"non-finite gradient of {_short(bad_c)}"
         bad_v = store.names_where([torch.stack([~torch.isfinite(t).flatten(1).all(1) for t in k]).any(0) for k in v])
         return f"non-finite velocity in {_short(bad_v)}"
+
+
+def _checked_loss(loss):
+    """A closure's value: None, or the loss as a real number (Python or NumPy) or one-element tensor."""
+    if loss is None or (isinstance(loss, numbers.Real) and not isinstance(loss, bool)):
+        return loss
+    if isinstance(loss, Tensor) and loss.numel() == 1:
+        return loss
+    what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else f"a {type(loss).__name__}"
+    raise TypeError(f"the closure returned {what}: it must return the loss (a number or a one-element tensor) or None")
 
 
 def _short(names: list[str], k: int = 3) -> str:
@@ -171,7 +189,9 @@ class ODELoRA(torch.optim.Optimizer):
             gradients at the start of the step (torch's fused AdamW unless ``companion_kwargs``
             names ``foreach`` or ``fused``, or the parameters are sharded or not floating point).
             Its groups appear in ``param_groups`` (with ``companion=True``), so LR schedulers
-            scale them too.
+            reach them too (one that sets absolute rates needs one per group: ``OneCycleLR(opt,
+            max_lr=[lr, companion_lr])``). A NaN/inf in their gradients skips the step as one in
+            the pairs' does.
         sync_ranks: whether the processes of an initialized ``torch.distributed`` group step
             together (data parallel: DDP, FSDP2): non-finite values and adaptive step decisions
             are then agreed by an all-reduce of one scalar per stage. Default: whenever a process
@@ -223,6 +243,7 @@ class ODELoRA(torch.optim.Optimizer):
         if int(max_rejects) < 0 or int(max_skipped_steps) < 1:
             raise ValueError("need max_rejects >= 0 and max_skipped_steps >= 1")
         self.controller = StepController(rtol=rtol, atol=atol, h_min=H_MIN, h_max=1.0)
+        self._rtol = self.controller.rtol  # as asked; the controller's is raised to the factors' rounding
         self.max_rejects = int(max_rejects)
         self.max_skipped_steps = int(max_skipped_steps)
         self.on_nonfinite = on_nonfinite
@@ -242,6 +263,7 @@ class ODELoRA(torch.optim.Optimizer):
                 g["companion"] = True
                 self.param_groups.append(g)
         self._stage_closure: Callable | None = None
+        self._stage_loss = None
         self._rho = 1.0  # adaptive step as a fraction of each group's lr (1 for fixed steps)
         self._skips = 0  # consecutive skipped steps
         self._last: tuple[tuple, list[Factors], bool] | None = None  # (versions, state, trusted)
@@ -258,6 +280,19 @@ class ODELoRA(torch.optim.Optimizer):
             self._store = PairStore(self.param_groups)
         return self._store
 
+    def _follow_moves(self) -> None:
+        """Factors moved to another dtype or device since the pairs were packed (``model.to(...)``
+        after building the optimizer): pack them again, in the new compute dtype, and let the
+        adaptive methods' tolerance follow their rounding (Adam moments follow at their next use)."""
+        if self._store is not None and self._store.moved():
+            self._store, self._last = None, None
+            self._tolerance_floor()
+
+    def _tolerance_floor(self) -> None:
+        """Stages are evaluated at parameters rounded to their dtype: no rtol below that."""
+        eps = [torch.finfo(p.dtype).eps for g in self.param_groups if not g.get("companion") for p in g["params"]]
+        self.controller.rtol = max([self._rtol, *eps])
+
     @property
     def pairs(self) -> list[LoRAPair]:
         """The pairs, in the order given."""
@@ -266,25 +301,26 @@ class ODELoRA(torch.optim.Optimizer):
     def _companion_params(self) -> list[Tensor]:
         return [p for g in self._companion.param_groups for p in g["params"]]
 
-    def set_stage_closure(self, closure: Callable[[], Any] | None) -> None:
+    def set_stage_closure(self, closure: Callable[[], Any] | None, loss: Tensor | float | None = None) -> None:
         """For loops that backpropagate before calling ``step()`` (transformers' Trainer): the next
         ``step()`` without a closure takes its first stage from ``.grad`` and calls ``closure``
-        for the remaining stages on the same batch."""
-        self._stage_closure = closure
+        for the remaining stages on the same batch. ``loss``: the loss whose gradients ``.grad``
+        holds, recorded in ``last_step`` and checked for NaN/inf as a closure's would be."""
+        self._stage_closure, self._stage_loss = closure, _checked_loss(loss)
 
     def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("companion"):
+            raise ValueError("companion groups are made at construction: pass every trainable tensor that is not a LoRA "
+                             "factor as companion=[...] when building ODELoRA, or give it an optimizer of its own")
         if "pairs" in param_group:
             known = sum(len(g["scales"]) for g in self.param_groups if not g.get("companion"))
             (param_group,) = pair_groups([param_group], start=known)
-        if not param_group.get("companion") and ("scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"])):
+        if "scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"]):
             raise ValueError("ODELoRA param groups are built from pairs: pass {'pairs': [...], ...}")
-        if not param_group.get("companion"):
-            opts = {**self.defaults, **param_group}
-            check_adam_options(self.preconditioner, opts["betas"], opts["eps"], opts["weight_decay"])
-            # Stages are evaluated at parameters rounded to their dtype: no tolerance below that.
-            floor = max(torch.finfo(p.dtype).eps for p in param_group["params"])
-            self.controller.rtol = max(self.controller.rtol, float(floor))
+        opts = {**self.defaults, **param_group}
+        check_adam_options(self.preconditioner, opts["betas"], opts["eps"], opts["weight_decay"])
         super().add_param_group(param_group)
+        self._tolerance_floor()
         self._store = None
 
     # ------------------------------------------------------------------ the step
@@ -294,10 +330,11 @@ class ODELoRA(torch.optim.Optimizer):
 
         With ``closure=None`` only Euler can run, from the gradients already in ``.grad``.
         """
-        closure, from_grad = self._stage_source(closure)
+        self._follow_moves()
+        closure, from_grad, first_loss = self._stage_source(closure)
         units = self._step_units()
         y0 = self._start_state()
-        fld = _Field(self, closure, from_grad, y0)
+        fld = _Field(self, closure, from_grad, y0, first_loss)
         try:
             res = attempt(
                 fld, y0, self._rho if self.tableau.adaptive else 1.0, self.tableau, self.retraction, self.controller,
@@ -358,7 +395,10 @@ class ODELoRA(torch.optim.Optimizer):
         return r
 
     def _stage_source(self, closure):
+        """The closure of the step's stages, whether the first stage is the gradients in ``.grad``,
+        and the loss that those come from, if the loop said so (:meth:`set_stage_closure`)."""
         stage_closure, self._stage_closure = self._stage_closure, None
+        stage_loss, self._stage_loss = self._stage_loss, None
         from_grad = closure is None and stage_closure is not None
         if from_grad:
             closure = stage_closure
@@ -370,7 +410,8 @@ class ODELoRA(torch.optim.Optimizer):
             )
         if (closure is None or from_grad) and not self.store.has_grads():
             raise RuntimeError("no gradients on the LoRA pairs: call loss.backward() first or pass a closure")
-        return closure, closure is None or from_grad
+        from_grad = closure is None or from_grad
+        return closure, from_grad, stage_loss if from_grad else None
 
     def _start_state(self) -> list[Factors]:
         """The parameters as stacked factors; the last committed state (with its frames) when the
@@ -412,7 +453,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._skips = 0
         for g in self.param_groups:
             if not g.get("companion"):
-                g["t"] += res.h * g["lr"]
+                g["t"] += res.h * float(g["lr"])
         self._record(fld, res.nfe, True, res.rejected, res.nonfinite, res.h)
 
     def _restore(self, y0: list[Factors]) -> None:
@@ -464,13 +505,26 @@ class ODELoRA(torch.optim.Optimizer):
             imb = max(_start_imbalance(x) for x in fld.y0)
         loss = fld.loss
         self.last_step = StepRecord(
-            nfe=nfe, accepted=accepted, rejected=rejected, nonfinite=nonfinite, h=h * g0["lr"], t=g0["t"], imbalance=imb,
+            nfe=nfe, accepted=accepted, rejected=rejected, nonfinite=nonfinite, h=h * float(g0["lr"]), t=float(g0["t"]), imbalance=imb,
             loss=None if loss is None else float(torch.as_tensor(loss).detach().sum()),
         )
         for k, v in (("steps", 1), ("nfe", nfe), ("accepted", int(accepted)), ("rejected", rejected), ("nonfinite", nonfinite)):
             self.stats[k] += v
 
     # ------------------------------------------------------------------ state
+    def __getstate__(self) -> dict:
+        """Everything but torch's hooks (as torch's optimizers), a pending stage closure and the
+        packed pairs (rebuilt from the param groups): ``copy.deepcopy`` and ``pickle`` of a model
+        with its optimizer give one that steps as the original would."""
+        skip = {"_stage_closure", "_stage_loss", "_store"}
+        return {k: v for k, v in self.__dict__.items() if k not in skip and not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._stage_closure, self._stage_loss, self._store = None, None, None
+        if self._last is not None:  # the copied frames, checked against the copied parameters at the next step
+            self._last = ((), self._last[1], False)
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=dict(self.stats), config=self._config(),

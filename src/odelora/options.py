@@ -13,7 +13,7 @@ from .flows import Flow
 from .pairs import LoRAPair, as_pairs
 from .store import is_sharded
 
-__all__ = ["pair_groups", "check_lr", "check_adam_options", "check_flow_options", "companion_options"]
+__all__ = ["pair_groups", "check_lr", "check_adam_options", "check_flow_options", "check_damping", "companion_options"]
 
 
 def pair_groups(params: Any, start: int = 0) -> list[dict]:
@@ -78,6 +78,20 @@ def check_flow_options(flow: Flow, options: dict) -> None:
     bad = sorted(set(options) - accepted)
     if bad:
         raise ValueError(f"flow_options {bad} are not options of the {flow.name!r} flow; it takes {sorted(accepted)}")
+    check_damping(options.get("damping"))
+
+
+def check_damping(damping) -> None:
+    """A flow's ``damping``: None (the default) or a finite number >= 0."""
+    if damping is None:
+        return
+    try:
+        ok = not isinstance(damping, (bool, str, bytes)) and float(damping) >= 0 and math.isfinite(float(damping))
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"damping must be a finite number >= 0 (relative to the largest squared singular value; "
+                         f"default: the unit roundoff), got {damping!r}")
 
 
 def companion_options(params: list[Tensor], kwargs: dict | None) -> dict:
@@ -85,6 +99,11 @@ def companion_options(params: list[Tensor], kwargs: dict | None) -> dict:
     otherwise and the parameters allow it (plain floating-point tensors on CPU or CUDA). On a
     head and its bias it takes a quarter of the time of the per-tensor or foreach loops."""
     kwargs = dict(kwargs or {})
+    if "lr" in kwargs or "params" in kwargs:
+        raise ValueError(f"companion_kwargs must not set {'lr' if 'lr' in kwargs else 'params'}: pass the companion's rate as "
+                         "companion_lr and its parameters as companion")
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("a companion parameter is listed twice: list each tensor once")
     if "foreach" not in kwargs and "fused" not in kwargs and all(
         p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and not is_sharded(p) for p in params
     ):

@@ -73,10 +73,9 @@ def as_pair(item: Any, index: int = 0) -> LoRAPair:
         missing = {"B", "A"} - set(item)
         if missing:
             raise ValueError(f"pair #{index}: mapping lacks keys {sorted(missing)}")
-        return LoRAPair(item["B"], item["A"], float(item.get("scale", 1.0)), str(item.get("name", f"pair{index}")))
+        return LoRAPair(item["B"], item["A"], item.get("scale", 1.0), str(item.get("name", f"pair{index}")))
     if isinstance(item, (tuple, list)) and len(item) in (2, 3) and all(isinstance(t, Tensor) for t in item[:2]):
-        scale = float(item[2]) if len(item) == 3 else 1.0
-        return LoRAPair(item[0], item[1], scale, f"pair{index}")
+        return LoRAPair(item[0], item[1], item[2] if len(item) == 3 else 1.0, f"pair{index}")
     hint = ""
     if isinstance(item, Tensor):
         hint = (": the pairs are a list of such tuples, [(B, A), ...], not the tensors themselves (for a PEFT model: "

@@ -66,7 +66,7 @@ class Adam:
             beta1, beta2 = g["betas"]
             adamw(
                 params, grads, [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts], [], [s["step"] for s in sts],
-                foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=g["lr"],
+                foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=float(g["lr"]),
                 weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
             )
             new_state.update(zip(bucket.params, sts))
@@ -78,9 +78,9 @@ class Adam:
         """Copies of the moments of the whole factor (a sharded one too: the step runs on gathered
         factors), zeros before the first step."""
         st = state.get(p, {})
-        if "exp_avg" in st:
-            return {k: st[k].clone() for k in ("step", "exp_avg", "exp_avg_sq")}
         device = (p.to_local() if hasattr(p, "to_local") else p).device
+        if "exp_avg" in st:  # in the compute dtype, on the factor's device (they follow a model.to(...))
+            return dict(step=st["step"].clone(), **{k: st[k].to(device=device, dtype=dtype, copy=True) for k in ("exp_avg", "exp_avg_sq")})
         zeros = lambda: torch.zeros(p.shape, dtype=dtype, device=device)
         return dict(step=torch.zeros((), dtype=torch.float32), exp_avg=zeros(), exp_avg_sq=zeros())
 

@@ -54,6 +54,7 @@ class Bucket:
     names: list[str]
     scale: Tensor  # (k,) LoRA scales in the compute dtype
     dtype: torch.dtype  # compute dtype
+    where: tuple  # the factors' (dtype, device) when packed
 
     @property
     def params(self) -> list[Tensor]:
@@ -88,7 +89,8 @@ class PairStore:
                 dt = compute_dtype(pairs[idx[0]][0])
                 scale = torch.tensor([g["scales"][i] for i in idx], dtype=dt, device=device)
                 self.buckets.append(
-                    Bucket(gi, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], [g["names"][i] for i in idx], scale, dt)
+                    Bucket(gi, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], [g["names"][i] for i in idx], scale, dt,
+                           (pairs[idx[0]][0].dtype, pairs[idx[0]][0].device))
                 )
 
     @staticmethod
@@ -141,6 +143,10 @@ class PairStore:
         for b in self.buckets:
             out += [(p._version, p.data_ptr()) for p in ([_local(p) for p in b.params] if b.sharded else b.params)]
         return tuple(out)
+
+    def moved(self) -> bool:
+        """Whether a factor's dtype or device changed since the pairs were packed (``model.to(...)``)."""
+        return any((p.dtype, p.device) != b.where for b in self.buckets for p in b.params)
 
     def layout(self) -> list[list[int]]:
         """Per bucket: ``[pairs, m, r, n]``."""

@@ -27,7 +27,7 @@ class Partition:
     def summary(self) -> str:
         lines = [f"{len(self.pairs)} LoRA pairs follow the flow"]
         if self.others:
-            lines.append(f"{len(self.others)} other trainable tensors go to the AdamW companion:")
+            lines.append(f"{len(self.others)} other trainable tensor{'s go' if len(self.others) > 1 else ' goes'} to the AdamW companion:")
             lines += [f"  {n} {tuple(p.shape)}: {why}" for n, p, why in self.others]
         if self.left:
             lines.append(f"{len(self.left)} trainable LoRA factors of adapters not selected are left as they are")
@@ -143,6 +143,10 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
     """
     part = partition(model, adapter)
     if not part.pairs:
+        if any("partner" in why for _, _, why in part.others):
+            raise ValueError("every LoRA layer has one factor frozen (LoRA-FA's frozen lora_A, say): ODELoRA moves LoRA "
+                             "pairs with both factors trainable, as a product, so there is nothing for it to move. Train "
+                             "such a model with a torch optimizer (AdamW), or unfreeze both factors for ODELoRA")
         if part.adapters:
             raise ValueError(f"the model's LoRA adapters ({', '.join(part.adapters)}) have no pair with both factors trainable: "
                              "unfreeze them (model.set_adapter(name) or requires_grad_(True) on lora_A and lora_B)")

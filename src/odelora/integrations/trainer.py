@@ -118,6 +118,7 @@ class ODELoRATrainer(Trainer):
         multi = opt is not None and opt.tableau.stages > 1
         rng = _rng_state() if multi else None  # where the first stage's forward starts
         loss = super().training_step(model, prepared, num_items_in_batch)
+        closure = None
         if multi:
 
             def closure():
@@ -130,5 +131,9 @@ class ODELoRATrainer(Trainer):
                     self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
                 return stage_loss.detach()
 
-            opt.set_stage_closure(closure)
+        if opt is not None:  # the loss of the gradients in .grad: the Trainer's, summed over accumulated micro-batches
+            if opt.stats["steps"] != getattr(self, "_steps_seen", None):
+                self._steps_seen, self._step_loss = opt.stats["steps"], 0.0
+            self._step_loss = self._step_loss + loss.detach()
+            opt.set_stage_closure(closure, loss=self._step_loss)
         return loss

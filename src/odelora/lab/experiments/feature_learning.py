@@ -14,7 +14,7 @@ from typing import Literal
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from ... import flows
 from ...geometry import balance
@@ -53,6 +53,14 @@ class Config(ExperimentConfig):
         f"{k}: {v[0]}, lr_B/lr_A = {ratio_text(k)}" for k, v in RULES.items()))
     constants: NonEmpty(PositiveFloat) = Field([0.01, 0.1, 1.0], description="constants c in the rates (lr_A = c n^-pA)")
     seeds: PositiveInt = Field(8, description="random problems per width (the terms are geometric means over them)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.widths)) < 2:
+            raise ValueError("widths needs at least two different values (exponents in the width are fitted)")
+        if self.rank > min(self.widths):
+            raise ValueError(f"rank {self.rank} exceeds the smallest width, {min(self.widths)}")
+        return self
 
 
 def _run(cfg, rule, c, n, seed):
