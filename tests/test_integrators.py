@@ -160,3 +160,13 @@ def test_a_failed_final_combination_is_a_rejected_attempt_with_a_smaller_step():
     h = res.h
     expect = sum(h**k / math.factorial(k) * (-1) ** k for k in range(5))  # RK4 on y' = -y: the degree-4 Taylor factor
     torch.testing.assert_close(res.y[0], torch.full((3,), expect, dtype=torch.float64))
+
+
+def test_integrate_says_which_limit_stopped_it():
+    """Running out of ``max_steps`` while every try is rejected names ``max_steps``; a controller
+    and tolerances together are refused (the controller's would win silently)."""
+    stiff = lambda y: [-50 * y[0]]
+    with pytest.raises(RuntimeError, match="max_steps=2 reached"):
+        integrate(stiff, [torch.ones(3, dtype=torch.float64)], (0, 10), method="dopri5", h=5.0, max_steps=2)
+    with pytest.raises(ValueError, match="pass rtol and atol to the StepController"):
+        integrate(stiff, [torch.ones(3, dtype=torch.float64)], (0, 1), controller=StepController(rtol=1e-3, atol=1e-3), rtol=1e-9)

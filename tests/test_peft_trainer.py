@@ -285,3 +285,37 @@ def test_trainer_stages_share_dropout_masks_and_take_a_given_optimizer(tmp_path)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         ODELoRATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[],
                                                            use_cpu=True), train_dataset=ListDataset(ids, y), optimizers=(opt, None))
+
+
+class KwargsNet(Net):
+    """Net whose forward takes ``**kwargs``, as transformers' models do, with a mean loss that ignores them."""
+
+    def forward(self, ids=None, labels=None, **kwargs):
+        return super().forward(ids, labels)
+
+
+def test_trainer_accumulated_steps_equal_one_batch_for_models_taking_loss_kwargs(tmp_path):
+    """Batch 8 x 2 accumulation steps moves the factors as batch 16 does (one Euler step is
+    ``-lr`` times the mean gradient), also for a model whose forward takes ``**kwargs``, to which
+    the Trainer would otherwise leave the accumulation's division."""
+    from transformers import TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    ids, y = data(64)
+    finals = []
+    for batch, accumulate in ((16, 1), (8, 2)):
+        torch.manual_seed(0)
+        model = get_peft_model(KwargsNet(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+        args = TrainingArguments(output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, max_steps=3,
+                                 gradient_accumulation_steps=accumulate, learning_rate=0.5, report_to=[], save_strategy="no",
+                                 use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
+        trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y))
+        trainer.train()
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    moved = max(float(p.abs().max()) for n, p in finals[0].items() if "lora_B" in n)
+    assert moved > 1e-3
+    assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-6 * max(1.0, moved)
+    with pytest.raises(ValueError, match="fp16 loss scaling"):
+        ODELoRATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), fp16=True, report_to=[], use_cpu=True),
+                       train_dataset=ListDataset(ids, y), odelora_kwargs=dict(method="rk4"))

@@ -289,6 +289,7 @@ class Attempt:
     nonfinite: int = 0
     ratios: Tensor | None = None  # error ratios of the last try (adaptive methods)
     accepted: bool = False
+    why: str | None = None  # why no try was accepted, where the caller knows better than the counts
 
 
 def attempt(
@@ -386,8 +387,8 @@ def integrate(
     *,
     method: str | Tableau = "dopri5",
     h: float | None = None,
-    rtol: float = 1e-6,
-    atol: float = 1e-9,
+    rtol: float | None = None,
+    atol: float | None = None,
     t_eval: Sequence[float] | None = None,
     max_steps: int = 1_000_000,
     controller: StepController | None = None,
@@ -397,7 +398,8 @@ def integrate(
     """Integrate the autonomous flow ``dy/dt = f(y)`` from ``t_span[0]`` to ``t_span[1]``.
 
     Fixed-step tableaus need ``h`` (the last step is shortened to land on each output time);
-    embedded pairs adapt ``h`` (initial guess ``h`` or ``(t1 - t0) / 100``). States are saved at
+    embedded pairs adapt ``h`` (initial guess ``h`` or ``(t1 - t0) / 100``) to ``rtol`` and ``atol``
+    (default 1e-6 and 1e-9), or as ``controller`` says. States are saved at
     ``t_eval`` (default: only the end), which the solver steps onto exactly; it always runs to
     ``t_span[1]``, the state ``y`` of the result, as ``scipy.integrate.solve_ivp`` does. ``space`` defaults to
     :class:`VectorSpace` (``y0`` a list of tensors); with another space ``y0`` is a list of its
@@ -412,7 +414,9 @@ def integrate(
     outs = sorted(float(t) for t in (t_eval if t_eval is not None else [t1]))
     if outs and (outs[0] < t0 or outs[-1] > t1):
         raise ValueError("t_eval must lie inside t_span")
-    ctrl = controller or StepController(rtol=rtol, atol=atol)
+    if controller is not None and (rtol is not None or atol is not None):
+        raise ValueError("integrate: pass rtol and atol to the StepController, or leave controller out")
+    ctrl = controller or StepController(rtol=1e-6 if rtol is None else rtol, atol=1e-9 if atol is None else atol)
     space = space or VectorSpace()
     y = [t.clone() for t in y0] if isinstance(space, VectorSpace) else list(y0)
     parts = len(y)
@@ -429,8 +433,12 @@ def integrate(
             stats.nfe += res.nfe
             stats.steps += res.rejected + res.accepted
             stats.rejected += res.rejected
+            if not res.accepted and stats.steps >= max_steps:
+                raise RuntimeError(f"integrate: max_steps={max_steps} reached at t={t:.6g} with every try rejected; raise "
+                                   "max_steps, or loosen rtol and atol")
             if not res.accepted:
-                raise RuntimeError(f"integrate: no step from t={t:.6g} met the tolerance down to h_min={ctrl.h_min:.3g}")
+                raise RuntimeError(f"integrate: no step from t={t:.6g} met the tolerance down to h_min={ctrl.h_min:.3g}; "
+                                   "loosen rtol and atol, or check the flow for values that grow without bound")
             stats.accepted += 1
             y, t = res.y, t + res.h
             step = res.h_next if tab.adaptive else step

@@ -12,6 +12,7 @@ A step is a short pipeline of named parts::
 from __future__ import annotations
 
 import numbers
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -28,7 +29,7 @@ from .options import check_adam_options, check_flow_options, check_lr, companion
 from .pairs import LoRAPair
 from .preconditioners import Move, get_preconditioner
 from .retractions import Factors, get_retraction
-from .store import PairStore
+from .store import PairStore, local
 
 __all__ = ["ODELoRA", "NonFiniteError", "StepRecord", "StepFailure"]
 
@@ -63,7 +64,7 @@ class _Field:
     there (the closure, or ``.grad`` for the first stage) and returns the raw flow velocities.
     Raises :class:`NonFiniteError` naming the pairs at a NaN/inf loss, gradient or velocity."""
 
-    def __init__(self, opt: "ODELoRA", closure, first_from_grad: bool, y0: list[Factors], first_loss=None):
+    def __init__(self, opt: "ODELoRA", y0: list[Factors], closure, first_from_grad: bool, first_loss=None):
         self.opt, self.closure, self.first_from_grad, self.y0 = opt, closure, first_from_grad, y0
         self.first_loss = first_loss  # of the gradients in .grad, where the loop gives it
         self.loss: Tensor | None = None
@@ -102,7 +103,8 @@ class _Field:
         v = [self._velocity(x, gB, gA) for x, (gB, gA) in zip(y, store.grads())]
         total = sum(t.sum() for k in v for t in k)
         # inf * 0 is NaN: a non-finite loss or companion gradient poisons the sum too
-        poison = ([torch.as_tensor(loss).detach()] if loss is not None else []) + [g for g in self.companion_grads or [] if first and g is not None]
+        # (each rank tests its own shard of a sharded companion gradient; the ranks then agree)
+        poison = ([torch.as_tensor(loss).detach()] if loss is not None else []) + [local(g) for g in self.companion_grads or [] if first and g is not None]
         if poison:
             total = total + sum(x.to(total).sum() for x in poison) * 0
         ok = torch.isfinite(total)  # one sync: NaN/inf anywhere makes the sum so
@@ -125,7 +127,7 @@ class _Field:
         if bad_g:
             return f"non-finite gradient in {_short(bad_g)}"
         bad_c = [f"companion parameter {i} {tuple(g.shape)}" for i, g in enumerate(self.companion_grads or [])
-                 if g is not None and not bool(torch.isfinite(g).all())]
+                 if g is not None and not bool(torch.isfinite(local(g)).all())]
         if bad_c:
             return f"non-finite gradient of {_short(bad_c)}"
         bad_v = store.names_where([torch.stack([~torch.isfinite(t).flatten(1).all(1) for t in k]).any(0) for k in v])
@@ -175,7 +177,9 @@ class ODELoRA(torch.optim.Optimizer):
             is reused); a non-finite value at a later stage also counts as a rejection.
         on_nonfinite: ``"warn"`` (default) or ``"raise"``. A NaN/inf loss or gradient at the
             start of a step skips the step: parameters and optimizer state stay as they were and
-            ``stats["skipped"]`` counts it. With ``"raise"`` a :class:`NonFiniteError` follows.
+            ``stats["skipped"]`` counts it. With ``"raise"`` a :class:`NonFiniteError` follows
+            every step skipped at a non-finite value: at the start, at a later stage in every
+            try, or new factors that overflow half-precision parameters.
         max_skipped_steps: after this many skipped steps in a row (non-finite values, or no
             step size meeting the tolerance) a :class:`StepFailure` names the pairs and what to
             try, whatever ``on_nonfinite`` says: training never freezes silently.
@@ -328,38 +332,58 @@ class ODELoRA(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """Advance every pair by one step; returns the loss of the first closure call.
 
-        With ``closure=None`` only Euler can run, from the gradients already in ``.grad``.
+        Without a closure the first stage is the gradients already in ``.grad``: enough for Euler;
+        other methods need a closure, passed here or by :meth:`set_stage_closure`.
         """
         self._follow_moves()
-        closure, from_grad, first_loss = self._stage_source(closure)
-        units = self._step_units()
-        y0 = self._start_state()
-        fld = _Field(self, closure, from_grad, y0, first_loss)
+        source = self._stage_source(closure)
+        fld = _Field(self, self._start_state(), *source)
+        with self._put_back_on_error(fld.y0):
+            res = self._integrate(fld)
+            move = self._move(fld.y0, res)
+        if self.tableau.adaptive:
+            self._rho = res.h_next
+        if move is None:
+            return self._skip(fld, res)
+        self._commit(move, fld, res)
+        return fld.loss
+
+    @contextmanager
+    def _put_back_on_error(self, y0: list[Factors]):
+        """An error in the closure, the flow or the preconditioner leaves the parameters as the step found them."""
         try:
-            res = attempt(
-                fld, y0, self._rho if self.tableau.adaptive else 1.0, self.tableau, self.retraction, self.controller,
-                unit=units, max_tries=self.max_rejects + 1, agree=self._agree_max if self._ranks() > 1 else None,
+            yield
+        except BaseException:
+            self._restore(y0)
+            raise
+
+    def _integrate(self, fld: _Field) -> Attempt:
+        """The stages and the accept/reject decision (:func:`integrators.attempt`, shared with
+        ``integrate``). A non-finite first stage is a rejection no smaller step can help."""
+        rho = self._rho if self.tableau.adaptive else 1.0
+        try:
+            return attempt(
+                fld, fld.y0, rho, self.tableau, self.retraction, self.controller, unit=self._step_units(),
+                max_tries=self.max_rejects + 1, agree=self._agree_max if self._ranks() > 1 else None,
                 combine=self.preconditioner.uses_step,
             )
         except NonFiniteError as exc:
-            return self._skip(fld, y0, str(exc), nfe=fld.calls, rejected=1, nonfinite=1)
-        except BaseException:  # an error in the closure at a later stage: put the parameters back
-            self._restore(y0)
-            raise
+            return Attempt(None, [], rho, rho, nfe=fld.calls, rejected=1, nonfinite=1, why=str(exc))
+
+    def _move(self, y0: list[Factors], res: Attempt) -> Move | None:
+        """The preconditioner's new factors from an accepted attempt. None where no try was
+        accepted, or where they would overflow half-precision parameters: that try then counts as
+        rejected at a non-finite value, and the next adaptive step is shorter."""
         if not res.accepted:
-            if self.tableau.adaptive:
-                self._rho = res.h_next
-            return self._skip(fld, y0, self._failure(res), nfe=res.nfe, rejected=res.rejected, nonfinite=res.nonfinite)
-        try:
-            move = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
-            overflow = self._overflow(move.y)
-        except BaseException:  # the parameters hold the last stage: put them back
-            self._restore(y0)
-            raise
-        if overflow:
-            return self._skip(fld, y0, f"the step overflows the {overflow} parameters", nfe=res.nfe, rejected=res.rejected + 1, nonfinite=res.nonfinite + 1)
-        self._commit(move, fld, res)
-        return fld.loss
+            return None
+        move = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
+        overflow = self._overflow(move.y)
+        if overflow is None:
+            return move
+        res.accepted, res.why = False, f"the step overflows the {overflow} parameters"
+        res.rejected, res.nonfinite = res.rejected + 1, res.nonfinite + 1
+        res.h_next = max(self.controller.h_min, res.h * self.controller.shrink)
+        return None
 
     def _step_units(self) -> list[float]:
         """Each bucket's lr (its group's, as an LR scheduler left it): the unit of its time step."""
@@ -448,13 +472,11 @@ class ODELoRA(torch.optim.Optimizer):
             for p, g in zip(self._companion_params(), fld.companion_grads):
                 p.grad = g
             self._companion.step()
-        if self.tableau.adaptive:
-            self._rho = res.h_next
         self._skips = 0
         for g in self.param_groups:
             if not g.get("companion"):
                 g["t"] += res.h * float(g["lr"])
-        self._record(fld, res.nfe, True, res.rejected, res.nonfinite, res.h)
+        self._record(fld, res)
 
     def _restore(self, y0: list[Factors]) -> None:
         """Write the start state back into the parameters, keeping its frames where the parameters
@@ -464,19 +486,19 @@ class ODELoRA(torch.optim.Optimizer):
         if all(b.exact for b in store.buckets):
             self._last = (store.versions(), y0, True)
 
-    def _skip(self, fld: _Field, y0: list[Factors], why: str, *, nfe: int, rejected: int = 0, nonfinite: int = 0):
+    def _skip(self, fld: _Field, res: Attempt):
         """Restore the parameters, count the skipped step, warn or raise."""
-        self._restore(y0)
+        self._restore(fld.y0)
         self._skips += 1
         self.stats["skipped"] += 1
-        self._record(fld, nfe, False, rejected, nonfinite, 0.0)
-        msg = f"ODELoRA skipped a step: {why}; parameters and state are unchanged"
+        self._record(fld, res)
+        msg = f"ODELoRA skipped a step: {res.why or self._failure(res)}; parameters and state are unchanged"
         if self._skips >= self.max_skipped_steps:
             raise StepFailure(
                 f"{msg}. That is {self._skips} skipped steps in a row. Lower lr, check the data and the loss for "
                 "NaN/inf, train in float32 rather than float16, or loosen rtol/atol for adaptive methods"
             )
-        if nonfinite and self.on_nonfinite == "raise":
+        if res.nonfinite and self.on_nonfinite == "raise":
             raise NonFiniteError(msg)
         warn(msg, RuntimeWarning)
         return fld.loss
@@ -498,7 +520,9 @@ class ODELoRA(torch.optim.Optimizer):
                                     if self.retraction.velocity == "factors" else ""))
         return why
 
-    def _record(self, fld: _Field, nfe: int, accepted: bool, rejected: int, nonfinite: int, h: float) -> None:
+    def _record(self, fld: _Field, res: Attempt) -> None:
+        """``last_step`` and the running ``stats`` after a step, taken or skipped."""
+        nfe, accepted, rejected, nonfinite, h = res.nfe, res.accepted, res.rejected, res.nonfinite, res.h if res.accepted else 0.0
         g0 = next(g for g in self.param_groups if not g.get("companion"))
         imb = None
         if self.track_imbalance:

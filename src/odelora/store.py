@@ -33,7 +33,8 @@ def whole(t: Tensor) -> Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
-def _local(t: Tensor) -> Tensor:
+def local(t: Tensor) -> Tensor:
+    """This rank's part of a sharded tensor; any other tensor itself."""
     return t.to_local() if is_sharded(t) else t
 
 
@@ -41,7 +42,7 @@ def _own_part(value: Tensor, like: Tensor) -> Tensor:
     """This rank's shard of a full ``value`` laid out like the DTensor ``like`` (no communication)."""
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
-__all__ = ["Bucket", "PairStore"]
+__all__ = ["Bucket", "PairStore", "is_sharded", "local", "whole"]
 
 
 @dataclass
@@ -85,7 +86,7 @@ class PairStore:
             for i, (B, A) in enumerate(pairs):
                 by_key.setdefault((tuple(B.shape), tuple(A.shape), B.dtype, B.device), []).append(i)
             for idx in by_key.values():
-                device = _local(pairs[idx[0]][0]).device
+                device = local(pairs[idx[0]][0]).device
                 dt = compute_dtype(pairs[idx[0]][0])
                 scale = torch.tensor([g["scales"][i] for i in idx], dtype=dt, device=device)
                 self.buckets.append(
@@ -116,14 +117,14 @@ class PairStore:
             vals = list(x.B.unbind(0)) + list(x.A.unbind(0))
             if b.sharded:
                 vals = [_own_part(v, p) for v, p in zip(vals, b.params)]
-            params += [_local(p.detach()) for p in b.params] if b.sharded else b.params
+            params += [local(p.detach()) for p in b.params] if b.sharded else b.params
             values += vals
         with torch.no_grad():
             torch._foreach_copy_(params, values)
 
     def grads(self) -> list[tuple[Tensor, Tensor]]:
         def stacked(ts, dt):
-            return torch.stack([whole(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=_local(p).device) for p in ts]).to(dt)
+            return torch.stack([whole(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=local(p).device) for p in ts]).to(dt)
 
         return [(stacked(b.Bs, b.dtype), stacked(b.As, b.dtype)) for b in self.buckets]
 
@@ -141,7 +142,7 @@ class PairStore:
         change neither: PyTorch does not count them.)"""
         out = []
         for b in self.buckets:
-            out += [(p._version, p.data_ptr()) for p in ([_local(p) for p in b.params] if b.sharded else b.params)]
+            out += [(p._version, p.data_ptr()) for p in ([local(p) for p in b.params] if b.sharded else b.params)]
         return tuple(out)
 
     def moved(self) -> bool:

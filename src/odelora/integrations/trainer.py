@@ -82,7 +82,15 @@ def _set_rng_state(state: tuple) -> None:
 class ODELoRATrainer(Trainer):
     """A ``Trainer`` whose optimizer is ``create_odelora_optimizer(model, lr=args.learning_rate,
     **odelora_kwargs)`` (LoRA pairs follow the flow, other trainable tensors an AdamW companion),
-    or the ODELoRA optimizer passed as ``optimizers=(optimizer, scheduler)``."""
+    or the ODELoRA optimizer passed as ``optimizers=(optimizer, scheduler)``.
+
+    ``lr`` is a time step, so the step's length follows the gradient's scale. The Trainer gives a
+    model whose ``forward`` takes ``**kwargs`` the batch's token count and then leaves the loss
+    to it: not divided by the accumulation steps, and multiplied by the number of processes
+    under DDP. A loss that ignores the count (sequence classification heads) is then that many
+    times too large, and so is the step. This Trainer sets ``model_accepts_loss_kwargs = False``
+    (unless a ``compute_loss_func`` is given): every batch's loss is the model's mean, divided by
+    the accumulation steps, as for a model without ``**kwargs``."""
 
     def __init__(self, *args, odelora_kwargs: dict[str, Any] | None = None, **kwargs):
         self.odelora_kwargs = dict(odelora_kwargs or {})
@@ -92,12 +100,19 @@ class ODELoRATrainer(Trainer):
         super().__init__(*args, callbacks=callbacks, **kwargs)
         from ..integrators import get_tableau
 
+        if self.compute_loss_func is None:
+            self.model_accepts_loss_kwargs = False
         given = self.odelora  # optimizers=(ODELoRA(...), scheduler)
         stages = given.tableau.stages if given is not None else get_tableau(self.odelora_kwargs.get("method", "euler")).stages
         if stages > 1 and self.args.gradient_accumulation_steps > 1:
             raise ValueError(
                 "multi-stage ODELoRA methods re-evaluate the loss on the step's batch; use "
                 "gradient_accumulation_steps=1 (raise the batch size instead) or method='euler'"
+            )
+        if stages > 1 and self.args.fp16:
+            raise ValueError(
+                "fp16 loss scaling unscales a step's gradients once, while multi-stage ODELoRA methods take a "
+                "gradient at every stage; use bf16=True (no loss scaling) or method='euler'"
             )
 
     @property
