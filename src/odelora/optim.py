@@ -3,10 +3,13 @@ explicit Runge-Kutta method, one closure call (forward + backward) per stage.
 
 A step is a short pipeline of named parts::
 
-    y0  = start state          stacked factors per bucket (PairStore), with cached frames
-    res = attempt(...)         stages + accept/reject (integrators.attempt, shared with integrate)
-    y   = preconditioner(...)  the RK step itself, or Adam moments of its mean velocity
-    commit(y)                  parameters written, frames cached, companion stepped, record kept
+    fld  = _Field(start state, stage source)  stacked factors per bucket (PairStore) with cached frames;
+                                               the closure, or .grad for the first stage
+    res  = _integrate(fld)                     stages + accept/reject (integrators.attempt, shared with integrate)
+    move = _move(y0, res)                      the RK step itself, or Adam moments of its mean velocity
+                                               (None: no try accepted, or half-precision overflow)
+    _commit(move) or _skip(res)                parameters written, frames cached, companion stepped,
+                                               record kept; or the start state put back
 """
 
 from __future__ import annotations
