@@ -48,7 +48,7 @@ def state_bytes(opt) -> int:
     total = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
     last = getattr(opt, "_last", None)
     if last is not None:
-        for x in last[1]:
+        for x in last.y:
             if x.frame is not None:
                 total += sum(t.numel() * t.element_size() for t in x.frame[:6])
     return total

@@ -62,6 +62,17 @@ class StepRecord:
     loss: float | None = None
 
 
+@dataclass
+class _Committed:
+    """The last state a step wrote into the parameters, with its frames (the factors' thin SVDs),
+    so the next step need not compute them again. ``versions``: the parameters'
+    :meth:`PairStore.versions` after the write; None for a state that came from a checkpoint or a
+    copy, which the next step first checks against the parameters' values."""
+
+    y: list[Factors]
+    versions: tuple | None
+
+
 class _Field:
     """The vector field of one step: writes a state into the parameters, evaluates the gradient
     there (the closure, or ``.grad`` for the first stage) and returns the raw flow velocities.
@@ -273,7 +284,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._stage_loss = None
         self._rho = 1.0  # adaptive step as a fraction of each group's lr (1 for fixed steps)
         self._skips = 0  # consecutive skipped steps
-        self._last: tuple[tuple, list[Factors], bool] | None = None  # (versions, state, trusted)
+        self._last: _Committed | None = None
         self._store: PairStore | None = None
         self.stats = dict(steps=0, nfe=0, accepted=0, rejected=0, nonfinite=0, skipped=0)
         self.last_step = StepRecord()
@@ -445,12 +456,12 @@ class ODELoRA(torch.optim.Optimizer):
         parameters still hold what was written: same versions and storage (see
         :meth:`PairStore.versions`; in-place writes through ``.data`` are not seen)."""
         store = self.store
-        if self._last is not None and all(b.exact for b in store.buckets):
-            versions, y, trusted = self._last
-            if trusted and versions == store.versions():
-                return [Factors(x.B, x.A, x.scale, x.frame) for x in y]
-            if not trusted:
-                y = restored(y, store)
+        last = self._last
+        if last is not None and all(b.exact for b in store.buckets):
+            if last.versions is not None and last.versions == store.versions():
+                return [Factors(x.B, x.A, x.scale, x.frame) for x in last.y]
+            if last.versions is None:
+                y = restored(last.y, store)
                 if y is not None:
                     return y
         self._last = None
@@ -468,7 +479,7 @@ class ODELoRA(torch.optim.Optimizer):
     def _commit(self, move: Move, fld: _Field, res: Attempt) -> None:
         store, y = self.store, [x.contiguous() for x in move.y]
         store.unpack(y)
-        self._last = (store.versions(), y, True)
+        self._last = _Committed(y, store.versions())
         for p, entries in move.state.items():
             self.state[p].update(entries)
         if self._companion is not None:
@@ -487,7 +498,7 @@ class ODELoRA(torch.optim.Optimizer):
         store = self.store
         store.unpack(y0)
         if all(b.exact for b in store.buckets):
-            self._last = (store.versions(), y0, True)
+            self._last = _Committed(y0, store.versions())
 
     def _skip(self, fld: _Field, res: Attempt):
         """Restore the parameters, count the skipped step, warn or raise."""
@@ -550,14 +561,14 @@ class ODELoRA(torch.optim.Optimizer):
         super().__setstate__(state)
         self._stage_closure, self._stage_loss, self._store = None, None, None
         if self._last is not None:  # the copied frames, checked against the copied parameters at the next step
-            self._last = ((), self._last[1], False)
+            self._last = _Committed(self._last.y, None)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
         extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=dict(self.stats), config=self._config(),
                                      layout=self.store.layout())
         if self._last is not None:  # derived, but resuming must reproduce the same arithmetic
-            extra.update(frames_entry(self._last[1]))
+            extra.update(frames_entry(self._last.y))
         if self._companion is not None:
             extra["companion"] = self._companion.state_dict()
         sd["odelora"] = extra
@@ -585,7 +596,7 @@ class ODELoRA(torch.optim.Optimizer):
             self.stats.update(extra["stats"])
             y = saved_frames(extra, self.store)
             if y is not None:
-                self._last = ((), y, False)  # checked against the parameters at the next step
+                self._last = _Committed(y, None)  # checked against the parameters at the next step
             if self._companion is not None and "companion" in extra:
                 self._companion.load_state_dict(like_params(extra["companion"], self._companion_params()))
         if self._companion is not None:  # re-share the companion's group dicts after the reload
