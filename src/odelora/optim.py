@@ -575,13 +575,27 @@ class ODELoRA(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Checks that the state fits (:func:`checkpoint.check_state_dict`), torch's loading, then
+        ODELoRA's own: Adam moments in the compute dtype, the adaptive step, the statistics, the
+        cached frames and the companion's state."""
         state_dict = dict(state_dict)
         check_state_dict(state_dict, self.param_groups, self.store.layout(), self._config())
-        extra = state_dict.pop("odelora", None)
+        extra = state_dict.pop("odelora")
         super().load_state_dict(state_dict)
         self._store = None
-        # torch casts state to the parameter dtype; Adam moments live in the compute dtype (float32
-        # for half-precision factors), so take them from the state dict itself, not from the cast
+        self._reload_moments(state_dict)
+        self._rho, self._skips = float(extra["rho"]), int(extra.get("skips", 0))
+        self.stats.update(extra["stats"])
+        y = saved_frames(extra, self.store)
+        self._last = None if y is None else _Committed(y, None)  # checked against the parameters at the next step
+        if self._companion is not None:
+            if "companion" in extra:
+                self._companion.load_state_dict(like_params(extra["companion"], self._companion_params()))
+            self._share_companion_groups()
+
+    def _reload_moments(self, state_dict: dict) -> None:
+        """torch casts state to the parameters' dtype; Adam moments live in the compute dtype
+        (float32 for half-precision factors): take them from the state dict itself."""
         saved = {id(p): pid for g, h in zip(self.param_groups, state_dict["param_groups"]) for p, pid in zip(g["params"], h["params"])}
         for b in self.store.buckets:
             for p in b.params:
@@ -589,23 +603,16 @@ class ODELoRA(torch.optim.Optimizer):
                     if key in self.state.get(p, {}):
                         value = state_dict["state"][saved[id(p)]][key]
                         self.state[p][key] = value.to(device=self.state[p][key].device, dtype=b.dtype, copy=True)
-        self._last = None
-        if extra is not None:
-            self._rho = float(extra["rho"])
-            self._skips = int(extra.get("skips", 0))
-            self.stats.update(extra["stats"])
-            y = saved_frames(extra, self.store)
-            if y is not None:
-                self._last = _Committed(y, None)  # checked against the parameters at the next step
-            if self._companion is not None and "companion" in extra:
-                self._companion.load_state_dict(like_params(extra["companion"], self._companion_params()))
-        if self._companion is not None:  # re-share the companion's group dicts after the reload
-            groups = iter(self._companion.param_groups)
-            for i, g in enumerate(self.param_groups):
-                if g.get("companion"):
-                    mine = next(groups)
-                    mine.update({k: v for k, v in g.items() if k != "params"})
-                    self.param_groups[i] = mine
+
+    def _share_companion_groups(self) -> None:
+        """The companion's group dicts stand in ``param_groups`` themselves (LR schedulers reach
+        them there); torch's loading replaced them with copies holding the saved values."""
+        groups = iter(self._companion.param_groups)
+        for i, g in enumerate(self.param_groups):
+            if g.get("companion"):
+                mine = next(groups)
+                mine.update({k: v for k, v in g.items() if k != "params"})
+                self.param_groups[i] = mine
 
     def _config(self) -> dict[str, str]:
         return dict(method=self.tableau.name, flow=self.flow.name, retraction=self.retraction.name, preconditioner=self.preconditioner.name)
