@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .geometry import Frame, Tangent, compute_dtype, damped_inverse, default_damping, factor_frame, tall_mm
 
-__all__ = ["Flow", "gradient", "scaled", "balanced", "FLOWS", "get_flow"]
+__all__ = ["Flow", "gradient", "scaled", "balanced", "FLOWS", "get_flow", "check_damping"]
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,22 @@ def _check_shapes(B, A, gB, gA):
         )
 
 
+def check_damping(damping) -> None:
+    """A flow's ``damping``: None (the default) or a finite number >= 0."""
+    if damping is None:
+        return
+    try:
+        ok = not isinstance(damping, (bool, str, bytes)) and float(damping) >= 0 and math.isfinite(float(damping))
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"damping must be a finite number >= 0 (relative to the largest squared singular value; "
+                         f"default: the unit roundoff), got {damping!r}")
+
+
 def _damping(dt: torch.dtype, damping: float | None) -> float:
-    d = default_damping(dt) if damping is None else float(damping)
-    if not (d >= 0 and math.isfinite(d)):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
-    return d
+    check_damping(damping)
+    return default_damping(dt) if damping is None else float(damping)
 
 
 def _inverse_square(scale, dt: torch.dtype, device) -> Tensor:

@@ -9,11 +9,11 @@ from typing import Any
 
 from torch import Tensor
 
-from .flows import Flow
+from .flows import Flow, check_damping
 from .pairs import LoRAPair, as_pairs
 from .store import is_sharded
 
-__all__ = ["pair_groups", "check_lr", "check_adam_options", "check_flow_options", "check_damping", "companion_options"]
+__all__ = ["pair_groups", "check_lr", "check_adam_options", "check_flow_options", "companion_options"]
 
 
 def pair_groups(params: Any, start: int = 0) -> list[dict]:
@@ -79,19 +79,6 @@ def check_flow_options(flow: Flow, options: dict) -> None:
     if bad:
         raise ValueError(f"flow_options {bad} are not options of the {flow.name!r} flow; it takes {sorted(accepted)}")
     check_damping(options.get("damping"))
-
-
-def check_damping(damping) -> None:
-    """A flow's ``damping``: None (the default) or a finite number >= 0."""
-    if damping is None:
-        return
-    try:
-        ok = not isinstance(damping, (bool, str, bytes)) and float(damping) >= 0 and math.isfinite(float(damping))
-    except (TypeError, ValueError, RuntimeError):
-        ok = False
-    if not ok:
-        raise ValueError(f"damping must be a finite number >= 0 (relative to the largest squared singular value; "
-                         f"default: the unit roundoff), got {damping!r}")
 
 
 def companion_options(params: list[Tensor], kwargs: dict | None) -> dict:
