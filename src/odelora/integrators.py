@@ -36,8 +36,10 @@ __all__ = [
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss, gradient or velocity was NaN or infinite. ``stage`` is the RK stage it came from
-    and ``stages`` the stages completed before it (set by :func:`rk_step`)."""
+    """A loss, gradient or velocity was NaN or infinite, or a decomposition failed at a stage
+    (``torch.linalg.LinAlgError``: LAPACK fails on NaN/inf or overflowing input; the message says
+    so). ``stage`` is the RK stage it came from and ``stages`` the stages completed before it (set
+    by :func:`rk_step`)."""
 
     stage: int | None = None
     stages: list | None = None
