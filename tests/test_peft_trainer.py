@@ -212,6 +212,19 @@ class ListDataset(torch.utils.data.Dataset):
         return {"ids": self.ids[i], "labels": self.y[i]}
 
 
+def recorded_losses(trainer) -> list[float]:
+    """The losses of every ``compute_loss`` call the trainer makes from now on (one per RK stage)."""
+    losses, compute = [], trainer.compute_loss
+
+    def recorded(*a, **k):
+        out = compute(*a, **k)
+        losses.append(float(out.detach()))
+        return out
+
+    trainer.compute_loss = recorded
+    return losses
+
+
 @pytest.mark.parametrize("method,stages", [("euler", 1), ("rk4", 4)])
 def test_trainer_trains_with_odelora_and_logs_statistics(method, stages, tmp_path):
     from transformers import TrainingArguments
@@ -228,14 +241,7 @@ def test_trainer_trains_with_odelora_and_logs_statistics(method, stages, tmp_pat
     trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y),
                              odelora_kwargs=dict(method=method, companion_lr=1e-2))
     net.calls = 0
-    losses, compute = [], trainer.compute_loss
-
-    def recorded(*a, **k):
-        out = compute(*a, **k)
-        losses.append(float(out.detach()))
-        return out
-
-    trainer.compute_loss = recorded
+    losses = recorded_losses(trainer)
     trainer.train()
     assert net.calls == 12 * stages  # one forward per RK stage
     assert trainer.odelora.last_step.loss == pytest.approx(losses[-stages], rel=1e-6)  # the first stage's, from the Trainer
@@ -269,14 +275,7 @@ def test_trainer_stages_share_dropout_masks_and_take_a_given_optimizer(tmp_path)
                              max_grad_norm=0.0)
     opt = create_odelora_optimizer(model, lr=1e-12, method="rk4")
     trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y), optimizers=(opt, None))
-    losses, compute = [], trainer.compute_loss
-
-    def recorded(*a, **k):
-        out = compute(*a, **k)
-        losses.append(float(out.detach()))
-        return out
-
-    trainer.compute_loss = recorded
+    losses = recorded_losses(trainer)
     trainer.train()
     assert opt.stats["nfe"] == 8 and len(losses) == 8  # 2 steps x 4 stages
     for step in (losses[:4], losses[4:]):
