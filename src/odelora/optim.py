@@ -116,11 +116,13 @@ class _Field:
                 self.companion_grads = [None if p.grad is None else p.grad.clone() for p in opt._companion_params()]
         v = [self._velocity(x, gB, gA) for x, (gB, gA) in zip(y, store.grads())]
         total = sum(t.sum() for k in v for t in k)
-        # inf * 0 is NaN: a non-finite loss or companion gradient poisons the sum too
-        # (each rank tests its own shard of a sharded companion gradient; the ranks then agree)
-        poison = ([torch.as_tensor(loss).detach()] if loss is not None else []) + [local(g) for g in self.companion_grads or [] if first and g is not None]
-        if poison:
-            total = total + sum(x.to(total).sum() for x in poison) * 0
+        # inf * 0 is NaN: a non-finite loss or companion gradient poisons the sum too (each rank
+        # tests its own shard of a sharded companion gradient; the ranks then agree)
+        also = [] if loss is None else [torch.as_tensor(loss).detach()]
+        if first and self.companion_grads:
+            also += [local(g) for g in self.companion_grads if g is not None]
+        if also:
+            total = total + sum(x.to(total).sum() for x in also) * 0
         ok = torch.isfinite(total)  # one sync: NaN/inf anywhere makes the sum so
         if not bool(opt._agree_all(ok)):
             raise NonFiniteError(self._describe(loss, v) if not bool(ok) else "a non-finite loss or gradient on another rank")
