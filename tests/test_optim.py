@@ -1581,7 +1581,8 @@ def test_a_closure_must_return_the_loss_or_none():
     opt = ODELoRA([(B, A)], lr=0.05, method="heun")
     closure = make_closure(opt, B, A, Y)
     before = [t.detach().clone() for t in (B, A)]
-    for value, what in (((1.0, 2.0), "a tuple"), (torch.ones(3), r"a tensor of shape \(3,\)"), ({"loss": 1.0}, "a dict")):
+    for value, what in (((1.0, 2.0), "a tuple"), (torch.ones(3), r"a float32 tensor of shape \(3,\)"), ({"loss": 1.0}, "a dict"),
+                        (torch.tensor(1.0 + 0j), "a complex64 tensor"), (torch.tensor(True), "a bool tensor")):
         def bad(value=value):
             closure()
             return value
@@ -1645,3 +1646,59 @@ def test_misused_options_fail_saying_what_to_pass():
     sd["param_groups"][0]["t"] = float("nan")
     with pytest.raises(ValueError, match="integration time t must be a finite number"):
         opt.load_state_dict(sd)
+
+
+def test_a_checkpoint_taken_while_a_pair_had_another_dtype_loads_after_it_moved_back():
+    """Pairs are bucketed by dtype too: a state saved with one pair in bfloat16 loads into the same
+    pairs all in float32, and the next step equals a fresh optimizer's from those factors."""
+    Y, B1, A1 = problem(0, dtype=torch.float32)
+    _, B2, A2 = problem(1, dtype=torch.float32)
+
+    def closure_for(opt):
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * ((B1.double() @ A1.double() + B2.double() @ A2.double() - Y) ** 2).sum()
+            loss.backward()
+            return loss
+        return closure
+
+    opt = ODELoRA([(B1, A1), (B2, A2)], lr=0.05)
+    opt.step(closure_for(opt))
+    for p in (B1, A1):
+        p.data = p.data.bfloat16()
+    opt.step(closure_for(opt))
+    sd = opt.state_dict()
+    for p in (B1, A1):
+        p.data = p.data.float()
+    opt.step(closure_for(opt))  # packs the pairs again: one bucket now
+    start = [p.detach().clone() for p in (B1, A1, B2, A2)]
+    opt.load_state_dict(sd)
+    opt.step(closure_for(opt))
+    loaded = [p.detach().clone() for p in (B1, A1, B2, A2)]
+    with torch.no_grad():
+        for p, s in zip((B1, A1, B2, A2), start):
+            p.copy_(s)
+    fresh = ODELoRA([(B1, A1), (B2, A2)], lr=0.05)
+    fresh.step(closure_for(fresh))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(loaded, (B1, A1, B2, A2)))
+
+
+def test_a_companion_moved_to_another_dtype_steps_and_a_failing_companion_undoes_the_step(monkeypatch):
+    opt, (B, A, bias), Y = with_head("euler", dtype=torch.float32)
+    opt.step(head_closure(opt, (B, A, bias), Y))
+    for p in (B, A, bias):
+        p.data = p.data.double()
+    before = bias.detach().clone()
+    opt.step(head_closure(opt, (B, A, bias), Y))  # torch's fused AdamW alone refuses float32 moments here
+    assert opt.stats["accepted"] == 2 and not torch.equal(bias, before)
+    assert all(v.dtype == torch.float64 for k, v in opt._companion.state[bias].items() if k != "step")
+
+    def broken():
+        raise RuntimeError("companion failed")
+
+    monkeypatch.setattr(opt._companion, "step", broken)
+    start, t0, stats = [p.detach().clone() for p in (B, A, bias)], opt.param_groups[0]["t"], dict(opt.stats)
+    with pytest.raises(RuntimeError, match="companion failed"):
+        opt.step(head_closure(opt, (B, A, bias), Y))
+    assert all(torch.equal(a, b) for a, b in zip(start, (B, A, bias)))
+    assert opt.param_groups[0]["t"] == t0 and opt.stats == stats

@@ -135,7 +135,10 @@ def _check_layout(extra: dict, mine: list[list[int]]) -> None:
     frames = extra.get("frames") or []
     if saved is None and frames and all(f is not None for f in frames):  # saved before the layout was kept
         saved = [[f[0].shape[0], f[0].shape[-2], f[2].shape[-2], f[3].shape[-2]] for f in frames]
-    if saved is not None and [list(map(int, x)) for x in saved] != mine:
+    # Pairs are bucketed by shape, dtype and device: compare the shapes each bucket holds, not the
+    # bucketing, which a pair saved in another dtype changes.
+    shapes = lambda layout: sorted((int(m), int(r), int(n)) for k, m, r, n in layout for _ in range(int(k)))
+    if saved is not None and shapes(saved) != shapes(mine):
         show = lambda layout: "; ".join(f"{k} of {m} x {r} x {n}" for k, m, r, n in layout)
         raise ValueError(f"the state dict was saved for pairs {show(saved)} (count of m x r x n), this optimizer has "
                          f"{show(mine)}: build it on the same model, adapters and LoRA rank")

@@ -429,18 +429,21 @@ def integrate(
     for target in outs + ([t1] if not outs or outs[-1] < t1 - eps else []):
         while target - t > eps:
             if stats.steps >= max_steps:
-                raise RuntimeError(f"integrate: max_steps={max_steps} reached at t={t:.6g}; raise max_steps, or loosen rtol and atol")
+                raise RuntimeError(f"integrate: max_steps={max_steps} reached at t={t:.6g}; raise max_steps, or "
+                                   + ("loosen rtol and atol" if tab.adaptive else "take a larger h"))
             hh = min(step, target - t)
             res = attempt(f, y, hh, tab, space, ctrl, parts=parts, max_tries=max_steps - stats.steps, first=first)
             stats.nfe += res.nfe
             stats.steps += res.rejected + res.accepted
             stats.rejected += res.rejected
-            if not res.accepted and stats.steps >= max_steps:
-                raise RuntimeError(f"integrate: max_steps={max_steps} reached at t={t:.6g} with every try rejected; raise "
-                                   "max_steps, or loosen rtol and atol")
             if not res.accepted:
-                raise RuntimeError(f"integrate: no step from t={t:.6g} met the tolerance down to h_min={ctrl.h_min:.3g}; "
-                                   "loosen rtol and atol, or check the flow for values that grow without bound")
+                if res.nonfinite == res.rejected:
+                    why = "the flow was NaN or infinite at every try; check the flow and the start state"
+                else:
+                    why = (f"no step met the tolerance down to h_min={ctrl.h_min:.3g}; loosen rtol and atol, or check "
+                           "the flow for values that grow without bound")
+                spent = f"max_steps={max_steps} reached with every try rejected: " if stats.steps >= max_steps else ""
+                raise RuntimeError(f"integrate: {spent}no step from t={t:.6g} was accepted: {why}")
             stats.accepted += 1
             y, t = res.y, t + res.h
             step = res.h_next if tab.adaptive else step

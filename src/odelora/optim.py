@@ -8,8 +8,9 @@ A step is a short pipeline of named parts::
     res  = _integrate(fld)                     stages + accept/reject (integrators.attempt, shared with integrate)
     move = _move(y0, res)                      the RK step itself, or Adam moments of its mean velocity
                                                (None: no try accepted, or half-precision overflow)
-    _commit(move) or _skip(res)                parameters written, frames cached, companion stepped,
-                                               record kept; or the start state put back
+    _step_companion(fld)                       the AdamW companion (heads, biases), where the step is taken
+    _commit(move) or _skip(res)                parameters written, frames cached, record kept; or the
+                                               start state put back
 """
 
 from __future__ import annotations
@@ -154,9 +155,9 @@ def _checked_loss(loss):
     """A closure's value: None, or the loss as a real number (Python or NumPy) or one-element tensor."""
     if loss is None or (isinstance(loss, numbers.Real) and not isinstance(loss, bool)):
         return loss
-    if isinstance(loss, Tensor) and loss.numel() == 1:
+    if isinstance(loss, Tensor) and loss.numel() == 1 and (loss.is_floating_point() or (not loss.is_complex() and loss.dtype != torch.bool)):
         return loss
-    what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else f"a {type(loss).__name__}"
+    what = f"a {str(loss.dtype).replace('torch.', '')} tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else f"a {type(loss).__name__}"
     raise TypeError(f"the closure returned {what}: it must return the loss (a number or a one-element tensor) or None")
 
 
@@ -307,6 +308,23 @@ class ODELoRA(torch.optim.Optimizer):
         if self._store is not None and self._store.moved():
             self._store, self._last = None, None
             self._tolerance_floor()
+        if self._companion is not None:
+            self._follow_companion_moves()
+
+    def _follow_companion_moves(self) -> None:
+        """torch's AdamW keeps its moments in the dtype and on the device they were made in, and
+        its fused kernel then refuses to step: move them with their parameters (the fused
+        kernel's step count too)."""
+        fused = any(g.get("fused") for g in self._companion.param_groups)
+        for p in self._companion_params():
+            st = self._companion.state.get(p, {})
+            for k, v in st.items():
+                if not torch.is_tensor(v):
+                    continue
+                if k != "step" and (v.dtype, v.device) != (p.dtype, p.device):
+                    st[k] = v.to(device=p.device, dtype=p.dtype)
+                elif k == "step" and fused and v.device != p.device:
+                    st[k] = v.to(p.device)
 
     def _tolerance_floor(self) -> None:
         """Stages are evaluated at parameters rounded to their dtype: no rtol below that."""
@@ -357,6 +375,8 @@ class ODELoRA(torch.optim.Optimizer):
         with self._put_back_on_error(fld.y0):
             res = self._integrate(fld)
             move = self._move(fld.y0, res)
+            if move is not None:
+                self._step_companion(fld)
         if self.tableau.adaptive:
             self._rho = res.h_next
         if move is None:
@@ -478,16 +498,20 @@ class ODELoRA(torch.optim.Optimizer):
                     return str(b.Bs[0].dtype).replace("torch.", "")
         return None
 
+    def _step_companion(self, fld: _Field) -> None:
+        """The companion's AdamW step, from the gradients at the start of the step; before anything
+        else is written, so that an error in it leaves the step undone."""
+        if self._companion is not None:
+            for p, g in zip(self._companion_params(), fld.companion_grads):
+                p.grad = g
+            self._companion.step()
+
     def _commit(self, move: Move, fld: _Field, res: Attempt) -> None:
         store, y = self.store, [x.contiguous() for x in move.y]
         store.unpack(y)
         self._last = _Committed(y, store.versions())
         for p, entries in move.state.items():
             self.state[p].update(entries)
-        if self._companion is not None:
-            for p, g in zip(self._companion_params(), fld.companion_grads):
-                p.grad = g
-            self._companion.step()
         self._skips = 0
         for g in self.param_groups:
             if not g.get("companion"):
@@ -581,6 +605,7 @@ class ODELoRA(torch.optim.Optimizer):
         ODELoRA's own: Adam moments in the compute dtype, the adaptive step, the statistics, the
         cached frames and the companion's state."""
         state_dict = dict(state_dict)
+        self._follow_moves()
         check_state_dict(state_dict, self.param_groups, self.store.layout(), self._config())
         extra = state_dict.pop("odelora")
         super().load_state_dict(state_dict)
