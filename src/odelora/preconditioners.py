@@ -16,7 +16,7 @@ from torch.optim.adamw import adamw
 
 from .integrators import Attempt, Tableau, axpy
 from .retractions import Factors, Retraction
-from .store import Bucket
+from .store import Bucket, local
 
 __all__ = ["Move", "Plain", "Adam", "PRECONDITIONERS", "get_preconditioner"]
 
@@ -78,7 +78,7 @@ class Adam:
         """Copies of the moments of the whole factor (a sharded one too: the step runs on gathered
         factors), zeros before the first step."""
         st = state.get(p, {})
-        device = (p.to_local() if hasattr(p, "to_local") else p).device
+        device = local(p).device
         if "exp_avg" in st:  # in the compute dtype, on the factor's device (they follow a model.to(...))
             return dict(step=st["step"].clone(), **{k: st[k].to(device=device, dtype=dtype, copy=True) for k in ("exp_avg", "exp_avg_sq")})
         zeros = lambda: torch.zeros(p.shape, dtype=dtype, device=device)
