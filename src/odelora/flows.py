@@ -15,7 +15,9 @@ and divide by no singular value without damping (``odelora.geometry``): a direct
 singular value is below ``damping * max^2`` fades out smoothly instead of being inverted, so the
 flows are defined and bounded for every input, ``B = 0`` and ``A = 0`` included, with no rank
 test and no threshold. Where both factors are well conditioned the damping changes the result by
-a relative ``damping * cond^2`` (about 1e-12 for cond = 100 in float64).
+a relative ``damping * cond^2`` (about 1e-12 for cond = 100 in float64). The default damping is
+``eps`` for factor velocities and ``eps^2`` for the balanced flow's tangent vectors
+(:func:`~odelora.geometry.default_damping`).
 
 Each flow is a :class:`Flow`: the function plus what it supports (taking a precomputed frame,
 skipping its gauge term) and the retraction the optimizer uses with it by default.
@@ -89,12 +91,12 @@ def check_damping(damping) -> None:
         ok = False
     if not ok:
         raise ValueError(f"damping must be a finite number >= 0 (relative to the largest squared singular value; "
-                         f"default: the unit roundoff), got {damping!r}")
+                         f"default: the unit roundoff eps, eps^2 for the balanced flow's tangent vectors), got {damping!r}")
 
 
-def _damping(dt: torch.dtype, damping: float | None) -> float:
+def _damping(dt: torch.dtype, damping: float | None, tangent: bool = False) -> float:
     check_damping(damping)
-    return default_damping(dt) if damping is None else float(damping)
+    return default_damping(dt, tangent) if damping is None else float(damping)
 
 
 def _inverse_square(scale, dt: torch.dtype, device) -> Tensor:
@@ -153,7 +155,7 @@ def _gauge(C: Tensor, fr: Frame) -> Tensor:
     return 0.5 * C + 0.5 * (Q @ (Om * ratio) @ Q.mT)
 
 
-def _balanced_parts(B, A, gB, gA, scale, frame, damping):
+def _balanced_parts(B, A, gB, gA, scale, frame, damping, tangent=False):
     """The pieces both forms of the balanced flow share: the factors, gradients and frame in the
     compute precision, the damped inverses ``(x^2 + lam)^-1`` of both factors' singular values
     (one computation for a balanced frame, where they agree) and ``1/s^2`` per pair (shaped to
@@ -163,7 +165,7 @@ def _balanced_parts(B, A, gB, gA, scale, frame, damping):
     dt = compute_dtype(B, A, gB, gA)
     B, A = B.to(dt), A.to(dt)
     fr = frame if frame is not None else factor_frame(B, A)
-    d = _damping(dt, damping)
+    d = _damping(dt, damping, tangent)
     invB = damped_inverse(fr.sB, d)
     invA = invB if fr.balanced else damped_inverse(fr.sA, d)
     inv_s2 = _inverse_square(scale, dt, B.device).unsqueeze(-1)
@@ -175,7 +177,7 @@ def _balanced_tangent(B, A, gB, gA, *, scale=1.0, frame: Frame, damping: float |
     ``h = g / s^2``, in the frame's bases: ``L = -hB (MA + lam)^-1 A.T UA``,
     ``R.T = -UB.T B (MB + lam)^-1 hA`` and ``C = -diag(phiB) UB.T L`` with the damped projector
     weights ``phiB = sB^2 / (sB^2 + lam)`` (the quantities of :func:`_balanced`)."""
-    B, A, gB, gA, fr, invB, invA, inv_s2 = _balanced_parts(B, A, gB, gA, scale, frame, damping)
+    B, A, gB, gA, fr, invB, invA, inv_s2 = _balanced_parts(B, A, gB, gA, scale, frame, damping, tangent=True)
     wB = fr.sB * invB * -inv_s2  # (..., k), negated
     wA = wB if fr.balanced else fr.sA * invA * -inv_s2  # (..., k')
     L = tall_mm(gB, fr.PA * wA.unsqueeze(-2))  # -gB PA diag(wA)

@@ -106,10 +106,16 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def default_damping(dtype: torch.dtype) -> float:
-    """Relative damping used when none is given: the unit roundoff of ``dtype``. Directions of a
-    factor with ``x^2 < eps * max(x)^2`` carry only rounding noise and are faded out."""
-    return float(torch.finfo(dtype).eps)
+def default_damping(dtype: torch.dtype, tangent: bool = False) -> float:
+    """Relative damping used when none is given. For factor velocities the unit roundoff ``eps``
+    of ``dtype``: a factor direction of singular value ``x`` moves like ``1 / x^2``, and the
+    damping bounds that where ``x^2 < eps * max(x)^2``. For tangent vectors (velocities of the
+    product, bounded by ``|G|`` whatever the damping) ``eps^2``: there ``x`` enters only through
+    the projector weight ``x^2 / (x^2 + lam)``, which ``lam = eps max^2`` would lower by 11% at
+    ``x^2 = 1e-6 max^2`` (float32); with ``eps^2`` the weight is 1 down to where the rounding fade
+    of :func:`damped_inverse` takes over."""
+    eps = float(torch.finfo(dtype).eps)
+    return eps * eps if tangent else eps
 
 
 class Frame(NamedTuple):
@@ -182,8 +188,10 @@ def damped_inverse(x: Tensor, damping: float) -> Tensor:
     product of rank below r, a zero factor). Along a direction where a factor is zero, or zero but
     for rounding, the gradient's component is rounding noise (about ``eps |B| |G|``); divided by
     ``lam`` alone it would come out as large as a real factor velocity. The fade changes values
-    with ``x > 10 tau`` by less than 1e-6 of themselves; ``tau`` lies far below ``sqrt(lam)``
-    (float32: 6.4e-6 against 3.5e-4 of the largest), where the damping already acts."""
+    with ``x > 10 tau`` by less than 1e-6 of themselves. With the factor velocities' damping
+    ``tau`` lies far below ``sqrt(lam)`` (float32: 6.4e-6 against 3.5e-4 of the largest), where
+    the damping already acts; with the tangent's (``sqrt(lam) = eps max(x)``) the fade alone
+    separates rounding from real directions (see :func:`default_damping`)."""
     x2 = x * x
     top2 = x2.amax(-1, keepdim=True)
     fade = (1 + torch.finfo(x.dtype).eps ** 4.5 * (top2 / x2).pow(3)).reciprocal()  # (tau/x)^6 = eps^4.5 (top2/x2)^3
@@ -290,9 +298,10 @@ def drop_rounding(S: Tensor, carried: Tensor | None = None) -> Tensor:
     float32: 6.4e-6 of the largest). A product of rank below r (a gradient of rank below r from
     B = 0) comes out of a decomposition with its missing singular values at rounding level, in
     directions that rounding chooses. As factor singular values (square roots) they enter the next
-    flow evaluation with weight ``x^2 / (x^2 + eps max(x)^2)``: a value of ``eps max(S)`` maps to
-    ``eps^(5/2) max(S)``, weight ``eps^(3/2)``, so a stage moves the product along such a direction
-    by far less than rounding, and the next truncation drops it again. A gentler map lets the
+    flow evaluation with the fade of :func:`damped_inverse` as weight: a value of ``eps max(S)``
+    maps to ``eps^(5/2) max(S)``, a factor value ``x = eps^(5/4) max(x)``, weight about ``eps^3``,
+    so a stage moves the product along such a direction by far less than rounding, and the next
+    truncation drops it again. A gentler map lets the
     direction through: with ``S x^2 / (x^2 + 1)`` the weight is ``eps^(1/2)``, the next Runge-Kutta
     stage takes the direction as a real one, and steps depend on rounding (with a rank-3 gradient
     from B = 0 and r = 6, RK4 and Dormand-Prince products ended 1e-3 to 1e-1 apart, relative,
