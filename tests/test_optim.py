@@ -505,6 +505,36 @@ def test_steps_non_finite_at_every_later_stage_are_skipped_saying_so():
         ODELoRA([{"params": [B, A], "lr": 0.1}])
 
 
+@pytest.mark.parametrize("max_rejects", [10, 0])
+def test_a_step_non_finite_at_every_try_shortens_the_next_by_one_shrink(max_rejects):
+    """Every try of a dopri5 step non-finite at a later stage (a bad batch, or a step too long):
+    the step is skipped and the next starts ``shrink`` (0.2) times shorter, not at the last size
+    tried (0.2^11 times shorter with the default 11 tries, a dozen steps to grow back); with one
+    try per step, repeated skips still shorten it geometrically."""
+    Y, B, A = problem(2)
+    opt = ODELoRA([(B, A)], lr=0.5, method="dopri5", max_rejects=max_rejects)
+    closure = make_closure(opt, B, A, Y)
+    with warnings.catch_warnings():  # with one try per step, some of these miss the tolerance
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(3):
+            opt.step(closure)
+    rho, shrink = opt.state_dict()["odelora"]["rho"], opt.controller.shrink
+    for k in (1, 2):
+        calls = [0]
+
+        def bad():
+            calls[0] += 1
+            loss = closure()
+            return loss * float("nan") if calls[0] > 1 else loss
+
+        with pytest.warns(RuntimeWarning, match=f"a later stage was non-finite .* in all {max_rejects + 1} tries"):
+            opt.step(bad)
+        assert not opt.last_step.accepted and opt.last_step.rejected == max_rejects + 1
+        assert opt.state_dict()["odelora"]["rho"] == pytest.approx(rho * shrink**k, rel=1e-12)
+    opt.step(closure)
+    assert opt.last_step.accepted and opt.last_step.h == pytest.approx(0.5 * rho * shrink**2, rel=1e-12)
+
+
 def test_consecutive_failures_raise_naming_the_pair():
     Y, B, A = problem(3)
     B2, A2 = problem(4)[1:]
@@ -1702,3 +1732,149 @@ def test_a_companion_moved_to_another_dtype_steps_and_a_failing_companion_undoes
         opt.step(head_closure(opt, (B, A, bias), Y))
     assert all(torch.equal(a, b) for a, b in zip(start, (B, A, bias)))
     assert opt.param_groups[0]["t"] == t0 and opt.stats == stats
+
+
+@pytest.mark.parametrize("method,preconditioner,dtype", [
+    ("euler", None, torch.float32), ("euler", "adam", torch.float32), ("euler", None, torch.bfloat16),
+    ("euler", "adam", torch.bfloat16), ("rk4", None, torch.float32), ("dopri5", None, torch.float32)])
+def test_pairs_frozen_after_construction_sit_out_untouched(method, preconditioner, dtype):
+    """Two pairs of one bucket, both in one loss ``|B1 A1 + B2 A2 - Y|^2``; after two steps the
+    second pair is frozen (both factors, then only A: LoRA-FA style, with a warning naming it). It
+    must stay bit for bit as it was, its Adam moments too, also at the stages of multi-stage
+    methods, where the closure sees it; the first pair trains as a pair alone does against the
+    target less the frozen product (with fixed steps: an adaptive step's error norm is the root
+    mean square over all pairs, the frozen one's zero error included, as over all entries of a
+    solver's state). Unfrozen, the second pair trains again."""
+    Y, B1, A1 = problem(30, dtype=dtype)
+    _, B2, A2 = problem(31, dtype=dtype)
+    B3, A3 = (t.detach().clone().requires_grad_() for t in (B1, A1))
+    opt = ODELoRA([LoRAPair(B1, A1, 1.0, "layer.q"), LoRAPair(B2, A2, 1.0, "layer.v")], lr=0.05, method=method,
+                  preconditioner=preconditioner)
+    alone = ODELoRA([(B3, A3)], lr=0.05, method=method, preconditioner=preconditioner)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        seen.append(torch.cat([B2.detach().flatten(), A2.detach().flatten()]))
+        loss = 0.5 * ((B1.double() @ A1.double() + B2.double() @ A2.double() - Y) ** 2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    for mine, theirs in ((B3, B1), (A3, A1)):  # the pair alone, where the first pair is now
+        mine.data.copy_(theirs.detach())
+        alone.state[mine] = {k: v.clone() for k, v in opt.state.get(theirs, {}).items()}
+    for frozen in ((B2, A2), (A2,)):
+        for p in (B2, A2):
+            p.requires_grad_(not any(p is q for q in frozen))
+        before = [B2.detach().clone(), A2.detach().clone()] + [opt.state[p][k].clone() for p in (B2, A2) for k in opt.state.get(p, {})]
+        target = Y - B2.detach().double() @ A2.detach().double()
+        seen.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.step(closure)
+                alone.step(make_closure(alone, B3, A3, target))
+        half = [str(w.message) for w in caught if "sit out" in str(w.message)]
+        assert len(half) == (3 if len(frozen) == 1 else 0) and all("layer.v" in m and "layer.q" not in m for m in half)
+        after = [B2.detach(), A2.detach()] + [opt.state[p][k] for p in (B2, A2) for k in opt.state.get(p, {})]
+        assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+        assert len(seen) >= 3 and all(torch.equal(s, seen[0]) for s in seen)  # the closure never saw it move
+        if method != "dopri5":
+            torch.testing.assert_close(B1.detach() @ A1.detach(), B3.detach() @ A3.detach(), rtol=0,
+                                       atol=1e-5 if dtype == torch.float32 else 5e-2)
+    for p in (B2, A2):
+        p.requires_grad_(True)
+    opt.step(closure)
+    assert not torch.equal(A2.detach(), before[1])
+
+
+def test_an_adapter_switched_after_construction_is_named_as_the_cause():
+    peft = pytest.importorskip("peft")
+    from odelora.integrations.peft import create_odelora_optimizer
+
+    torch.manual_seed(0)
+    m = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)),
+                            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    m.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    opt = create_odelora_optimizer(m, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(m(X), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    m.set_adapter("other")
+    with pytest.raises(RuntimeError, match="frozen or not in use: an adapter made active"):
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_a_step_of_length_zero_evaluates_the_gradient_once(method):
+    """A warm-up starting at lr 0, and lr 0 in mid-run: such a step moves nothing, so it takes one
+    closure call (for the loss), not a whole step's; the product and the adaptive step size stay."""
+    Y, B, A = problem(32)
+    opt = ODELoRA([(B, A)], lr=0.5, method=method)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.0 if k in (0, 4) else 1.0)
+    for k in range(5):
+        calls = [0]
+        X0 = (B @ A).detach().clone()
+        rho = opt.state_dict()["odelora"]["rho"]
+        loss = opt.step(make_closure(opt, B, A, Y, counter=calls))
+        sched.step()
+        if k in (0, 4):
+            assert calls[0] == 1 and opt.last_step.nfe == 1 and opt.last_step.accepted and opt.last_step.h == 0.0
+            assert float(loss) == pytest.approx(0.5 * float(((X0 - Y) ** 2).sum()))
+            torch.testing.assert_close((B @ A).detach(), X0, rtol=0, atol=1e-14)
+            assert opt.state_dict()["odelora"]["rho"] == rho
+        else:
+            assert calls[0] > 1 and opt.last_step.h > 0
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_a_resume_with_a_frozen_pair_is_exact(method):
+    """A bucket of two pairs, one of them frozen after the first step, next to a bucket of another
+    shape, float32: a checkpoint taken then continues bit for bit (the mixed bucket's frame is
+    computed anew on both sides; the other bucket keeps its saved frame)."""
+    def make():
+        pairs = [problem(40 + i, dtype=torch.float32)[1:] for i in range(2)] + [problem(42, m=10, dtype=torch.float32)[1:]]
+        Ys = [problem(43)[0], problem(44)[0], problem(45, m=10)[0]]
+        return pairs, Ys
+
+    def build(pairs, Ys):
+        opt = ODELoRA([(B, A) for B, A in pairs], lr=0.05, method=method)
+
+        def closure():
+            opt.zero_grad()
+            loss = sum(0.5 * ((B.double() @ A.double() - Y) ** 2).sum() for (B, A), Y in zip(pairs, Ys))
+            loss.backward()
+            return loss
+
+        return opt, closure
+
+    pairs, Ys = make()
+    opt, closure = build(pairs, Ys)
+    opt.step(closure)
+    for p in pairs[1]:
+        p.requires_grad_(False)
+    opt.step(closure)
+    sd = torch.load(saved(opt.state_dict()), weights_only=True)
+    assert sum(f is None for f in sd["odelora"]["frames"]) == 1  # the mixed bucket's
+    mid = [t.detach().clone() for pair in pairs for t in pair]
+    for _ in range(3):
+        opt.step(closure)
+    pairs2, _ = make()
+    with torch.no_grad():
+        for t, v in zip([t for pair in pairs2 for t in pair], mid):
+            t.copy_(v)
+    opt2, closure2 = build(pairs2, Ys)
+    opt2.load_state_dict(sd)
+    for p in pairs2[1]:
+        p.requires_grad_(False)
+    for _ in range(3):
+        opt2.step(closure2)
+    assert all(torch.equal(a.detach(), b.detach()) for pa, pb in zip(pairs, pairs2) for a, b in zip(pa, pb))

@@ -34,27 +34,34 @@ def frames_entry(y: list[Factors]) -> dict:
 
 def saved_frames(extra: dict, store: PairStore) -> list[Factors] | None:
     """The saved frames over the parameters' present values, in their saved layouts, on the
-    factors' device (None where a bucket has none, or the compute dtype changed: the frames are
-    then computed anew); :func:`restored` checks at the next step that they still describe them."""
+    factors' device (None for a bucket that had none, or whose compute dtype changed: its frame is
+    then computed anew, as the saved run would have; None for all if the layout changed);
+    :func:`restored` checks at the next step that they still describe the parameters."""
     frames = extra.get("frames")
-    if frames is None or len(frames) != len(store.buckets) or any(f is None for f in frames):
+    if frames is None or len(frames) != len(store.buckets):
         return None
-    if any(t.dtype != b.dtype for f, b in zip(frames, store.buckets) for t in f[:6]):
-        return None
-    frames = [[*(t.to(b.scale.device) for t in f[:6]), *f[6:]] for f, b in zip(frames, store.buckets)]
     layouts = extra.get("frame_layouts") or [None] * len(frames)
-    frames = [f if o is None else [*map(_laid_out, f[:6], o), *f[6:]] for f, o in zip(frames, layouts)]
-    return [Factors(*store.stacked(b), b.scale, Frame(*f)) for b, f in zip(store.buckets, frames)]
+    out = []
+    for f, o, b in zip(frames, layouts, store.buckets):
+        if f is not None and all(t.dtype == b.dtype for t in f[:6]):
+            f = [*(t.to(b.scale.device) for t in f[:6]), *f[6:]]
+            f = Frame(*f) if o is None else Frame(*map(_laid_out, f[:6], o), *f[6:])
+        out.append(Factors(*store.stacked(b), b.scale, f if isinstance(f, Frame) else None))
+    return out
 
 
 def restored(y: list[Factors], store: PairStore) -> list[Factors] | None:
-    """The parameters with a loaded state's frames, if those frames describe them (else None)."""
+    """The parameters with a loaded state's frames, if those frames describe them (else None);
+    a bucket without a frame gets none."""
     out = []
     for x, b in zip(y, store.buckets):
         B, A = store.stacked(b)
         tol = 100 * torch.finfo(b.dtype).eps
         fr = x.frame
-        if fr is None or fr.UB.shape[:-1] != B.shape[:-1]:
+        if fr is None:
+            out.append(Factors(B, A, x.scale))
+            continue
+        if fr.UB.shape[:-1] != B.shape[:-1]:
             return None
         rB = (fr.UB * fr.sB.unsqueeze(-2)) @ fr.PB.mT
         rA = (fr.UA * fr.sA.unsqueeze(-2)) @ fr.PA.mT

@@ -32,13 +32,18 @@ from .integrators import Attempt, NonFiniteError, StepController, get_tableau, a
 from .options import check_adam_options, check_flow_options, check_lr, companion_options, pair_groups
 from .pairs import LoRAPair
 from .preconditioners import Move, get_preconditioner
-from .retractions import Factors, get_retraction
+from .retractions import Factors, get_retraction, keep_where
 from .store import PairStore, local
 
 __all__ = ["ODELoRA", "NonFiniteError", "StepRecord", "StepFailure"]
 
 # The smallest adaptive step, as a fraction of lr: a try rejected there ends the step (skipped).
 H_MIN = 1e-12
+
+
+_EULER = get_tableau("euler")
+NO_GRAD_HINT = ("If backward() ran, the optimizer's pairs are frozen or not in use: an adapter made active, or factors frozen, "
+                "after the optimizer was built (build it again for the pairs now trained)")
 
 
 class StepFailure(RuntimeError):
@@ -83,6 +88,7 @@ class _Field:
         self.opt, self.closure, self.first_from_grad, self.y0 = opt, closure, first_from_grad, y0
         self.first_loss = first_loss  # of the gradients in .grad, where the loop gives it
         self.loss: Tensor | None = None
+        self.idle: list[Tensor | None] = []  # per bucket, the pairs that sit out the step (PairStore.idle)
         self.companion_grads: list | None = None
         self.calls = 0
         # Where only the product of a velocity matters, ask the flow for a tangent vector (or, failing
@@ -99,8 +105,8 @@ class _Field:
         opt, store = self.opt, self.opt.store
         first = self.calls == 0
         self.calls += 1
-        if y is not self.y0:
-            store.unpack(y)
+        if y is not self.y0:  # a later stage: the pairs that sit out it hold as they were
+            store.unpack([x if f is None else keep_where(f, x0, x) for f, x0, x in zip(self.idle, self.y0, y)])
         loss = self.first_loss if first else None
         if not (first and self.first_from_grad):
             store.clear_grads()
@@ -109,13 +115,19 @@ class _Field:
             if not store.has_grads():
                 raise RuntimeError(
                     "the closure left no gradient on the LoRA pairs: it must zero the gradients, compute the loss, "
-                    "call loss.backward() and return the loss"
+                    f"call loss.backward() and return the loss. {NO_GRAD_HINT}"
                 )
         if first:
             self.loss = loss
+            self.idle, half = store.idle()
+            if half:
+                warn(f"LoRA pair(s) {_short(half)} with one factor frozen or without gradient sit out the step: ODELoRA "
+                     "moves a pair's factors together. To train one factor alone, build the optimizer again with "
+                     "create_odelora_optimizer (it gives such factors to the AdamW companion), or leave the pair "
+                     "out and pass its trainable factor as companion=", RuntimeWarning)
             if opt._companion is not None:
                 self.companion_grads = [None if p.grad is None else p.grad.clone() for p in opt._companion_params()]
-        v = [self._velocity(x, gB, gA) for x, (gB, gA) in zip(y, store.grads())]
+        v = [self._velocity(x, gB, gA) for x, (gB, gA) in zip(y, self._grads())]
         total = sum(t.sum() for k in v for t in k)
         # inf * 0 is NaN: a non-finite loss or companion gradient poisons the sum too (each rank
         # tests its own shard of a sharded companion gradient; the ranks then agree)
@@ -128,6 +140,14 @@ class _Field:
         if not bool(opt._agree_all(ok)):
             raise NonFiniteError(self._describe(loss, v) if not bool(ok) else "a non-finite loss or gradient on another rank")
         return v
+
+    def _grads(self) -> list[tuple[Tensor, Tensor]]:
+        """The stacked gradients, zero for the pairs that sit out the step: no stage moves them."""
+        grads = self.opt.store.grads()
+        if all(f is None for f in self.idle):
+            return grads
+        off = lambda f, g: g if f is None else torch.where(f.view(-1, 1, 1), 0.0, g)
+        return [(off(f, gB), off(f, gA)) for f, (gB, gA) in zip(self.idle, grads)]
 
     def _velocity(self, x: Factors, gB: Tensor, gA: Tensor):
         flow = self.opt.flow
@@ -374,7 +394,7 @@ class ODELoRA(torch.optim.Optimizer):
         fld = _Field(self, self._start_state(), *source)
         with self._put_back_on_error(fld.y0):
             res = self._integrate(fld)
-            move = self._move(fld.y0, res)
+            move = self._move(fld, res)
             if move is not None:
                 self._step_companion(fld)
         if self.tableau.adaptive:
@@ -395,24 +415,34 @@ class ODELoRA(torch.optim.Optimizer):
 
     def _integrate(self, fld: _Field) -> Attempt:
         """The stages and the accept/reject decision (:func:`integrators.attempt`, shared with
-        ``integrate``). A non-finite first stage is a rejection no smaller step can help."""
+        ``integrate``). A non-finite first stage is a rejection no smaller step can help: it
+        leaves the next adaptive step as it was. A step whose every try was non-finite shortens
+        it by one ``shrink`` at most (not one per try: such a batch is bad whatever the step)."""
         rho = self._rho if self.tableau.adaptive else 1.0
+        units = self._step_units()
+        # a step of length 0 (every lr 0: a warm-up's first step) needs only the loss: one evaluation
+        tableau = self.tableau if any(units) or not self.preconditioner.uses_step else _EULER
         try:
-            return attempt(
-                fld, fld.y0, rho, self.tableau, self.retraction, self.controller, unit=self._step_units(),
+            res = attempt(
+                fld, fld.y0, rho, tableau, self.retraction, self.controller, unit=units,
                 max_tries=self.max_rejects + 1, agree=self._agree_max if self._ranks() > 1 else None,
                 combine=self.preconditioner.uses_step,
             )
         except NonFiniteError as exc:
             return Attempt(None, [], rho, rho, nfe=fld.calls, rejected=1, nonfinite=1, why=str(exc))
+        if not res.accepted and res.nonfinite == res.rejected:
+            res.h_next = max(res.h_next, rho * self.controller.shrink)
+        return res
 
-    def _move(self, y0: list[Factors], res: Attempt) -> Move | None:
-        """The preconditioner's new factors from an accepted attempt. None where no try was
-        accepted, or where they would overflow half-precision parameters: that try then counts as
-        rejected at a non-finite value, and the next adaptive step is shorter."""
+    def _move(self, fld: _Field, res: Attempt) -> Move | None:
+        """The preconditioner's new factors from an accepted attempt, with the pairs that sit out
+        the step as they were. None where no try was accepted, or where they would overflow
+        half-precision parameters: that try then counts as rejected at a non-finite value, and the
+        next adaptive step is shorter."""
         if not res.accepted:
             return None
-        move = self.preconditioner(y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
+        move = self.preconditioner(fld.y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
+        move = move.without(fld.idle, fld.y0, self.store.buckets)
         overflow = self._overflow(move.y)
         if overflow is None:
             return move
@@ -469,7 +499,7 @@ class ODELoRA(torch.optim.Optimizer):
                 "backward() and returns the loss (optimizer.step(closure))"
             )
         if (closure is None or from_grad) and not self.store.has_grads():
-            raise RuntimeError("no gradients on the LoRA pairs: call loss.backward() first or pass a closure")
+            raise RuntimeError(f"no gradients on the LoRA pairs: call loss.backward() first or pass a closure. {NO_GRAD_HINT}")
         from_grad = closure is None or from_grad
         return closure, from_grad, stage_loss if from_grad else None
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.optim.adamw import adamw
 
 from .integrators import Attempt, Tableau, axpy
-from .retractions import Factors, Retraction
+from .retractions import Factors, Retraction, keep_where
 from .store import Bucket, local
 
 __all__ = ["Move", "Plain", "Adam", "PRECONDITIONERS", "get_preconditioner"]
@@ -27,6 +28,16 @@ class Move:
 
     y: list[Factors]
     state: dict[Any, dict[str, Any]] = field(default_factory=dict)
+
+    def without(self, idle: list[Tensor | None], y0: list[Factors], buckets: list[Bucket]) -> "Move":
+        """The move with the pairs flagged in ``idle`` (per bucket, or None) left at ``y0``, their
+        state entries unchanged."""
+        if all(flags is None for flags in idle):
+            return self
+        y = [x1 if flags is None else keep_where(flags, x0, x1) for flags, x0, x1 in zip(idle, y0, self.y)]
+        still = {id(p) for flags, b in zip(idle, buckets) if flags is not None
+                 for i in flags.nonzero().flatten().tolist() for p in (b.Bs[i], b.As[i])}
+        return Move(y, {p: st for p, st in self.state.items() if id(p) not in still})
 
 
 class Plain:

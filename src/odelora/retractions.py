@@ -42,7 +42,7 @@ from torch import Tensor
 from .geometry import Frame, Tangent, balance_frame, balanced_factors, cat_columns, factor_frame, reaches_rounding, split_project, tangent_of, truncate
 from .integrators import Stage, axpy
 
-__all__ = ["Factors", "Retraction", "FactorSteps", "BalanceSteps", "TruncateSteps", "SplitSteps", "RETRACTIONS", "get_retraction"]
+__all__ = ["Factors", "keep_where", "Retraction", "FactorSteps", "BalanceSteps", "TruncateSteps", "SplitSteps", "RETRACTIONS", "get_retraction"]
 
 
 @dataclass
@@ -124,8 +124,8 @@ def _zero_product(fr: Frame) -> Tensor:
     return (fr.sB.amax(-1) == 0) | (fr.sA.amax(-1) == 0)
 
 
-def _keep_where(keep: Tensor, x: Factors, y: Factors) -> Factors:
-    """``y``, with the pairs flagged by ``keep`` taken from ``x``. Used where a product stays zero:
+def keep_where(keep: Tensor, x: Factors, y: Factors) -> Factors:
+    """``y``, with the pairs flagged by ``keep`` taken from ``x`` (pairs that sit out a step, too). Used where a product stays zero:
     its only balanced factors are ``(0, 0)``, a state no flow leaves, while PEFT's ``(0, A)``
     carries A's directions, along which the first real gradient moves the product. A step of
     h = 0 (an LR warm-up) or a zero gradient at ``B = 0`` must leave them in place."""
@@ -141,7 +141,7 @@ def _balanced_state(x: Factors) -> Factors:
     """The balanced factors of ``x``'s product closest to ``x``'s factors (``x`` itself where the
     product is zero)."""
     B, A, fr = balance_frame(x.B, x.A, x.ensure_frame())
-    return _keep_where(_zero_product(x.frame), x, Factors(B, A, x.scale, fr))
+    return keep_where(_zero_product(x.frame), x, Factors(B, A, x.scale, fr))
 
 
 class BalanceSteps(FactorSteps):
@@ -254,7 +254,7 @@ class TruncateSteps(Retraction):
         B, A, frame = balanced_factors(U, S, V, x0.rank, near=(x0.B, x0.A), overlaps=over, carried=carried)
         y = Factors(B, A, x0.scale, frame)
         zero = _zero_product(fr)
-        return _keep_where(zero & (S.amax(-1) == 0), x0, y) if bool(zero.any()) else y
+        return keep_where(zero & (S.amax(-1) == 0), x0, y) if bool(zero.any()) else y
 
     @staticmethod
     def reduce_at(fr: Frame):

@@ -128,6 +128,25 @@ class PairStore:
 
         return [(stacked(b.Bs, b.dtype), stacked(b.As, b.dtype)) for b in self.buckets]
 
+    def idle(self) -> tuple[list[Tensor | None], list[str]]:
+        """The pairs that sit out this step, as torch optimizers leave a parameter without a
+        gradient: per bucket None where every pair trains, else a flag per pair (k,) marking those
+        with a frozen factor (``requires_grad=False``) or no gradient on either factor (an adapter
+        not in use). Also the names of pairs with one factor frozen or without gradient, which
+        therefore sit out too. Attribute reads only: no tensor work where every pair trains."""
+        out, half = [], []
+        for b in self.buckets:
+            flags = None
+            for i, (B, A) in enumerate(zip(b.Bs, b.As)):
+                off = [not p.requires_grad or p.grad is None for p in (B, A)]
+                if any(off):
+                    flags = flags if flags is not None else [False] * len(b.Bs)
+                    flags[i] = True
+                    if not all(off):
+                        half.append(b.names[i])
+            out.append(None if flags is None else torch.tensor(flags, device=b.scale.device))
+        return out, half
+
     def has_grads(self) -> bool:
         return any(p.grad is not None for b in self.buckets for p in b.params)
 
