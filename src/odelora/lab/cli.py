@@ -34,18 +34,14 @@ def _type_name(ann) -> str:
     """A short, readable form of a config field's type."""
     origin, args = typing.get_origin(ann), typing.get_args(ann)
     if origin is typing.Annotated:
-        inner = _type_name(args[0])
+        bounds = []  # "> 0", "<= 108", "min length 1": from annotated-types metadata and pydantic Fields
         for meta in args[1:]:
-            for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-                v = getattr(meta, attr, None)
-                if v is not None:
-                    inner += f" {sym} {v}"
-            for m in getattr(meta, "metadata", []):
+            for m in [meta, *getattr(meta, "metadata", [])]:
                 for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "min length")):
                     v = getattr(m, attr, None)
-                    if v is not None:
-                        inner += f", {sym} {v}" if attr == "min_length" else f" {sym} {v}"
-        return inner
+                    if v is not None and f"{sym} {v}" not in bounds:
+                        bounds.append(f"{sym} {v}")
+        return ", ".join([_type_name(args[0]), *bounds])
     if origin is typing.Literal:
         return " | ".join(str(a) for a in args)
     if origin in (list, tuple):
@@ -400,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
     except KeyboardInterrupt as exc:
-        msg = str(exc) or "finished work is saved: rerun the same command to resume"
+        msg = str(exc) or "rerun the same command to resume (cases already saved are kept)"
         print(f"\nodelora: {'terminated' if got else 'interrupted'}: {msg.removeprefix('interrupted: ')}", file=sys.stderr)
         return 128 + (got[0] if got else signal.SIGINT)
     finally:
