@@ -381,3 +381,24 @@ def test_small_real_directions_follow_the_flow_in_float32(retraction, start):
         if k in (1, 10, 100):
             s2 = float(torch.linalg.svdvals((B @ A).detach().double())[1])
             assert s2 == pytest.approx(1e-3 + (start - 1e-3) * (1 - h) ** k, rel=2e-2), k
+
+
+def test_the_error_norm_resolves_errors_far_below_the_steps_size(rng):
+    """An error estimate is a cancellation: ``[UB, L1, UB2, L2] M [...].T`` with blocks that nearly
+    repeat one another and a small sum. In float32, with the sum 1e-5 of its terms (below
+    ``sqrt(eps)``), the norm must match float64's dense product to 1e-2 relative; the trace of
+    Gram products read 0.18 there for 0.0070."""
+    from odelora.retractions import _frob
+
+    m, n, k = 300, 200, 4
+    L1, R1 = rng.standard_normal((m, k)), rng.standard_normal((n, k))
+    dL, dR = 1e-5 * rng.standard_normal((m, k)), 1e-5 * rng.standard_normal((n, k))
+    L, R = np.hstack([L1, L1 + dL]), np.hstack([R1, R1 + dR])
+    M = np.block([[np.eye(k), np.zeros((k, k))], [np.zeros((k, k)), -np.eye(k)]])
+    expected = np.linalg.norm(L @ M @ R.T)  # L1 R1.T - (L1 + dL)(R1 + dR).T: 1e-5 of the terms
+    assert expected < 1e-4 * np.linalg.norm(L1 @ R1.T)
+    to32 = lambda a: torch.from_numpy(a).float().unsqueeze(0)
+    got = float(_frob(to32(L), to32(M), to32(R))[0])
+    # float32 inputs are rounded at 6e-8 of the terms, 6e-3 of the result: compare with float64 on them
+    L32, M32, R32 = (to32(a)[0].double().numpy() for a in (L, M, R))
+    assert abs(got / np.linalg.norm(L32 @ M32 @ R32.T) - 1) < 1e-2, (got, expected)

@@ -306,7 +306,7 @@ def attempt(
     parts: int = 1,
     max_tries: int = 10,
     first: Stage | None = None,
-    agree: Callable[[Tensor], Tensor] | None = None,
+    deciding: Callable[[Tensor], Tensor] | None = None,
     combine: bool = True,
 ) -> Attempt:
     """Take one step from ``y0``, retrying with a smaller step until one is accepted, at most
@@ -316,8 +316,9 @@ def attempt(
     later stage is a rejection (the step shrinks by ``controller.shrink``, for fixed-step methods
     too); one at the first stage is raised, since no smaller step can help. A retry reuses the
     first stage. ``y0`` itself is never modified. ``combine=False`` (fixed-step methods only):
-    return the stages without forming the new state. ``agree`` maps the error ratios to values every
-    process shares (an all-reduce), so that data-parallel ranks take the same decisions.
+    return the stages without forming the new state. ``deciding`` maps the error ratios to those
+    the decision is made on (the optimizer's: the largest over data-parallel ranks, so that they
+    decide alike, of the pairs that take part in the step); ``Attempt.ratios`` holds them.
     """
     units = list(unit) if isinstance(unit, (list, tuple)) else [float(unit)] * parts
     out = Attempt(None, [], h, h)
@@ -346,8 +347,8 @@ def attempt(
             out.y, out.stages, out.h_next, out.accepted = y1, stages, h, True
             break
         ratios = space.error_ratios(y0, y1, hs, tableau.b_err, stages, controller.atol, controller.rtol)
-        if agree is not None:
-            ratios = agree(ratios)
+        if deciding is not None:
+            ratios = deciding(ratios)
         err = float(ratios.double().square().mean().sqrt())
         out.ratios = ratios
         h_next = controller.next_step(h, err, tableau.order_low, previous)

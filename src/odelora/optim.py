@@ -141,6 +141,13 @@ class _Field:
             raise NonFiniteError(self._describe(loss, v) if not bool(ok) else "a non-finite loss or gradient on another rank")
         return v
 
+    def taking_part(self) -> Tensor | None:
+        """Per pair, in the store's order, whether it takes part in the step; None where all do."""
+        if all(f is None for f in self.idle):
+            return None
+        return torch.cat([torch.ones(len(b.Bs), dtype=torch.bool, device=b.scale.device) if f is None else ~f
+                          for f, b in zip(self.idle, self.opt.store.buckets)])
+
     def _grads(self) -> list[tuple[Tensor, Tensor]]:
         """The stacked gradients, zero for the pairs that sit out the step: no stage moves them."""
         grads = self.opt.store.grads()
@@ -425,7 +432,7 @@ class ODELoRA(torch.optim.Optimizer):
         try:
             res = attempt(
                 fld, fld.y0, rho, tableau, self.retraction, self.controller, unit=units,
-                max_tries=self.max_rejects + 1, agree=self._agree_max if self._ranks() > 1 else None,
+                max_tries=self.max_rejects + 1, deciding=self._deciding(fld),
                 combine=self.preconditioner.uses_step,
             )
         except NonFiniteError as exc:
@@ -433,6 +440,18 @@ class ODELoRA(torch.optim.Optimizer):
         if not res.accepted and res.nonfinite == res.rejected:
             res.h_next = max(res.h_next, rho * self.controller.shrink)
         return res
+
+    def _deciding(self, fld: _Field) -> Callable[[Tensor], Tensor]:
+        """What the step size is decided on, from a try's error ratios (one per pair): the largest
+        over ranks, so that they decide alike, of the pairs that take part in the step."""
+        def deciding(ratios: Tensor) -> Tensor:
+            ratios = self._agree_max(ratios) if self._ranks() > 1 else ratios
+            part = fld.taking_part()
+            if part is None:
+                return ratios
+            part = part.to(ratios.device)
+            return ratios[part] if bool(part.any()) else ratios.new_zeros(1)
+        return deciding
 
     def _move(self, fld: _Field, res: Attempt) -> Move | None:
         """The preconditioner's new factors from an accepted attempt, with the pairs that sit out
@@ -562,7 +581,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._skips += 1
         self.stats["skipped"] += 1
         self._record(fld, res)
-        msg = f"ODELoRA skipped a step: {res.why or self._failure(res)}; parameters and state are unchanged"
+        msg = f"ODELoRA skipped a step: {res.why or self._failure(fld, res)}; parameters and state are unchanged"
         if self._skips >= self.max_skipped_steps:
             raise StepFailure(
                 f"{msg}. That is {self._skips} skipped steps in a row. Lower lr, check the data and the loss for "
@@ -573,15 +592,18 @@ class ODELoRA(torch.optim.Optimizer):
         warn(msg, RuntimeWarning)
         return fld.loss
 
-    def _failure(self, res: Attempt) -> str:
+    def _failure(self, fld: _Field, res: Attempt) -> str:
         """Why no try of a step was accepted."""
+        tries = "the one try" if res.rejected == 1 else f"all {res.rejected} tries"
         if res.nonfinite == res.rejected:  # every try hit NaN/inf at a later stage
-            return (f"a later stage was non-finite (loss, gradient or velocity) in all {res.rejected} tries, the step "
-                    f"shrinking {1 / self.controller.shrink:g}-fold each time")
-        why = (f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {res.rejected} tries "
+            return (f"a later stage was non-finite (loss, gradient or velocity) in {tries}"
+                    + (f", the step shrinking {1 / self.controller.shrink:g}-fold each time" if res.rejected > 1 else ""))
+        why = (f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {tries} "
                "(the next step starts from the last step size tried)")
         if res.ratios is not None and res.ratios.numel():
+            part = fld.taking_part()
             names = [n for b in self.store.buckets for n in b.names]
+            names = names if part is None else [n for n, p in zip(names, part.tolist()) if p]
             worst = int(res.ratios.argmax())
             why += f" (largest error at {names[worst]}: {float(res.ratios[worst]):.3g} x tolerance)"
         if res.h <= self.controller.h_min:
