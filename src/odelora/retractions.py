@@ -265,7 +265,7 @@ class TruncateSteps(Retraction):
 
     def error_ratios(self, y0, y1, h, coeffs, stages, atol, rtol):
         """Per pair: ``|E|_F / (atol sqrt(mn) + rtol max(|X0|_F, |X1|_F))`` with ``E`` the error
-        estimate of the product, ``s h sum_j c_j t_j``, from Gram matrices of its factors."""
+        estimate of the product, ``s h sum_j c_j t_j``, from QRs of its blocks (:func:`_frob`)."""
         out = []
         for b, (x0, x1) in enumerate(zip(y0, y1)):
             fr, M, Ls, Rs = self._blocks(b, x0, h[b], coeffs, stages, start=False)
