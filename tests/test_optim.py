@@ -1816,20 +1816,23 @@ def test_an_adapter_switched_after_construction_is_named_as_the_cause():
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
 def test_a_step_of_length_zero_evaluates_the_gradient_once(method):
     """A warm-up starting at lr 0, and lr 0 in mid-run: such a step moves nothing, so it takes one
-    closure call (for the loss), not a whole step's; the product and the adaptive step size stay."""
+    closure call (for the loss), not a whole step's; the factors (unbalanced ones too) and the
+    adaptive step size stay."""
     Y, B, A = problem(32)
+    with torch.no_grad():  # unbalanced: a step of length 0 must not balance them either
+        B.mul_(2.0), A.div_(2.0)
     opt = ODELoRA([(B, A)], lr=0.5, method=method)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.0 if k in (0, 4) else 1.0)
     for k in range(5):
         calls = [0]
-        X0 = (B @ A).detach().clone()
+        X0, F0 = (B @ A).detach().clone(), (B.detach().clone(), A.detach().clone())
         rho = opt.state_dict()["odelora"]["rho"]
         loss = opt.step(make_closure(opt, B, A, Y, counter=calls))
         sched.step()
         if k in (0, 4):
             assert calls[0] == 1 and opt.last_step.nfe == 1 and opt.last_step.accepted and opt.last_step.h == 0.0
             assert float(loss) == pytest.approx(0.5 * float(((X0 - Y) ** 2).sum()))
-            torch.testing.assert_close((B @ A).detach(), X0, rtol=0, atol=1e-14)
+            assert torch.equal(B.detach(), F0[0]) and torch.equal(A.detach(), F0[1])
             assert opt.state_dict()["odelora"]["rho"] == rho
         else:
             assert calls[0] > 1 and opt.last_step.h > 0

@@ -427,18 +427,19 @@ class ODELoRA(torch.optim.Optimizer):
         it by one ``shrink`` at most (not one per try: such a batch is bad whatever the step)."""
         rho = self._rho if self.tableau.adaptive else 1.0
         units = self._step_units()
-        # a step of length 0 (every lr 0: a warm-up's first step) needs only the loss: one evaluation
-        tableau = self.tableau if any(units) or not self.preconditioner.uses_step else _EULER
+        still = not any(units) and self.preconditioner.uses_step  # every lr 0 (a warm-up's first step)
         try:
-            res = attempt(
-                fld, fld.y0, rho, tableau, self.retraction, self.controller, unit=units,
+            res = attempt(  # standing still needs only the loss: one evaluation
+                fld, fld.y0, rho, _EULER if still else self.tableau, self.retraction, self.controller, unit=units,
                 max_tries=self.max_rejects + 1, deciding=self._deciding(fld),
-                combine=self.preconditioner.uses_step,
+                combine=self.preconditioner.uses_step and not still,
             )
         except NonFiniteError as exc:
             return Attempt(None, [], rho, rho, nfe=fld.calls, rejected=1, nonfinite=1, why=str(exc))
         if not res.accepted and res.nonfinite == res.rejected:
             res.h_next = max(res.h_next, rho * self.controller.shrink)
+        if still and res.accepted:
+            res.y = fld.y0  # not even refactored
         return res
 
     def _deciding(self, fld: _Field) -> Callable[[Tensor], Tensor]:
