@@ -88,7 +88,7 @@ class _Field:
         self.opt, self.closure, self.first_from_grad, self.y0 = opt, closure, first_from_grad, y0
         self.first_loss = first_loss  # of the gradients in .grad, where the loop gives it
         self.loss: Tensor | None = None
-        self.idle: list[Tensor | None] = []  # per bucket, the pairs that sit out the step (PairStore.idle)
+        self.idle: list[Tensor | None] = [None] * len(opt.store.buckets)  # per bucket, the pairs that sit out (PairStore.idle)
         self.companion_grads: list | None = None
         self.calls = 0
         # Where only the product of a velocity matters, ask the flow for a tangent vector (or, failing
