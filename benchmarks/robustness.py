@@ -75,7 +75,7 @@ def zero_start(retraction):
                 l0 = float(closure().detach())
                 for _ in range(60):
                     opt.step(closure)
-                return dict(loss_ratio=float(closure().detach()) / l0, accepted=opt.stats["accepted"], skipped=opt.stats.get("skipped", 0), nfe=opt.stats["nfe"])
+                return dict(loss_ratio=float(closure().detach()) / l0, accepted=opt.stats.accepted, skipped=opt.stats.skipped, nfe=opt.stats.nfe)
 
             rows.append(dict(dtype=str(dtype).split(".")[1], method=method, **safe(case)))
     return rows
@@ -119,7 +119,7 @@ def rank_one(retraction):
                     moved = float((s * B.detach().double() @ A.detach().double() - X0).norm())
                     ratio = moved / (lr * sum(abs(b) for b in tab.b) * max(gn))
                     worst = max(worst, ratio) if math.isfinite(ratio) else math.inf
-                return dict(worst_move=worst, loss_ratio=full() / l0, skipped=opt.stats.get("skipped", 0), nonfinite=opt.stats["nonfinite"])
+                return dict(worst_move=worst, loss_ratio=full() / l0, skipped=opt.stats.skipped, nonfinite=opt.stats.nonfinite)
 
             rows.append(dict(dtype=str(dtype).split(".")[1], method=method, **safe(case)))
     return rows
@@ -167,8 +167,8 @@ def pinn(retraction, widths=(20, 64, 128, 256), iterations=200):
                 t0 = time.perf_counter()
                 model.train(iterations=iterations, display_every=10**6, verbose=0)
                 growth = max(max(float(p.B.norm()), float(p.A.norm())) for p in pairs) / a0
-                return dict(err0=err0, err1=l2(model, 1.5), nonfinite=opt.stats["nonfinite"], skipped=opt.stats.get("skipped", 0),
-                            nfe=opt.stats["nfe"], factor_growth=growth, seconds=time.perf_counter() - t0)
+                return dict(err0=err0, err1=l2(model, 1.5), nonfinite=opt.stats.nonfinite, skipped=opt.stats.skipped,
+                            nfe=opt.stats.nfe, factor_growth=growth, seconds=time.perf_counter() - t0)
 
             rows.append(dict(width=width, method=method, **safe(case)))
     return rows
@@ -211,7 +211,7 @@ def minilm(retraction, steps=20):
                     MB, MA = B.T @ B, A @ A.T
                     imb = max(imb, float((MB - MA).norm() / ((MB.norm() + MA.norm()) or 1.0)))
             return dict(factor_growth=growth, max_imbalance_after_step1=imb, loss_first=losses[0], loss_last=np.mean(losses[-5:]),
-                        nonfinite=opt.stats["nonfinite"], skipped=opt.stats.get("skipped", 0))
+                        nonfinite=opt.stats.nonfinite, skipped=opt.stats.skipped)
 
         rows.append(dict(method=method, **safe(case)))
     return rows

@@ -1,4 +1,5 @@
-"""Worker for the DDP equivalence test: `torchrun --standalone --nproc_per_node=2 ddp_worker.py OUT METHOD STEPS`.
+"""Worker for the DDP equivalence test: `torchrun --standalone --nproc_per_node=2 ddp_worker.py OUT METHOD STEPS [nowrap]`
+(``nowrap``: the model left unwrapped, as a user who forgot DDP would).
 
 Also importable: ``build`` and ``batches`` give the single-process reference the same model and data."""
 
@@ -40,11 +41,11 @@ def train(model, forward, X, Y, method, lo=0, hi=None):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def main(out, method, steps):
+def main(out, method, steps, wrap=True):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if wrap else model
     X, Y = batches(steps)
     half = X.shape[1] // world
     params = train(model, ddp, X, Y, method, rank * half, (rank + 1) * half)
@@ -58,4 +59,4 @@ def main(out, method, steps):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), wrap=sys.argv[4:] != ["nowrap"])

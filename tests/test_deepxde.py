@@ -74,8 +74,8 @@ def test_odelora_finetunes_a_pinn_through_deepxde(pretrained, method, iterations
     err0 = l2_error(model, 1.5)  # LoRA starts at B = 0: the pretrained solution
     model.train(iterations=iterations, display_every=10**6, verbose=0)
     err1 = l2_error(model, 1.5)
-    assert calls["n"] == opt.stats["nfe"] and (method != "rk4" or calls["n"] == 4 * iterations)  # DeepXDE's closure, once per stage
-    assert err1 < 0.4 * err0 and opt.stats["nonfinite"] == 0 and opt.stats["skipped"] == 0, (err0, err1, opt.stats)
+    assert calls["n"] == opt.stats.nfe and (method != "rk4" or calls["n"] == 4 * iterations)  # DeepXDE's closure, once per stage
+    assert err1 < 0.4 * err0 and opt.stats.nonfinite == 0 and opt.stats.skipped == 0, (err0, err1, opt.stats)
     for n, p in net.named_parameters():
         changed = not torch.equal(p.detach(), before[n])
         assert changed == ("lora_B" in n or "lora_A" in n), n

@@ -151,4 +151,4 @@ def test_checkpoint_of_a_ddp_model_loads_into_the_bare_model(tmp_path):
     assert torch.equal(m2.B, m.B) and torch.equal(m2.A, m.A)
     step(m, opt)
     step(m2, opt2)
-    assert torch.equal(m2.B, m.B) and torch.equal(m2.A, m.A) and opt2.stats["steps"] == 2
+    assert torch.equal(m2.B, m.B) and torch.equal(m2.A, m.A) and opt2.stats.steps == 2

@@ -1,6 +1,7 @@
 """One suite for the optimizer, parametrized over flows x methods, plus the starts users have:
 B = 0, rank-1 gradients, half precision, adaptive methods from the first step."""
 
+import copy
 import io
 import math
 import warnings
@@ -56,7 +57,7 @@ def test_common_suite(flow, method):
     closure = make_closure(opt, B, A, Y, counter=calls)
     losses = [float(opt.step(closure).detach()) for _ in range(5)]
     tab = TABLEAUS[method]
-    assert opt.stats["nfe"] == calls[0]
+    assert opt.stats.nfe == calls[0]
     if not tab.adaptive:
         assert calls[0] == 5 * tab.stages  # one closure call per stage
     assert losses[-1] < losses[0]
@@ -107,7 +108,7 @@ def test_every_method_converges_from_B_zero(method, dtype, retraction):
         opt.step(closure)
     final = float(closure().detach())
     assert final < (1e-8 if dtype == torch.float32 else 1e-3) * l0, (method, final / l0)
-    assert opt.stats["skipped"] == 0 and opt.stats["nonfinite"] == 0
+    assert opt.stats.skipped == 0 and opt.stats.nonfinite == 0
 
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])
@@ -141,7 +142,7 @@ def test_bfloat16_converges_from_B_zero_along_the_float64_path(method):
         for _ in range(20):
             opt.step(closure)
             products.append(B.detach().double() @ A.detach().double())
-        assert B.dtype == dtype and A.dtype == dtype and opt.stats["skipped"] == 0
+        assert B.dtype == dtype and A.dtype == dtype and opt.stats.skipped == 0
         return float(closure().detach()) / l0, products
 
     ratio, got = run(torch.bfloat16)
@@ -262,7 +263,7 @@ def test_adaptive_methods_leave_peft_start_in_few_tries(method, lr):
         for _ in range(40):
             losses.append(float(opt.step(closure).detach()))
             tries.append(opt.last_step.rejected)
-    assert opt.stats["skipped"] == 0 and tries[0] <= 4 and sum(tries[1:]) <= 2, tries
+    assert opt.stats.skipped == 0 and tries[0] <= 4 and sum(tries[1:]) <= 2, tries
     assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
     assert opt.last_step.t >= 0.6 * 40 * lr, (opt.last_step.t, lr)
 
@@ -323,7 +324,7 @@ def test_scaled_flow_with_adaptive_methods_trains_from_B_zero(method, dtype):
     l0 = float(closure().detach())
     for _ in range(40):
         opt.step(closure)
-    assert opt.stats["skipped"] == 0 and opt.last_step.t > 4, (opt.stats, opt.last_step)
+    assert opt.stats.skipped == 0 and opt.last_step.t > 4, (opt.stats, opt.last_step)
     assert float(closure().detach()) < 1e-8 * l0
 
 
@@ -391,7 +392,7 @@ def test_adaptive_method_recovers_from_a_non_finite_stage():
         warnings.simplefilter("error")
         for _ in range(30):
             opt.step(closure)
-    assert opt.stats["nonfinite"] > 0 and opt.stats["skipped"] == 0
+    assert opt.stats.nonfinite > 0 and opt.stats.skipped == 0
     assert float(closure().detach()) < 1e-6 * l0
 
 
@@ -419,7 +420,7 @@ def test_nonfinite_first_stage_skips_the_step_untouched(flow, method):
     assert opt.param_groups[0]["t"] == before[2]
     if TABLEAUS[method].adaptive:
         assert opt._rho == before[3]
-    assert opt.stats["skipped"] == 1 and not opt.last_step.accepted
+    assert opt.stats.skipped == 1 and not opt.last_step.accepted
     assert not opt.state
     strict = ODELoRA([(B, A)], lr=0.05, method=method, flow=flow, on_nonfinite="raise")
     with pytest.raises(NonFiniteError):
@@ -448,7 +449,7 @@ def test_a_skipped_step_keeps_adam_moments_also_after_a_resume(method):
 
     with pytest.warns(RuntimeWarning, match="skipped a step: the loss is nan"):
         opt.step(lambda: closure() * float("nan"))
-    assert same_state(opt, (B, A)) and opt.stats["skipped"] == 1
+    assert same_state(opt, (B, A)) and opt.stats.skipped == 1
     ck = torch.load(buf, weights_only=True)
     B2, A2 = ck["B"].clone().requires_grad_(), ck["A"].clone().requires_grad_()
     opt2 = ODELoRA([(B2, A2)], lr=0.05, method=method, preconditioner="adam")
@@ -566,7 +567,7 @@ def test_a_good_step_resets_the_skip_count_and_a_resume_keeps_it():
     with pytest.warns(RuntimeWarning, match="skipped a step"):
         for closure in (bad, bad, good, bad, bad):
             opt.step(closure)
-    assert opt.stats["skipped"] == 4 and opt.stats["accepted"] == 1
+    assert opt.stats.skipped == 4 and opt.stats.accepted == 1
     sd = torch.load(saved(opt.state_dict()), weights_only=True)
     opt2 = ODELoRA([(B, A)], lr=0.1, max_skipped_steps=3)
     opt2.load_state_dict(sd)
@@ -802,6 +803,32 @@ def test_frames_restored_from_a_checkpoint_are_checked_against_the_parameters():
     assert torch.equal(B2.detach(), Bf.detach()) and torch.equal(A2.detach(), Af.detach())
 
 
+def test_checkpoints_name_the_frames_fields_and_older_positional_ones_still_resume_exactly():
+    """Frames are saved by field name; a state dict with them as lists in field order (the older
+    format) resumes to the same bits."""
+    Y, B, A = problem(15)
+    opt = ODELoRA([(B, A)], lr=0.3)
+    closure = make_closure(opt, B, A, Y)
+    for _ in range(3):
+        opt.step(closure)
+    sd = copy.deepcopy(opt.state_dict())
+    (frame,), (layout,) = sd["odelora"]["frames"], sd["odelora"]["frame_layouts"]
+    assert set(frame) == {"UB", "sB", "PB", "UA", "sA", "PA", "balanced"} and set(layout) == set(frame) - {"balanced"}
+    fields = ["UB", "sB", "PB", "UA", "sA", "PA"]
+    older = {**sd, "odelora": {**sd["odelora"], "frames": [[*(frame[k] for k in fields), frame["balanced"]]],
+                               "frame_layouts": [[layout[k] for k in fields]]}}
+    ends = []
+    for state in (sd, older):
+        B2, A2 = B.detach().clone().requires_grad_(), A.detach().clone().requires_grad_()
+        opt2 = ODELoRA([(B2, A2)], lr=0.3)
+        opt2.load_state_dict(state)
+        opt2.step(make_closure(opt2, B2, A2, Y))
+        ends.append((B2.detach(), A2.detach()))
+    opt.step(closure)
+    for B2, A2 in ends:
+        assert torch.equal(B2, B.detach()) and torch.equal(A2, A.detach())
+
+
 # ---------------------------------------------------------------- the Adam-type preconditioner
 
 
@@ -1021,6 +1048,66 @@ def test_lr_warm_up_from_zero_starts_training_at_B_zero(preconditioner):
     assert float(closure().detach()) < 0.8 * start and B.detach().abs().max() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_group_held_at_lr_zero_keeps_its_factors_bit_for_bit_while_another_trains(dtype):
+    """torch's optimizers leave a parameter at lr 0 as it is; so does ODELoRA, for a group that
+    a schedule holds at 0 while another trains: not truncated or refactored each step (in bf16
+    refactoring moved the product by 2.6e-3 in 20 steps)."""
+    Y, B, A = problem(22, dtype=dtype)
+    _, B2, A2 = problem(23, dtype=dtype)
+    B2.data[:, 0] *= 10  # unbalanced: any refactoring would change them
+    opt = ODELoRA([{"pairs": [(B, A)]}, {"pairs": [(B2, A2)]}], lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 0.0])
+    held = B2.detach().clone(), A2.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((B.double() @ A.double() - Y) ** 2).sum() + 0.5 * ((B2.double() @ A2.double() - Y) ** 2).sum()
+        loss.backward()
+        return loss
+
+    start = B.detach().clone()
+    for _ in range(5):
+        opt.step(closure)
+        sched.step()
+    assert torch.equal(B2.detach(), held[0]) and torch.equal(A2.detach(), held[1]) and opt.param_groups[1]["t"] == 0.0
+    assert not torch.equal(B.detach(), start)
+
+
+def test_adam_at_lr_zero_keeps_the_factors_and_updates_the_moments_as_torch_adamw_does():
+    """AdamW at lr 0 leaves the parameters as they are and still updates its moments."""
+    Y, B, A = problem(24, dtype=torch.float32)
+    B.data[:, 0] *= 10  # unbalanced: a retraction would refactor them
+    opt = ODELoRA([(B, A)], lr=0.05, preconditioner="adam", weight_decay=0.1)
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    before = B.detach().clone(), A.detach().clone()
+    for _ in range(2):
+        opt.step(make_closure(opt, B, A, Y))
+    assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
+    assert float(opt.state[B]["step"]) == 2 and bool(opt.state[B]["exp_avg"].any())
+
+
+def test_a_companion_tensor_frozen_at_construction_trains_once_unfrozen():
+    """As with torch's AdamW: a head frozen for a warm-up is kept, and moves once it gets gradients."""
+    Y, B, A = problem(25, dtype=torch.float32)
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(3, 9, generator=g)
+    ref = W.clone().requires_grad_()
+    opt = ODELoRA([(B, A)], lr=0.1, companion=[W], companion_lr=0.01)
+    twin = torch.optim.AdamW([ref], lr=0.01, foreach=False)
+    W.requires_grad_()
+    for _ in range(3):
+        opt.zero_grad()
+        twin.zero_grad()
+        (0.5 * ((B @ A - Y.float()) ** 2).sum() + (W**2).sum()).backward()
+        (ref**2).sum().backward()
+        opt.step()
+        twin.step()
+    torch.testing.assert_close(W.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(W.detach(), torch.randn(3, 9, generator=torch.Generator().manual_seed(6)))
+
+
 def test_bad_options_and_inputs_fail_at_construction_with_what_to_do():
     Y, B, A = problem(20, dtype=torch.float32)
     with pytest.raises(ValueError, match="does not require grad.*requires_grad_"):
@@ -1046,6 +1133,17 @@ def test_bad_options_and_inputs_fail_at_construction_with_what_to_do():
         ODELoRA([(B, A)], method="bs32", rtol=float("nan"))
     with pytest.raises(ValueError, match="a float or a one-element tensor"):
         ODELoRA([(B, A)], lr="0.1")
+    with pytest.raises(ValueError, match="atol must be a number, got '1e-6'"):
+        ODELoRA([(B, A)], method="bs32", atol="1e-6")
+    with pytest.raises(ValueError, match="max_rejects must be a whole number >= 0, got 1.5"):
+        ODELoRA([(B, A)], max_rejects=1.5)
+    with pytest.raises(ValueError, match="empty factor.*m, r, n >= 1"):
+        ODELoRA([(torch.zeros(6, 0, requires_grad=True), torch.zeros(0, 5, requires_grad=True))])
+    Bm, Am = torch.zeros(6, 2, device="meta", requires_grad=True), torch.zeros(2, 5, device="meta", requires_grad=True)
+    meta = ODELoRA([(Bm, Am)])
+    Bm.grad, Am.grad = torch.zeros_like(Bm), torch.zeros_like(Am)  # as a backward on the meta device leaves them
+    with pytest.raises(RuntimeError, match="on the meta device.*to_empty"):
+        meta.step()
     for lr in (np.float32(0.1), torch.tensor(0.1)):
         assert ODELoRA([(B, A)], lr=lr).param_groups[0]["lr"] == pytest.approx(0.1)
 
@@ -1185,7 +1283,7 @@ def test_an_overflowing_plain_half_precision_step_is_skipped_untouched():
         assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
         rec = opt.last_step
         assert not rec.accepted and rec.nonfinite == 1 and rec.rejected == 1 and rec.nfe == 4
-        assert opt.stats["skipped"] == 1 and opt.param_groups[0]["t"] == 0.0
+        assert opt.stats.skipped == 1 and opt.param_groups[0]["t"] == 0.0
 
 
 def two_ranks(monkeypatch, opt, want, act) -> list:
@@ -1201,7 +1299,26 @@ def two_ranks(monkeypatch, opt, want, act) -> list:
 
     monkeypatch.setattr(opt, "_ranks", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)  # the module odelora.optim calls
+    opt._replicas_checked = True  # the first step's check that the ranks are replicas: tested on its own
     return ops
+
+
+@pytest.mark.parametrize("other", ["the same", "another batch"])
+def test_the_first_step_warns_when_the_ranks_are_not_replicas(monkeypatch, other):
+    """Ranks that step together compare their factors and gradients once, by one MAX reduction of
+    their sums and norms and of their negatives: another rank's values (simulated) that differ
+    (a model not wrapped in DDP) warn; the same values do not."""
+    Y, B, A = problem(44)
+    opt = ODELoRA([(B, A)], lr=0.1)
+    ops = two_ranks(monkeypatch, opt, dist.ReduceOp.MAX, (lambda t: None) if other == "the same" else (lambda t: t.add_(1e-3)))
+    opt._replicas_checked = False
+    closure = make_closure(opt, B, A, Y)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt.step(closure)
+        opt.step(closure)
+    said = [str(w.message) for w in seen if "differ between the 2 processes" in str(w.message)]
+    assert len(said) == (0 if other == "the same" else 1) and ops.count(dist.ReduceOp.MAX) == 1, (said, ops)
 
 
 def test_a_non_finite_value_on_another_rank_skips_the_step_here(monkeypatch):
@@ -1216,7 +1333,7 @@ def test_a_non_finite_value_on_another_rank_skips_the_step_here(monkeypatch):
         opt.step(make_closure(opt, B, A, Y))
     assert ops == [dist.ReduceOp.MIN]
     assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
-    assert opt.stats["skipped"] == 1 and opt.last_step.nonfinite == 1
+    assert opt.stats.skipped == 1 and opt.last_step.nonfinite == 1
 
 
 def test_adaptive_steps_take_the_largest_error_of_all_ranks(monkeypatch):
@@ -1391,7 +1508,7 @@ def test_companion_skips_with_the_step_and_steps_once_per_accepted_step():
     closure = companion_closure(opt, X, Yt, W, B, A, s)
     for _ in range(4):
         opt.step(closure)
-    assert opt.stats["rejected"] >= 2 and opt.stats["accepted"] == 4 and opt.stats["skipped"] == 0, opt.stats
+    assert opt.stats.rejected >= 2 and opt.stats.accepted == 4 and opt.stats.skipped == 0, opt.stats
     assert int(opt._companion.state[W]["step"]) == 4
 
 
@@ -1602,9 +1719,9 @@ def test_a_non_finite_companion_gradient_skips_the_step(on_nonfinite):
         with pytest.warns(RuntimeWarning, match="non-finite gradient of companion parameter 0"):
             opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, (B, A, bias)))
-    assert opt.stats["skipped"] == 1 and opt.stats["accepted"] == 0
+    assert opt.stats.skipped == 1 and opt.stats.accepted == 0
     opt.step(closure)
-    assert opt.stats["accepted"] == 1 and bool(torch.isfinite(bias).all()) and not torch.equal(bias, before[2])
+    assert opt.stats.accepted == 1 and bool(torch.isfinite(bias).all()) and not torch.equal(bias, before[2])
 
 
 def test_a_closure_must_return_the_loss_or_none():
@@ -1721,14 +1838,14 @@ def test_a_companion_moved_to_another_dtype_steps_and_a_failing_companion_undoes
         p.data = p.data.double()
     before = bias.detach().clone()
     opt.step(head_closure(opt, (B, A, bias), Y))  # torch's fused AdamW alone refuses float32 moments here
-    assert opt.stats["accepted"] == 2 and not torch.equal(bias, before)
+    assert opt.stats.accepted == 2 and not torch.equal(bias, before)
     assert all(v.dtype == torch.float64 for k, v in opt._companion.state[bias].items() if k != "step")
 
     def broken():
         raise RuntimeError("companion failed")
 
     monkeypatch.setattr(opt._companion, "step", broken)
-    start, t0, stats = [p.detach().clone() for p in (B, A, bias)], opt.param_groups[0]["t"], dict(opt.stats)
+    start, t0, stats = [p.detach().clone() for p in (B, A, bias)], opt.param_groups[0]["t"], copy.copy(opt.stats)
     with pytest.raises(RuntimeError, match="companion failed"):
         opt.step(head_closure(opt, (B, A, bias), Y))
     assert all(torch.equal(a, b) for a, b in zip(start, (B, A, bias)))

@@ -252,7 +252,7 @@ def test_trainer_trains_with_odelora_and_logs_statistics(method, stages, tmp_pat
 
     assert all(float(imbalance(p.B.detach(), p.A.detach())) < 1e-5 for p in lora_pairs(model))  # rebalanced
     assert logs[-1]["loss"] < logs[0]["loss"]
-    assert trainer.odelora is trainer.optimizer.optimizer and trainer.odelora.stats["nfe"] == 12 * stages
+    assert trainer.odelora is trainer.optimizer.optimizer and trainer.odelora.stats.nfe == 12 * stages
     assert logs[-1]["odelora_nfe_total"] == 12 * stages and trainer.odelora.last_step.nfe == stages
 
 
@@ -277,7 +277,7 @@ def test_trainer_stages_share_dropout_masks_and_take_a_given_optimizer(tmp_path)
     trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y), optimizers=(opt, None))
     losses = recorded_losses(trainer)
     trainer.train()
-    assert opt.stats["nfe"] == 8 and len(losses) == 8  # 2 steps x 4 stages
+    assert opt.stats.nfe == 8 and len(losses) == 8  # 2 steps x 4 stages
     for step in (losses[:4], losses[4:]):
         assert max(step) - min(step) < 1e-6 * abs(step[0]), losses
     assert abs(losses[0] - losses[4]) > 1e-3  # the next step draws new masks
@@ -318,3 +318,29 @@ def test_trainer_accumulated_steps_equal_one_batch_for_models_taking_loss_kwargs
     with pytest.raises(ValueError, match="fp16 loss scaling"):
         ODELoRATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), fp16=True, report_to=[], use_cpu=True),
                        train_dataset=ListDataset(ids, y), odelora_kwargs=dict(method="rk4"))
+
+
+def test_trainer_passes_its_adamw_arguments_to_the_companion_and_to_adam_pairs(tmp_path):
+    """weight_decay, adam_beta1/2 and adam_epsilon reach the companion (and the pairs with
+    preconditioner='adam'); odelora_kwargs win; a weight decay the plain pairs cannot take warns."""
+    from transformers import TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    ids, y = data(32)
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.5, adam_beta1=0.5, adam_beta2=0.9, adam_epsilon=1e-3,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    groups = lambda t: ([g for g in t.odelora.param_groups if g.get("companion")], [g for g in t.odelora.param_groups if not g.get("companion")])
+    with pytest.warns(UserWarning, match="weight_decay=0.5 applies to the AdamW companion"):
+        plain = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y))
+        plain.create_optimizer()
+    (comp,), _ = groups(plain)
+    assert (comp["weight_decay"], comp["betas"], comp["eps"]) == (0.5, (0.5, 0.9), 1e-3)
+    adam = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y),
+                          odelora_kwargs=dict(preconditioner="adam", eps=1e-6, companion_kwargs=dict(weight_decay=0.0)))
+    adam.create_optimizer()
+    (comp,), (pairs,) = groups(adam)
+    assert (comp["weight_decay"], comp["betas"]) == (0.0, (0.5, 0.9))
+    assert (pairs["weight_decay"], pairs["betas"], pairs["eps"]) == (0.5, (0.5, 0.9), 1e-6)

@@ -9,7 +9,7 @@ says). ``ODELoRA`` puts them in a torch optimizer. PEFT models: ``odelora.integr
 from . import flows, geometry, integrators, retractions
 from .geometry import balance, imbalance, tangent_project
 from .integrators import TABLEAUS, NonFiniteError, integrate
-from .optim import ODELoRA, StepFailure, StepRecord
+from .optim import ODELoRA, StepFailure, StepRecord, StepTotals
 from .pairs import LoRAPair
 
 
@@ -21,6 +21,7 @@ __all__ = [
     "NonFiniteError",
     "StepFailure",
     "StepRecord",
+    "StepTotals",
     "flows",
     "geometry",
     "integrators",

@@ -24,11 +24,16 @@ from .store import PairStore, is_sharded
 __all__ = ["frames_entry", "saved_frames", "restored", "check_state_dict", "like_params"]
 
 
+_TENSORS = Frame._fields[:6]  # UB, sB, PB, UA, sA, PA; then ``balanced``
+
+
 def frames_entry(y: list[Factors]) -> dict:
-    """The ``frames`` and ``frame_layouts`` entries of a committed state (copies of its frames)."""
+    """The ``frames`` and ``frame_layouts`` entries of a committed state: per bucket, copies of its
+    frame's fields by name (None for a bucket without one), and each tensor's memory layout."""
     return dict(
-        frames=[None if x.frame is None else [*(t.clone() for t in x.frame[:6]), x.frame.balanced] for x in y],
-        frame_layouts=[None if x.frame is None else [_dim_order(t) for t in x.frame[:6]] for x in y],
+        frames=[None if x.frame is None else {**{k: t.clone() for k, t in zip(_TENSORS, x.frame)}, "balanced": x.frame.balanced}
+                for x in y],
+        frame_layouts=[None if x.frame is None else {k: _dim_order(t) for k, t in zip(_TENSORS, x.frame)} for x in y],
     )
 
 
@@ -43,11 +48,20 @@ def saved_frames(extra: dict, store: PairStore) -> list[Factors] | None:
     layouts = extra.get("frame_layouts") or [None] * len(frames)
     out = []
     for f, o, b in zip(frames, layouts, store.buckets):
-        if f is not None and all(t.dtype == b.dtype for t in f[:6]):
-            f = [*(t.to(b.scale.device) for t in f[:6]), *f[6:]]
-            f = Frame(*f) if o is None else Frame(*map(_laid_out, f[:6], o), *f[6:])
-        out.append(Factors(*store.stacked(b), b.scale, f if isinstance(f, Frame) else None))
+        frame = None
+        if f is not None:
+            f, o = _by_name(f), None if o is None else _by_name(o)
+            if all(f[k].dtype == b.dtype for k in _TENSORS):
+                ts = [f[k].to(b.scale.device) for k in _TENSORS]
+                ts = ts if o is None else [_laid_out(t, o[k]) for t, k in zip(ts, _TENSORS)]
+                frame = Frame(*ts, bool(f.get("balanced", False)))
+        out.append(Factors(*store.stacked(b), b.scale, frame))
     return out
+
+
+def _by_name(entry: dict | list) -> dict:
+    """A saved frame (or its layouts) by field name; older checkpoints kept them as lists in field order."""
+    return entry if isinstance(entry, dict) else dict(zip(Frame._fields, entry))
 
 
 def restored(y: list[Factors], store: PairStore) -> list[Factors] | None:
@@ -141,7 +155,7 @@ def _check_layout(extra: dict, mine: list[list[int]]) -> None:
     saved = extra.get("layout")
     frames = extra.get("frames") or []
     if saved is None and frames and all(f is not None for f in frames):  # saved before the layout was kept
-        saved = [[f[0].shape[0], f[0].shape[-2], f[2].shape[-2], f[3].shape[-2]] for f in frames]
+        saved = [[f["UB"].shape[0], f["UB"].shape[-2], f["PB"].shape[-2], f["UA"].shape[-2]] for f in map(_by_name, frames)]
     # Pairs are bucketed by shape, dtype and device: compare the shapes each bucket holds, not the
     # bucketing, which a pair saved in another dtype changes.
     shapes = lambda layout: sorted((int(m), int(r), int(n)) for k, m, r, n in layout for _ in range(int(k)))

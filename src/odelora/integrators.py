@@ -10,6 +10,7 @@ adaptive, in every space, goes through :func:`rk_step` and :func:`attempt`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
@@ -253,6 +254,10 @@ class StepController:
     h_max: float = math.inf
 
     def __post_init__(self):
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not (0 <= self.rtol < math.inf and 0 <= self.atol < math.inf) or self.rtol + self.atol <= 0:
             raise ValueError(f"rtol and atol must be finite, non-negative and not both zero, got rtol={self.rtol}, atol={self.atol}")
         if not 0 < self.shrink <= 1 <= self.grow:

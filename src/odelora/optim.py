@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -29,13 +29,13 @@ from .checkpoint import check_state_dict, frames_entry, like_params, restored, s
 from .flows import Flow, get_flow
 from .geometry import imbalance
 from .integrators import Attempt, NonFiniteError, StepController, get_tableau, attempt
-from .options import check_adam_options, check_flow_options, check_lr, companion_options, pair_groups
+from .options import check_adam_options, check_count, check_flow_options, check_lr, companion_options, pair_groups
 from .pairs import LoRAPair
 from .preconditioners import Move, get_preconditioner
 from .retractions import Factors, get_retraction, keep_where
 from .store import PairStore, local
 
-__all__ = ["ODELoRA", "NonFiniteError", "StepRecord", "StepFailure"]
+__all__ = ["ODELoRA", "NonFiniteError", "StepRecord", "StepTotals", "StepFailure"]
 
 # The smallest adaptive step, as a fraction of lr: a try rejected there ends the step (skipped).
 H_MIN = 1e-12
@@ -66,6 +66,29 @@ class StepRecord:
     t: float = 0.0
     imbalance: float | None = None
     loss: float | None = None
+
+
+@dataclass
+class StepTotals:
+    """Running totals over an optimizer's life (``ODELoRA.stats``): ``step()`` calls, gradient
+    evaluations, accepted steps, rejected tries (error control or non-finite stages), tries
+    rejected at a non-finite value, and skipped steps (no try accepted)."""
+
+    steps: int = 0
+    nfe: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    nonfinite: int = 0
+    skipped: int = 0
+
+    def add(self, record: StepRecord) -> None:
+        """Count one step."""
+        self.steps += 1
+        self.nfe += record.nfe
+        self.accepted += int(record.accepted)
+        self.rejected += record.rejected
+        self.nonfinite += record.nonfinite
+        self.skipped += int(not record.accepted)
 
 
 @dataclass
@@ -127,7 +150,10 @@ class _Field:
                      "out and pass its trainable factor as companion=", RuntimeWarning)
             if opt._companion is not None:
                 self.companion_grads = [None if p.grad is None else p.grad.clone() for p in opt._companion_params()]
-        v = [self._velocity(x, gB, gA) for x, (gB, gA) in zip(y, self._grads())]
+        grads = self._grads()
+        if first:
+            opt._check_replicas(y, grads)
+        v = [self._velocity(x, gB, gA) for x, (gB, gA) in zip(y, grads)]
         total = sum(t.sum() for k in v for t in k)
         # inf * 0 is NaN: a non-finite loss or companion gradient poisons the sum too (each rank
         # tests its own shard of a sharded companion gradient; the ranks then agree)
@@ -221,7 +247,7 @@ class ODELoRA(torch.optim.Optimizer):
             is reused); a non-finite value at a later stage also counts as a rejection.
         on_nonfinite: ``"warn"`` (default) or ``"raise"``. A NaN/inf loss or gradient at the
             start of a step skips the step: parameters and optimizer state stay as they were and
-            ``stats["skipped"]`` counts it. With ``"raise"`` a :class:`NonFiniteError` follows
+            ``stats.skipped`` counts it. With ``"raise"`` a :class:`NonFiniteError` follows
             every step skipped at a non-finite value: at the start, at a later stage in every
             try, or new factors that overflow half-precision parameters.
         max_skipped_steps: after this many skipped steps in a row (non-finite values, or no
@@ -239,11 +265,14 @@ class ODELoRA(torch.optim.Optimizer):
             Its groups appear in ``param_groups`` (with ``companion=True``), so LR schedulers
             reach them too (one that sets absolute rates needs one per group: ``OneCycleLR(opt,
             max_lr=[lr, companion_lr])``). A NaN/inf in their gradients skips the step as one in
-            the pairs' does.
+            the pairs' does. As in torch's optimizers, a tensor without a gradient is not moved: a
+            frozen one trains once it is unfrozen.
         sync_ranks: whether the processes of an initialized ``torch.distributed`` group step
             together (data parallel: DDP, FSDP2): non-finite values and adaptive step decisions
             are then agreed by an all-reduce of one scalar per stage. Default: whenever a process
-            group is initialized; pass False for processes that train independently.
+            group is initialized; pass False for processes that train independently, never under
+            DDP or FSDP2 (a rank that skips a step would leave the others waiting in backward).
+            The first step warns if the ranks' factors or gradients differ.
 
     Factors may be sharded (FSDP2's ``fully_shard``, DTensor parameters): each rank gathers the
     small factors and their gradients, computes the same step and writes its own shard back.
@@ -288,8 +317,8 @@ class ODELoRA(torch.optim.Optimizer):
             raise ValueError(f"preconditioner={self.preconditioner.name!r} needs a fixed-step method (euler, heun, midpoint, rk4)")
         check_adam_options(self.preconditioner, betas, eps, weight_decay)
         check_flow_options(self.flow, flow_options or {})
-        if int(max_rejects) < 0 or int(max_skipped_steps) < 1:
-            raise ValueError("need max_rejects >= 0 and max_skipped_steps >= 1")
+        check_count("max_rejects", max_rejects, 0)
+        check_count("max_skipped_steps", max_skipped_steps, 1)
         self.controller = StepController(rtol=rtol, atol=atol, h_min=H_MIN, h_max=1.0)
         self._rtol = self.controller.rtol  # as asked; the controller's is raised to the factors' rounding
         self.max_rejects = int(max_rejects)
@@ -301,7 +330,7 @@ class ODELoRA(torch.optim.Optimizer):
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0)
         super().__init__(pair_groups(params), defaults)  # each group through add_param_group
         self._companion = None
-        companion = [p for p in (companion or []) if p.requires_grad]
+        companion = list(companion or [])
         factors = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in factors for p in companion):
             raise ValueError("a companion parameter is also a factor of a LoRA pair: list each tensor once (pairs or companion)")
@@ -314,9 +343,10 @@ class ODELoRA(torch.optim.Optimizer):
         self._stage_loss = None
         self._rho = 1.0  # adaptive step as a fraction of each group's lr (1 for fixed steps)
         self._skips = 0  # consecutive skipped steps
+        self._replicas_checked = False  # whether ranks that step together were checked to be replicas
         self._last: _Committed | None = None
         self._store: PairStore | None = None
-        self.stats = dict(steps=0, nfe=0, accepted=0, rejected=0, nonfinite=0, skipped=0)
+        self.stats = StepTotals()
         self.last_step = StepRecord()
         _warn_zero_pairs(self.store)
 
@@ -462,7 +492,7 @@ class ODELoRA(torch.optim.Optimizer):
         if not res.accepted:
             return None
         move = self.preconditioner(fld.y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
-        move = move.without(fld.idle, fld.y0, self.store.buckets)
+        move = move.without(fld.idle, fld.y0, self.store.buckets).holding([u == 0 for u in self._step_units()], fld.y0)
         overflow = self._overflow(move.y)
         if overflow is None:
             return move
@@ -498,6 +528,23 @@ class ODELoRA(torch.optim.Optimizer):
         dist.all_reduce(f, op=dist.ReduceOp.MIN)
         return f[0] > 0
 
+    def _check_replicas(self, y: list[Factors], grads: list[tuple[Tensor, Tensor]]) -> None:
+        """Once, where ranks step together: warn if their factors or gradients differ (a model not
+        wrapped in DDP or FSDP2 trains each rank on its own batch, and the ranks drift apart)."""
+        if self._replicas_checked or self._ranks() == 1:
+            return
+        self._replicas_checked = True
+        ts = [t for x, (gB, gA) in zip(y, grads) for t in (x.B, x.A, gB, gA)]
+        sums = torch.stack([f(t.double()) for t in ts for f in (torch.sum, torch.linalg.vector_norm)])
+        both = torch.cat([sums, -sums])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        hi, lo = both[: len(sums)], -both[len(sums):]
+        if bool(((hi - lo) > 1e-6 * torch.maximum(hi.abs(), lo.abs()) + 1e-30).any()):
+            warn(f"the LoRA factors or their gradients differ between the {self._ranks()} processes at the first step, "
+                 "which take their steps together (sync_ranks): wrap the model in DistributedDataParallel or FSDP2's "
+                 "fully_shard, so that the processes stay replicas, or pass sync_ranks=False to ODELoRA for processes "
+                 "that train independently", RuntimeWarning)
+
     def _agree_max(self, ratios: Tensor) -> Tensor:
         """The largest error ratios over ranks, so the step-size controller decides alike on all."""
         r = ratios.clone()
@@ -528,6 +575,9 @@ class ODELoRA(torch.optim.Optimizer):
         parameters still hold what was written: same versions and storage (see
         :meth:`PairStore.versions`; in-place writes through ``.data`` are not seen)."""
         store = self.store
+        if any(b.Bs[0].device.type == "meta" for b in store.buckets):
+            raise RuntimeError("the LoRA factors are on the meta device, without values: materialize the model "
+                               "(model.to_empty(device=...), then initialize the weights) before stepping")
         last = self._last
         if last is not None and all(b.exact for b in store.buckets):
             if last.versions is not None and last.versions == store.versions():
@@ -580,7 +630,6 @@ class ODELoRA(torch.optim.Optimizer):
         """Restore the parameters, count the skipped step, warn or raise."""
         self._restore(fld.y0)
         self._skips += 1
-        self.stats["skipped"] += 1
         self._record(fld, res)
         msg = f"ODELoRA skipped a step: {res.why or self._failure(fld, res)}; parameters and state are unchanged"
         if self._skips >= self.max_skipped_steps:
@@ -625,8 +674,7 @@ class ODELoRA(torch.optim.Optimizer):
             nfe=nfe, accepted=accepted, rejected=rejected, nonfinite=nonfinite, h=h * float(g0["lr"]), t=float(g0["t"]), imbalance=imb,
             loss=None if loss is None else float(torch.as_tensor(loss).detach().sum()),
         )
-        for k, v in (("steps", 1), ("nfe", nfe), ("accepted", int(accepted)), ("rejected", rejected), ("nonfinite", nonfinite)):
-            self.stats[k] += v
+        self.stats.add(self.last_step)
 
     # ------------------------------------------------------------------ state
     def __getstate__(self) -> dict:
@@ -639,12 +687,13 @@ class ODELoRA(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._stage_closure, self._stage_loss, self._store = None, None, None
+        self.__dict__.setdefault("_replicas_checked", False)
         if self._last is not None:  # the copied frames, checked against the copied parameters at the next step
             self._last = _Committed(self._last.y, None)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=dict(self.stats), config=self._config(),
+        extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=asdict(self.stats), config=self._config(),
                                      layout=self.store.layout())
         if self._last is not None:  # derived, but resuming must reproduce the same arithmetic
             extra.update(frames_entry(self._last.y))
@@ -665,7 +714,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._store = None
         self._reload_moments(state_dict)
         self._rho, self._skips = float(extra["rho"]), int(extra.get("skips", 0))
-        self.stats.update(extra["stats"])
+        self.stats = StepTotals(**{k: int(v) for k, v in extra["stats"].items() if k in StepTotals.__dataclass_fields__})
         y = saved_frames(extra, self.store)
         self._last = None if y is None else _Committed(y, None)  # checked against the parameters at the next step
         if self._companion is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Any
 
 from torch import Tensor
@@ -13,7 +14,7 @@ from .flows import Flow, check_damping
 from .pairs import LoRAPair, as_pairs
 from .store import is_sharded
 
-__all__ = ["pair_groups", "check_lr", "check_adam_options", "check_flow_options", "companion_options"]
+__all__ = ["pair_groups", "check_lr", "check_count", "check_adam_options", "check_flow_options", "companion_options"]
 
 
 def pair_groups(params: Any, start: int = 0) -> list[dict]:
@@ -96,6 +97,13 @@ def companion_options(params: list[Tensor], kwargs: dict | None) -> dict:
     ):
         kwargs["fused"] = True
     return kwargs
+
+
+def check_count(name: str, value, minimum: int) -> int:
+    """``value`` as an int: a whole number (Python, NumPy) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_lr(lr, zero: bool = False) -> float:

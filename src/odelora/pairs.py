@@ -41,6 +41,9 @@ class LoRAPair:
                 f"{who}: expected B (m, r) and A (r, n), got B {tuple(B.shape)} "
                 f"and A {tuple(A.shape)}. PEFT's lora_B.weight is B and lora_A.weight is A"
             )
+        if 0 in (*B.shape, A.shape[1]):
+            raise ValueError(f"{who}: empty factor, B {tuple(B.shape)} and A {tuple(A.shape)}: a pair needs m, r, n >= 1; "
+                             "leave pairs of rank 0 out")
         if B.dtype != A.dtype or B.device != A.device:
             raise ValueError(f"{who}: B and A must share dtype and device")
         if not B.is_floating_point():

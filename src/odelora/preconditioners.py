@@ -39,6 +39,14 @@ class Move:
                  for i in flags.nonzero().flatten().tolist() for p in (b.Bs[i], b.As[i])}
         return Move(y, {p: st for p, st in self.state.items() if id(p) not in still})
 
+    def holding(self, held: list[bool], y0: list[Factors]) -> "Move":
+        """The move with the buckets flagged in ``held`` (a group at lr 0) left at ``y0`` bit for
+        bit, not refactored; their state entries are kept, as torch's optimizers update moments at
+        lr 0."""
+        if not any(held):
+            return self
+        return Move([x0 if h else x1 for h, x0, x1 in zip(held, y0, self.y)], self.state)
+
 
 class Plain:
     """The RK step itself (SGD-like: with the balanced flow the product moves by ``-lr P(G)`` per

@@ -3,7 +3,9 @@
     trainer = ODELoRATrainer(model=peft_model, args=args, train_dataset=ds,
                              odelora_kwargs=dict(method="rk4", companion_lr=1e-3))
 
-``args.learning_rate`` is the ODELoRA step h. The Trainer backpropagates one batch before calling
+``args.learning_rate`` is the ODELoRA step h; ``weight_decay``, ``adam_beta1``, ``adam_beta2`` and
+``adam_epsilon`` set the AdamW companion's options (and the pairs' with ``preconditioner="adam"``);
+the companion's rate is ``companion_lr`` (default 1e-3), not ``args.learning_rate``. The Trainer backpropagates one batch before calling
 ``optimizer.step()`` without a closure; ``training_step`` therefore hands the optimizer a closure
 that recomputes the loss on the same batch, which the remaining RK stages call (gradient clipping
 at ``args.max_grad_norm`` is applied to every stage alike). Each stage starts from the random
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .._warnings import warn
 from ..optim import ODELoRA
 from .peft import create_odelora_optimizer
 
@@ -40,7 +43,7 @@ class ODELoRACallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         opt = _unwrap(optimizer)
-        if opt is not None and opt.stats["steps"]:
+        if opt is not None and opt.stats.steps:
             self._nfe += opt.last_step.nfe
             self._steps += 1
 
@@ -51,13 +54,13 @@ class ODELoRACallback(TrainerCallback):
         last = opt.last_step
         stats = {
             "odelora_nfe_per_step": self._nfe / max(self._steps, 1),
-            "odelora_nfe_total": opt.stats["nfe"],
+            "odelora_nfe_total": opt.stats.nfe,
             "odelora_h": last.h,
             "odelora_t": last.t,
             "odelora_imbalance": last.imbalance,
-            "odelora_rejected": opt.stats["rejected"],
-            "odelora_nonfinite": opt.stats["nonfinite"],
-            "odelora_skipped": opt.stats["skipped"],
+            "odelora_rejected": opt.stats.rejected,
+            "odelora_nonfinite": opt.stats.nonfinite,
+            "odelora_skipped": opt.stats.skipped,
         }
         stats = {k: v for k, v in stats.items() if v is not None}
         logs.update(stats)
@@ -124,8 +127,23 @@ class ODELoRATrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = create_odelora_optimizer(model if model is not None else self.model, lr=self.args.learning_rate, **self.odelora_kwargs)
+            self.optimizer = create_odelora_optimizer(model if model is not None else self.model, lr=self.args.learning_rate,
+                                                      **self._optimizer_kwargs())
         return self.optimizer
+
+    def _optimizer_kwargs(self) -> dict[str, Any]:
+        """``odelora_kwargs`` with the arguments' AdamW settings (``weight_decay``, ``adam_beta1``,
+        ``adam_beta2``, ``adam_epsilon``) for the companion and, with ``preconditioner="adam"``,
+        for the pairs; what ``odelora_kwargs`` sets wins. Plain ODELoRA steps have no weight decay."""
+        args, kw = self.args, dict(self.odelora_kwargs)
+        adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay)
+        kw["companion_kwargs"] = {**adam, **(kw.get("companion_kwargs") or {})}
+        if kw.get("preconditioner") == "adam":
+            kw = {**adam, **kw}
+        elif args.weight_decay and "weight_decay" not in kw:
+            warn(f"weight_decay={args.weight_decay:g} applies to the AdamW companion (heads, biases) only: ODELoRA's "
+                 "steps of the LoRA pairs have none, except with odelora_kwargs=dict(preconditioner='adam')", UserWarning)
+        return kw
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         prepared = self._prepare_inputs(inputs)
@@ -147,8 +165,8 @@ class ODELoRATrainer(Trainer):
                 return stage_loss.detach()
 
         if opt is not None:  # the loss of the gradients in .grad: the Trainer's, summed over accumulated micro-batches
-            if opt.stats["steps"] != getattr(self, "_steps_seen", None):
-                self._steps_seen, self._step_loss = opt.stats["steps"], 0.0
+            if opt.stats.steps != getattr(self, "_steps_seen", None):
+                self._steps_seen, self._step_loss = opt.stats.steps, 0.0
             self._step_loss = self._step_loss + loss.detach()
             opt.set_stage_closure(closure, loss=self._step_loss)
         return loss

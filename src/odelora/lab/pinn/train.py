@@ -321,7 +321,7 @@ def finetune(family: Family, state: dict, net: Net, points: int, *, method: str,
     run.seconds = time.perf_counter() - t0
     run.nfe, run.steps, run.spikes = meter.nfe, meter.steps, meter.spikes
     if isinstance(opt, ODELoRA):
-        run.rejected = int(opt.stats["rejected"])
+        run.rejected = int(opt.stats.rejected)
         run.t = float(opt.param_groups[0]["t"])
     if run.finite:
         err = relative_error(model_net, X, u)
