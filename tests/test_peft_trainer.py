@@ -336,11 +336,13 @@ def test_trainer_passes_its_adamw_arguments_to_the_companion_and_to_adam_pairs(t
     with pytest.warns(UserWarning, match="weight_decay=0.5 applies to the AdamW companion"):
         plain = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y))
         plain.create_optimizer()
-    (comp,), _ = groups(plain)
-    assert (comp["weight_decay"], comp["betas"], comp["eps"]) == (0.5, (0.5, 0.9), 1e-3)
+    (decayed, bias), _ = groups(plain)  # biases take no weight decay, as in transformers' Trainer
+    head = model.base_model.model.head.modules_to_save["default"]
+    assert decayed["params"] == [head.weight] and bias["params"] == [head.bias] and bias["weight_decay"] == 0.0
+    assert (decayed["weight_decay"], decayed["betas"], decayed["eps"]) == (0.5, (0.5, 0.9), 1e-3)
     adam = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y),
-                          odelora_kwargs=dict(preconditioner="adam", eps=1e-6, companion_kwargs=dict(weight_decay=0.0)))
+                          odelora_kwargs=dict(preconditioner="adam", eps=1e-6, companion_kwargs=dict(weight_decay=0.1)))
     adam.create_optimizer()
-    (comp,), (pairs,) = groups(adam)
-    assert (comp["weight_decay"], comp["betas"]) == (0.0, (0.5, 0.9))
+    (comp, _), (pairs,) = groups(adam)
+    assert (comp["weight_decay"], comp["betas"]) == (0.1, (0.5, 0.9))
     assert (pairs["weight_decay"], pairs["betas"], pairs["eps"]) == (0.5, (0.5, 0.9), 1e-6)

@@ -112,12 +112,17 @@ def check_state_dict(sd: dict, groups: list[dict], layout: list[list[int]], conf
     extra = sd["odelora"]
     _check_layout(extra, layout)  # first: other shapes or ranks explain most other mismatches
     mine, theirs = groups, sd["param_groups"]
+    # Earlier versions left out companion tensors frozen when the optimizer was built.
+    older = (" (a checkpoint of an earlier odelora holds only the companion tensors that required grad when its "
+             "optimizer was built: pass those as companion to resume it)")
     if len(mine) != len(theirs):
-        raise ValueError(f"the state dict has {len(theirs)} param groups, this optimizer {len(mine)}: build the optimizer with the same pairs and groups")
+        raise ValueError(f"the state dict has {len(theirs)} param groups, this optimizer {len(mine)}: build the optimizer with "
+                         f"the same pairs and groups{older if any(g.get('companion') for g in mine) else ''}")
     for i, (g, h) in enumerate(zip(mine, theirs)):
         if len(g["params"]) != len(h.get("params", [])):
             raise ValueError(f"param group {i}: the state dict has {len(h.get('params', []))} tensors, this optimizer "
-                             f"{len(g['params'])}: build the optimizer on the same model, adapters and companion parameters")
+                             f"{len(g['params'])}: build the optimizer on the same model, adapters and companion parameters"
+                             f"{older if g.get('companion') else ''}")
         if not g.get("companion"):
             try:
                 check_lr(h.get("lr"), zero=True)

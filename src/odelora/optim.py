@@ -29,7 +29,7 @@ from .checkpoint import check_state_dict, frames_entry, like_params, restored, s
 from .flows import Flow, get_flow
 from .geometry import imbalance
 from .integrators import Attempt, NonFiniteError, StepController, get_tableau, attempt
-from .options import check_adam_options, check_count, check_flow_options, check_lr, companion_options, pair_groups
+from .options import check_adam_options, check_count, check_flow_options, check_lr, companion_groups, companion_options, pair_groups
 from .pairs import LoRAPair
 from .preconditioners import Move, get_preconditioner
 from .retractions import Factors, get_retraction, keep_where
@@ -258,7 +258,8 @@ class ODELoRA(torch.optim.Optimizer):
             retraction. Fixed-step methods only.
         flow_options: extra keyword arguments for the flow (e.g. ``damping``).
         track_imbalance: record the imbalance of the factors at the start of each step.
-        companion: other trainable parameters (heads, biases, DoRA magnitudes, ...), moved by an
+        companion: other trainable parameters (heads, biases, DoRA magnitudes, ...), or param
+            groups of them (``{"params": [...], "weight_decay": 0.0}``), moved by an
             AdamW with ``companion_lr`` and ``companion_kwargs`` once per accepted step, from the
             gradients at the start of the step (torch's fused AdamW unless ``companion_kwargs``
             names ``foreach`` or ``fused``, or the parameters are sharded or not floating point).
@@ -330,12 +331,13 @@ class ODELoRA(torch.optim.Optimizer):
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0)
         super().__init__(pair_groups(params), defaults)  # each group through add_param_group
         self._companion = None
-        companion = list(companion or [])
+        groups = companion_groups(companion)
+        companion = [p for g in groups for p in g["params"]]
         factors = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in factors for p in companion):
             raise ValueError("a companion parameter is also a factor of a LoRA pair: list each tensor once (pairs or companion)")
         if companion:
-            self._companion = torch.optim.AdamW(companion, lr=companion_lr, **companion_options(companion, companion_kwargs))
+            self._companion = torch.optim.AdamW(groups, lr=companion_lr, **companion_options(companion, companion_kwargs))
             for g in self._companion.param_groups:  # shared dicts: LR schedulers reach them too
                 g["companion"] = True
                 self.param_groups.append(g)
@@ -533,12 +535,22 @@ class ODELoRA(torch.optim.Optimizer):
         wrapped in DDP or FSDP2 trains each rank on its own batch, and the ranks drift apart)."""
         if self._replicas_checked or self._ranks() == 1:
             return
-        self._replicas_checked = True
-        ts = [t for x, (gB, gA) in zip(y, grads) for t in (x.B, x.A, gB, gA)]
-        sums = torch.stack([f(t.double()) for t in ts for f in (torch.sum, torch.linalg.vector_norm)])
-        both = torch.cat([sums, -sums])
+        # A fingerprint of fixed size whatever the pairs (ranks may hold different ones): the
+        # factors' and the gradients' sums and squared norms, and the element count.
+        def sums(ts: list[Tensor]) -> list[Tensor]:
+            flat = torch.cat([t.double().flatten() for t in ts])
+            return [flat.sum(), flat.square().sum(), flat.new_tensor(float(flat.numel()))]
+
+        fp = torch.stack(sums([t for x in y for t in (x.B, x.A)]) + sums([t for g in grads for t in g]))
+        flag = fp.new_tensor([0.0 if bool(torch.isfinite(fp).all()) else 1.0])
+        fp = fp.nan_to_num(0.0, 0.0, 0.0)
+        both = torch.cat([fp, -fp, flag])
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        hi, lo = both[: len(sums)], -both[len(sums):]
+        if float(both[-1]):  # a non-finite value on some rank: this step is skipped; check at the next one
+            return
+        self._replicas_checked = True
+        n = len(fp)
+        hi, lo = both[:n], -both[n:2 * n]
         if bool(((hi - lo) > 1e-6 * torch.maximum(hi.abs(), lo.abs()) + 1e-30).any()):
             warn(f"the LoRA factors or their gradients differ between the {self._ranks()} processes at the first step, "
                  "which take their steps together (sync_ranks): wrap the model in DistributedDataParallel or FSDP2's "
@@ -688,6 +700,8 @@ class ODELoRA(torch.optim.Optimizer):
         super().__setstate__(state)
         self._stage_closure, self._stage_loss, self._store = None, None, None
         self.__dict__.setdefault("_replicas_checked", False)
+        if isinstance(self.stats, dict):  # pickled by an earlier version
+            self.stats = StepTotals(**{k: int(v) for k, v in self.stats.items() if k in StepTotals.__dataclass_fields__})
         if self._last is not None:  # the copied frames, checked against the copied parameters at the next step
             self._last = _Committed(self._last.y, None)
 

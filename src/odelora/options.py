@@ -14,7 +14,7 @@ from .flows import Flow, check_damping
 from .pairs import LoRAPair, as_pairs
 from .store import is_sharded
 
-__all__ = ["pair_groups", "check_lr", "check_count", "check_adam_options", "check_flow_options", "companion_options"]
+__all__ = ["pair_groups", "check_lr", "check_count", "check_adam_options", "check_flow_options", "companion_groups", "companion_options"]
 
 
 def pair_groups(params: Any, start: int = 0) -> list[dict]:
@@ -80,6 +80,18 @@ def check_flow_options(flow: Flow, options: dict) -> None:
     if bad:
         raise ValueError(f"flow_options {bad} are not options of the {flow.name!r} flow; it takes {sorted(accepted)}")
     check_damping(options.get("damping"))
+
+
+def companion_groups(companion) -> list[dict]:
+    """The companion's param groups, from tensors (one group) or torch-style groups
+    ``{"params": [...], **AdamW options}``; empty groups are left out."""
+    items = list(companion or [])
+    if all(isinstance(x, Tensor) for x in items):
+        return [{"params": items}] if items else []
+    if not all(isinstance(x, dict) and "params" in x for x in items):
+        raise TypeError("companion must be tensors, or param groups {'params': [...], ...} as torch's optimizers take")
+    groups = [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])} for g in items]
+    return [g for g in groups if g["params"]]
 
 
 def companion_options(params: list[Tensor], kwargs: dict | None) -> dict:

@@ -6,6 +6,7 @@ Rule for everything else that is trainable (documented in ``partition``): it is 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -132,12 +133,16 @@ def lora_pairs(model: torch.nn.Module, adapter: str | list[str] | None = None) -
     return partition(model, adapter).pairs
 
 
-def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapter: str | list[str] | None = None, **kwargs) -> ODELoRA:
+def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapter: str | list[str] | None = None,
+                             decay: Collection[str] | None = None, **kwargs) -> ODELoRA:
     """An :class:`~odelora.ODELoRA` for every trainable parameter of a PEFT model (in the style of
     PEFT's ``create_loraplus_optimizer``): the LoRA pairs, found by module with each layer's own
     scaling, follow the flow; everything else that is trainable goes to the AdamW companion
-    (``companion_lr``, ``companion_kwargs``). Other keyword arguments go to ``ODELoRA``;
-    ``optimizer.partition.summary()`` says which tensor went where.
+    (``companion_lr``, ``companion_kwargs``). ``decay``: the names (``model.named_parameters()``)
+    of the companion's tensors that take its weight decay, the others none (transformers' Trainer
+    leaves biases and norms out: ``trainer.get_decay_parameter_names(model)``); default: all.
+    Other keyword arguments go to ``ODELoRA``; ``optimizer.partition.summary()`` says which tensor
+    went where.
 
         opt = create_odelora_optimizer(peft_model, lr=0.05, method="rk4", companion_lr=2e-3)
     """
@@ -152,6 +157,11 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
                              "unfreeze them (model.set_adapter(name) or requires_grad_(True) on lora_A and lora_B)")
         raise ValueError("the model has no LoRA layers; wrap it with peft.get_peft_model first (a DeepXDE network: "
                          "odelora.integrations.deepxde.add_lora)")
-    opt = ODELoRA(part.pairs, lr=lr, companion=[p for _, p, _ in part.others], **kwargs)
+    companion = [p for _, p, _ in part.others]
+    if decay is not None:
+        decay = set(decay)
+        companion = [{"params": [p for n, p, _ in part.others if n in decay]},
+                     {"params": [p for n, p, _ in part.others if n not in decay], "weight_decay": 0.0}]
+    opt = ODELoRA(part.pairs, lr=lr, companion=companion, **kwargs)
     opt.partition = part
     return opt

@@ -4,7 +4,8 @@
                              odelora_kwargs=dict(method="rk4", companion_lr=1e-3))
 
 ``args.learning_rate`` is the ODELoRA step h; ``weight_decay``, ``adam_beta1``, ``adam_beta2`` and
-``adam_epsilon`` set the AdamW companion's options (and the pairs' with ``preconditioner="adam"``);
+``adam_epsilon`` set the AdamW companion's options, biases and norms without weight decay as
+in the Trainer (and the pairs' options with ``preconditioner="adam"``);
 the companion's rate is ``companion_lr`` (default 1e-3), not ``args.learning_rate``. The Trainer backpropagates one batch before calling
 ``optimizer.step()`` without a closure; ``training_step`` therefore hands the optimizer a closure
 that recomputes the loss on the same batch, which the remaining RK stages call (gradient clipping
@@ -127,22 +128,26 @@ class ODELoRATrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = create_odelora_optimizer(model if model is not None else self.model, lr=self.args.learning_rate,
-                                                      **self._optimizer_kwargs())
+            model = model if model is not None else self.model
+            self.optimizer = create_odelora_optimizer(model, lr=self.args.learning_rate, **self._optimizer_kwargs(model))
+            if self.args.weight_decay and self.odelora_kwargs.get("preconditioner") != "adam":
+                where = ("the AdamW companion only (heads, biases)" if self.odelora._companion is not None
+                         else "nothing: only LoRA pairs train")
+                warn(f"weight_decay={self.args.weight_decay:g} applies to {where}: ODELoRA's steps of the LoRA pairs have "
+                     "none, except with odelora_kwargs=dict(preconditioner='adam')", UserWarning)
         return self.optimizer
 
-    def _optimizer_kwargs(self) -> dict[str, Any]:
+    def _optimizer_kwargs(self, model) -> dict[str, Any]:
         """``odelora_kwargs`` with the arguments' AdamW settings (``weight_decay``, ``adam_beta1``,
-        ``adam_beta2``, ``adam_epsilon``) for the companion and, with ``preconditioner="adam"``,
-        for the pairs; what ``odelora_kwargs`` sets wins. Plain ODELoRA steps have no weight decay."""
+        ``adam_beta2``, ``adam_epsilon``) for the companion, whose biases and norms take no weight
+        decay (the Trainer's rule), and, with ``preconditioner="adam"``, for the pairs; what
+        ``odelora_kwargs`` sets wins."""
         args, kw = self.args, dict(self.odelora_kwargs)
         adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay)
         kw["companion_kwargs"] = {**adam, **(kw.get("companion_kwargs") or {})}
+        kw.setdefault("decay", self.get_decay_parameter_names(model))
         if kw.get("preconditioner") == "adam":
             kw = {**adam, **kw}
-        elif args.weight_decay and "weight_decay" not in kw:
-            warn(f"weight_decay={args.weight_decay:g} applies to the AdamW companion (heads, biases) only: ODELoRA's "
-                 "steps of the LoRA pairs have none, except with odelora_kwargs=dict(preconditioner='adam')", UserWarning)
         return kw
 
     def training_step(self, model, inputs, num_items_in_batch=None):
