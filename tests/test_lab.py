@@ -10,6 +10,7 @@ import pytest
 
 from odelora.lab import registry
 from odelora.lab.cli import main as cli
+from odelora.lab.core import VERDICTS
 from odelora.lab.registry import get_experiment
 from odelora.lab.report import build_report
 from odelora.lab.runner import case_id, damaged_cases, folder_lock, load_config, pending_cases, run_experiment
@@ -85,7 +86,7 @@ def test_experiment_claims_at_tiny_scale(name, tmp_path):
         hits = [c for c in claims if key in c.claim]
         assert hits, (key, [c.claim for c in claims])
         assert all(c.passed for c in hits), [(c.claim, c.measured, c.note) for c in hits]
-    assert all(c.note for c in claims if c.verdict in ("FAIL", "FINDING"))
+    assert all(c.note for c in claims if c.verdict in ("FAIL", "INCONCLUSIVE", "FINDING"))
     assert "**Measured:**" in text and not BARE_NONFINITE.search(text.split("## Config")[0]), text
     figs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
     assert figs and all((tmp_path / f).stat().st_size > 5000 for f in figs)
@@ -201,7 +202,12 @@ def test_reproduce_writes_one_readable_report(tmp_path, monkeypatch, capsys):
     figs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
     assert len(figs) >= len(names) and all((out / f).exists() for f in figs)
     assert not BARE_NONFINITE.search(text)
-    assert text.startswith("# odelora lab report (quick sizes)") and "Wall time" in text
+    assert text.startswith("# odelora lab report (quick sizes)") and "Wall time" in text and "**Quick sizes:**" in text
+    # a table of each experiment's verdicts opens the report, its counts those of the experiment's claims
+    for n in names:
+        claims = json.loads((out / n / "claims.json").read_text())
+        row = "| " + " | ".join(str(sum(c["verdict"] == k for c in claims)) for k in VERDICTS) + " |"
+        assert f"| [{n}]({n}/report.md) {row}" in text.split("## [")[0]
     (out / "report.md").unlink()
     assert cli(["report", str(out)]) == 0  # the overview rebuilds from the folders, the same
     assert (out / "report.md").read_text() == text
@@ -246,6 +252,10 @@ def test_interrupted_and_damaged_folders_report_what_they_hold(tmp_path, capsys)
     capsys.readouterr()
     assert cli(["report", str(root)]) == 0
     assert "trajectory-fidelity: no finished case yet, left out" in capsys.readouterr().out
+    done = len({f.name for f in (root / exp.name / "cases").glob("*.csv")})
+    head = (root / "report.md").read_text().split("## [")[0]  # the overview's counts say what they leave out
+    assert (f"**Partial:** {exp.name} ({done} of {len(exp.cases(cfg))} cases finished), {other.name} (no finished case, left out); "
+            "the counts above cover only the finished cases") in head
     (root / exp.name / "config.yaml").write_text("experiment: feature-learning\nconfig: {bogus: 1}\n")
     with pytest.raises(SystemExit, match="config.yaml is damaged .*bogus"):
         cli(["report", str(root / exp.name)])
@@ -420,3 +430,70 @@ def test_matrix_sensing_reports_a_run_missing_methods(tmp_path):
     claims, report = build_report(two)
     assert f"`odelora run matrix-sensing --config {two / 'config.yaml'} --out {two}` finishes it" in report.read_text()
     assert (two / "iterations_vs_kappa.png").stat().st_size > 0
+
+
+def test_an_empty_panel_of_a_shared_grid_keeps_its_neighbours_log_axis(tmp_path):
+    """A switched-off panel of a grid sharing y has no data; the shared log axis stays log (a
+    figure with no positive data at all still turns linear)."""
+    import matplotlib.pyplot as plt
+
+    from odelora.lab.experiments._common import save_fig
+
+    fig, axes = plt.subplots(1, 3, sharey=True)
+    for ax in axes[:2]:
+        ax.plot([1, 2], [1e-3, 1e-1])
+        ax.set(xscale="log", yscale="log")
+    axes[2].axis("off")
+    save_fig(fig, tmp_path, "a.png")
+    assert [ax.get_yscale() for ax in axes] == ["log"] * 3 and [ax.get_xscale() for ax in axes[:2]] == ["log"] * 2
+    fig, axes = plt.subplots(1, 2, sharey=True)
+    for ax in axes:
+        ax.set(yscale="log")
+    save_fig(fig, tmp_path, "b.png")
+    assert [ax.get_yscale() for ax in axes] == ["linear"] * 2
+
+
+def test_loss_floor_side_is_read_from_the_floors():
+    from odelora.lab.experiments.lora_mf import floor_side
+
+    a = [1e-5, 1e-4, 1e-3]
+    lo, hi = pd.Series([1e-26, 1e-22, 1e-19], index=a), pd.Series([5e-23, 5e-19, 5e-18], index=a)
+    assert floor_side(lo, hi) == "the random floor is the lower one at every alpha"
+    assert floor_side(hi, lo) == "the random floor is the higher one at every alpha"
+    assert floor_side(lo.where(lo.index != 1e-3, 1e-15), hi) == "the random floor is the higher one at a=0.001 only"
+
+
+def test_gd_rate_fits_and_plots_the_minimum_over_t_below_T(tmp_path, monkeypatch):
+    """Hand-made runs logged at every step t: ||grad J_t||^2 = 1/(t + 1) makes min_(t<T) = 1/T
+    (exponent -1 against T = t + 1, 1/T fits exactly); a constant gradient is flat, and its
+    misfits are not compared. The plot shows min_(t<T) at T and the bound 4 J0 / sum_(t<T) eta."""
+    import numpy as np
+
+    from odelora.lab.experiments import lora_gd_rate
+
+    t = np.arange(0, 301)
+    rows = []
+    for c, g2 in ((0.5, 1 / (t + 1.0)), (2.0, np.full(len(t), 0.3))):
+        eta = np.full(len(t), c)
+        sum_eta = np.concatenate([[0.0], np.cumsum(eta)[:-1]])  # over the steps before t
+        rows += [dict(kind="t", problem="mlp-digits", rule="constant", c=c, t=int(i), loss=1.0 / (i + 1), gradJ2=g2[i],
+                      min_g2=g2[:i + 1].min(), V2=1.0 + i, eta=eta[i], sum_eta=sum_eta[i]) for i in t]
+        rows.append(dict(kind="run", problem="mlp-digits", rule="constant", c=c, violations=0, diverged_at=-1, steps=300))
+    rows += [dict(r, rule="theory") for r in rows if r["c"] == 0.5]  # k = 1: the bound's dashed line
+    rows = [dict(r, c=1.0) if r["rule"] == "theory" else r for r in rows]
+    figs = []
+    monkeypatch.setattr(lora_gd_rate, "save_fig", lambda fig, out, name: figs.append(fig) or name)
+    exp = lora_gd_rate.LoraGDRate()
+    cfg = exp.Config(problems=["mlp-digits"], rules=["constant", "theory"], constants={"constant": [0.5, 2.0], "theory": [1.0]})
+    claims, _ = exp.report(pd.DataFrame(rows), cfg, tmp_path)
+    text = next(c for c in claims if "the rate of" in c.claim).measured
+    assert "constant c=0.5: T^-1.00, misfit 1/T 0.00 vs" in text
+    assert "constant c=2: T^+0.00, flat (" in text and "constant c=2: T^+0.00, misfit" not in text
+    ax = figs[0].axes[1]
+    assert ax.get_xlabel().startswith("T") and {"theory k=1", "4 J0 / sum eta (theory, k=1)"} <= {x.get_label() for x in ax.get_lines()}
+    for line in ax.get_lines():
+        x, y = line.get_data()
+        if line.get_label().startswith("4 J0"):
+            assert np.allclose(y, 4 * 1.0 / (0.5 * x))  # J0 = 1, eta = 0.5 at each of the x steps t < T = x
+        elif line.get_label() == "theory k=1":
+            assert np.allclose(y, 1 / x)  # min over t < x of 1 / (t + 1)

@@ -217,7 +217,7 @@ def _cmd_reproduce(args) -> int:
 def _reproduce(root: Path, names: list[str], suites, args) -> int:
     from .core import SUITES
     from .registry import EXPERIMENTS, get_experiment
-    from .report import build_overview, build_report, count, run_seconds
+    from .report import build_overview, build_report, counts_text, run_seconds
     from .runner import check_folder, check_out_dir, estimate_seconds, folder_lock, load_config, pending_cases, run_experiment
 
     speed = machine_speed()
@@ -249,7 +249,7 @@ def _reproduce(root: Path, names: list[str], suites, args) -> int:
         wall, cpu = wall + w, cpu + c
         print(f"   {w:.0f} s ({c:.0f} s of CPU time)", flush=True)
     counts, report = build_overview(root, [e.name for e, *_ in plan])
-    print(f"\n{counts['PASS']} PASS, {counts['FAIL']} FAIL, {count(counts['FINDING'], 'finding')}, {counts['REPORTED']} reported; "
+    print(f"\n{counts_text(counts)}; "
           f"{wall:.0f} s wall, {cpu:.0f} s of CPU time; report: {report}")
     return 0
 

@@ -29,7 +29,7 @@ class ExperimentConfig(BaseModel):
     seeds: PositiveInt = Field(3, description="number of random seeds (0, 1, ...)")
 
 
-VERDICTS = ("PASS", "FAIL", "FINDING", "REPORTED")
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", "FINDING", "REPORTED")
 
 
 @dataclass
@@ -39,7 +39,9 @@ class Claim:
     ``passed`` is True/False for a claim with a pass criterion, None for a measurement reported
     without one. A *finding* (``finding=True``) is a statement from the sources examined against
     the measurements: it is reported, with ``note`` saying what it would take to hold.
-    ``note`` explains a FAIL (or a finding) in words built from the measured numbers.
+    ``inconclusive=True`` marks a claim with a pass criterion that the measurements cannot decide
+    (nothing was tested, or the verdict would rest on a bound); ``note`` says why.
+    ``note`` explains a FAIL, an inconclusive claim or a finding in words built from the measured numbers.
     """
 
     claim: str
@@ -49,12 +51,15 @@ class Claim:
     source: str = ""
     note: str = ""
     finding: bool = False
+    inconclusive: bool = False
     table: str = ""  # an optional markdown table with the measured values in full
 
     @property
     def verdict(self) -> str:
         if self.finding:
             return "FINDING"
+        if self.inconclusive:
+            return "INCONCLUSIVE"
         return "REPORTED" if self.passed is None else ("PASS" if self.passed else "FAIL")
 
     def as_dict(self) -> dict:

@@ -11,9 +11,9 @@ import yaml
 from .._io import atomic_write
 from .core import VERDICTS, Claim
 from .registry import EXPERIMENTS, get_experiment
-from .runner import read_results
+from .runner import finished_cases, read_results
 
-__all__ = ["build_report", "build_overview", "claims_markdown", "notes_markdown", "count_verdicts"]
+__all__ = ["build_report", "build_overview", "claims_markdown", "notes_markdown", "count_verdicts", "counts_text"]
 
 
 def _cell(s) -> str:
@@ -28,7 +28,7 @@ def claims_markdown(claims: list[Claim]) -> str:
 
 
 def notes_markdown(claims: list[Claim]) -> str:
-    """One line per claim that has a note (every FAIL has one), then the claims' tables."""
+    """One line per claim that has a note (every FAIL and inconclusive claim has one), then the claims' tables."""
     lines = []
     for i, c in enumerate(claims, 1):
         note = c.note or ("the measurement is outside the predicted range shown in the table" if c.verdict == "FAIL" else "")
@@ -63,9 +63,14 @@ def _load(out: Path):
                          "wrote them; restore it or rerun into a new folder") from None
 
 
+def _done(exp, cfg, df) -> tuple[int, int]:
+    """(finished cases, cases of the grid)."""
+    return df["case"].nunique(), len(exp.cases(cfg))
+
+
 def _partial(exp, cfg, df, out: Path) -> list[str]:
     """A line for a report built before every case finished (an interrupted run)."""
-    total, done = len(exp.cases(cfg)), df["case"].nunique()
+    done, total = _done(exp, cfg, df)
     if done >= total:
         return []
     return [f"**Partial run:** {done} of {total} cases finished, and the claims below use only those. "
@@ -116,6 +121,12 @@ def count(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def counts_text(total: dict[str, int]) -> str:
+    """``48 PASS, 40 FAIL, 6 inconclusive, 1 finding, 25 reported``."""
+    return (f"{total['PASS']} PASS, {total['FAIL']} FAIL, {total['INCONCLUSIVE']} inconclusive, "
+            f"{count(total['FINDING'], 'finding')}, {total['REPORTED']} reported")
+
+
 def run_seconds(folder: Path) -> tuple[float, float]:
     """Wall and CPU seconds an experiment folder's runs took (from its meta.json): every session,
     so a resumed sweep counts its earlier, interrupted or partial, sessions too."""
@@ -147,7 +158,7 @@ def build_overview(root: Path, names: list[str] | None = None) -> tuple[dict[str
     if not names:
         raise SystemExit(f"{root}: no experiment folders with a report (run `odelora reproduce`)")
     total = dict.fromkeys(VERDICTS, 0)
-    sections, configs, timing, cpu = [], [], {}, {}
+    sections, configs, timing, cpu, partial, rows = [], [], {}, {}, [], []
     for name in names:
         folder = root / name
         claims = [Claim(**{k: v for k, v in c.items() if k != "verdict"}) for c in json.loads((folder / "claims.json").read_text())]
@@ -156,22 +167,42 @@ def build_overview(root: Path, names: list[str] | None = None) -> tuple[dict[str
         timing[name], cpu[name] = run_seconds(folder)
         df = read_results(folder)
         figs = json.loads((folder / "figures.json").read_text()) if (folder / "figures.json").exists() else []
-        for k, v in count_verdicts(claims).items():
+        verdicts = count_verdicts(claims)
+        for k, v in verdicts.items():
             total[k] += v
+        rows.append(f"| [{name}]({name}/report.md) | " + " | ".join(str(verdicts[k]) for k in VERDICTS) + " |")
+        done, cases = _done(exp, cfg, df)
+        if done < cases:
+            partial.append(f"{name} ({done} of {cases} cases finished)")
         notes = notes_markdown(claims)
-        sections += [f"## [{name}]({name}/report.md) ({timing[name]:.0f} s)", "", f"**Measured:** {exp.describe(df, cfg)}", "", claims_markdown(claims), ""]
+        sections += [f"## [{name}]({name}/report.md) ({timing[name]:.0f} s)", "", f"**Measured:** {exp.describe(df, cfg)}", "",
+                     *_partial(exp, cfg, df, folder), claims_markdown(claims), ""]
         if notes:
             sections += ["**Notes**", "", notes, ""]
         sections += [f"![{name}: {Path(f).stem}]({name}/{f})" for f in figs] + [""]
     sizes = _sizes(configs)
+    partial += [f"{n} (no finished case, left out)" for n in EXPERIMENTS  # claimed, then interrupted before a case finished
+                if n not in names and (root / n / "config.yaml").exists() and not finished_cases(root / n)]
     head = [
         "# odelora lab report" + (f" ({sizes} sizes)" if sizes else ""),
         "",
-        f"{total['PASS']} PASS, {total['FAIL']} FAIL, {count(total['FINDING'], 'finding')}, {total['REPORTED']} reported without a "
-        "threshold. A FAIL is a claim whose measurement fell outside its prediction; a FINDING is a statement from the "
-        "sources checked against the measurements, with what it would take to hold. Every FAIL and finding has a note.",
+        f"{counts_text(total)} without a threshold. A FAIL is a claim whose measurement fell outside its prediction; an "
+        "INCONCLUSIVE claim is one the measurements cannot decide (nothing was tested, or the verdict would rest on a bound); "
+        "a FINDING is a statement from the sources checked against the measurements, with what it would take to hold. "
+        "Every FAIL, inconclusive claim and finding has a note.",
+        "",
+        "| experiment | " + " | ".join(VERDICTS) + " |",
+        "|---|" + "---:|" * len(VERDICTS),
+        *rows,
         "",
     ]
+    if sizes == "quick":
+        head += ["**Quick sizes:** fewer seeds, steps and grid rates than the full presets (each experiment's report "
+                 "shows its config), so a verdict here is indicative; `odelora reproduce` (`--all` for every suite) "
+                 "runs the full ones.", ""]
+    if partial:
+        head += [f"**Partial:** {', '.join(partial)}; the counts above cover only the finished cases. Rerunning the "
+                 "command that made this folder finishes them.", ""]
     head += [f"Wall time {sum(timing.values()):.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + "."
              f" CPU time in the cases (and shared preparation) {sum(cpu.values()):.0f} s: it does not grow when other "
              "programs share the cores, the wall time does.", ""]

@@ -30,12 +30,14 @@ STATUS_WORDS = {
 def save_fig(fig, out: Path, name: str) -> str:
     """Save a figure atomically as PNG; returns its file name. A log axis with nothing positive to
     show (a panel whose cases have not run yet, in a report of an interrupted run) turns linear:
-    matplotlib cannot draw it otherwise."""
+    matplotlib cannot draw it otherwise. Axes that share an axis are judged by their data together
+    (an empty panel of a shared grid leaves its neighbours' log axis as it is)."""
     for ax in fig.axes:
-        lim = ax.dataLim
-        for lo, hi, scale, set_scale in ((lim.x0, lim.x1, ax.get_xscale(), ax.set_xscale), (lim.y0, lim.y1, ax.get_yscale(), ax.set_yscale)):
-            if scale == "log" and not (np.isfinite(lo) and np.isfinite(hi) and hi > 0):
-                set_scale("linear")
+        for k in "xy":
+            group = getattr(ax, f"get_shared_{k}_axes")().get_siblings(ax)
+            lims = np.array([getattr(a.dataLim, f"interval{k}") for a in group])
+            if getattr(ax, f"get_{k}scale")() == "log" and not (np.isfinite(lims).all(1) & (lims[:, 1] > 0)).any():
+                getattr(ax, f"set_{k}scale")("linear")
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

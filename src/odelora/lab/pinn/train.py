@@ -244,12 +244,20 @@ class _Meter:
         self.best = min(self.best, value)
 
 
-def _instrument(opt, meter: _Meter, after: Callable | None) -> None:
-    """Replace ``opt.step`` by one that counts closure calls and records the step's loss."""
+class _OverBudget(Exception):
+    """A step asked for a gradient evaluation past the budget."""
+
+
+def _instrument(opt, meter: _Meter, after: Callable | None, budget: int) -> None:
+    """Replace ``opt.step`` by one that counts closure calls and records the step's loss. An
+    ODELoRA step that would evaluate past ``budget`` raises ``_OverBudget`` instead (the
+    optimizer puts the factors back as the step found them)."""
     original = opt.step
     if isinstance(opt, ODELoRA):
         def step(closure):
             def counted():
+                if meter.nfe >= budget:
+                    raise _OverBudget
                 meter.nfe += 1
                 return closure()
 
@@ -271,7 +279,10 @@ def finetune(family: Family, state: dict, net: Net, points: int, *, method: str,
     """Fine-tune the pretrained network to ``family.mu1`` with ``method`` at ``lr`` for ``budget``
     gradient evaluations. The seed sets the collocation points and the LoRA start (A random,
     B = 0, so every LoRA run starts from the pretrained function). A run ends early when a loss is
-    not finite, exceeds ``blowup`` times the first loss, or the optimizer gives up (StepFailure)."""
+    not finite, exceeds ``blowup`` times the first loss, or the optimizer gives up (StepFailure).
+    No run evaluates past the budget: an ODELoRA step (several evaluations, adaptive ones with
+    rejected tries) that would is cut short and undone, so the results are those of the last
+    whole step; its evaluations within the budget count as spent."""
     dde = _dde()
     from ...integrations.deepxde import add_lora
 
@@ -284,7 +295,7 @@ def finetune(family: Family, state: dict, net: Net, points: int, *, method: str,
         add_lora(model_net, r=rank, target=lora_target(net.depth))
     opt, after = spec.build(model_net, lr, rtol=rtol)
     meter = _Meter(spike_factor)
-    _instrument(opt, meter, after)
+    _instrument(opt, meter, after, budget)
     model = dde.Model(data, model_net)
     with _quiet():
         model.compile(opt, verbose=0)
@@ -314,6 +325,8 @@ def finetune(family: Family, state: dict, net: Net, points: int, *, method: str,
         warnings.simplefilter("ignore", RuntimeWarning)
         try:
             _quiet_train(model, iterations=budget, callbacks=[Monitor()])
+        except _OverBudget:  # the budget ran out within a step: the run ends after its last whole step
+            pass
         except (StepFailure, NonFiniteError) as exc:
             run.finite, run.reason = False, f"{type(exc).__name__}: {str(exc)[:120]}"
         except torch.linalg.LinAlgError as exc:  # a factorization of non-finite factors
