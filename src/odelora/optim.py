@@ -302,7 +302,7 @@ class ODELoRA(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         flow_options: dict | None = None,
         track_imbalance: bool = True,
-        companion: Iterable[Tensor] | None = None,
+        companion: Iterable[Tensor | dict] | None = None,
         companion_lr: float = 1e-3,
         companion_kwargs: dict | None = None,
         sync_ranks: bool | None = None,

@@ -129,12 +129,16 @@ def fit_rate(T: np.ndarray, y: np.ndarray) -> dict:
     return out
 
 
-def rate_text(r) -> str:
-    """One fitted run for the report: the misfits compared only where the curve decays."""
+def fit_text(r) -> str:
+    """A fitted run's rule, exponent and misfits, the misfits compared only where the curve decays."""
     fit = (f"flat (|exponent| < {FLAT:g}: no decay, so neither rate is tested)" if r.flat
            else f"misfit 1/T {r['T']:.2f} vs 1/log T {r.logT:.2f} decades")
-    return (f"{r.rule} {'k' if r.rule == 'theory' else 'c'}={r.c:g}: T^{r.exponent:+.2f}, {fit}; "
-            f"||V||^2 {r.v0:.3g} -> {r.v1:.3g} (~t^{r.vexp:.2f} late)")
+    return f"{r.rule} {'k' if r.rule == 'theory' else 'c'}={r.c:g}: T^{r.exponent:+.2f}, {fit}"
+
+
+def rate_text(r) -> str:
+    """One fitted run for the report, with the growth of ||V_t||^2."""
+    return f"{fit_text(r)}; ||V||^2 {r.v0:.3g} -> {r.v1:.3g} (~t^{r.vexp:.2f} late)"
 
 
 class LoraGDRate(Experiment):
