@@ -1075,17 +1075,30 @@ def test_a_group_held_at_lr_zero_keeps_its_factors_bit_for_bit_while_another_tra
 
 
 def test_adam_at_lr_zero_keeps_the_factors_and_updates_the_moments_as_torch_adamw_does():
-    """AdamW at lr 0 leaves the parameters as they are and still updates its moments."""
+    """AdamW at lr 0 leaves the parameters as they are and still updates its moments: the
+    factors stay put, so both steps feed the same velocity, and the moments after the second are
+    those of torch.optim.AdamW given that gradient twice (read off the first step's exp_avg)."""
     Y, B, A = problem(24, dtype=torch.float32)
     B.data[:, 0] *= 10  # unbalanced: a retraction would refactor them
-    opt = ODELoRA([(B, A)], lr=0.05, preconditioner="adam", weight_decay=0.1)
+    betas = (0.8, 0.9)
+    opt = ODELoRA([(B, A)], lr=0.05, preconditioner="adam", weight_decay=0.1, betas=betas)
     for g in opt.param_groups:
         g["lr"] = 0.0
     before = B.detach().clone(), A.detach().clone()
-    for _ in range(2):
-        opt.step(make_closure(opt, B, A, Y))
+    opt.step(make_closure(opt, B, A, Y))
+    grads = [opt.state[p]["exp_avg"] / (1 - betas[0]) for p in (B, A)]  # the negated velocity
+    opt.step(make_closure(opt, B, A, Y))
     assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
-    assert float(opt.state[B]["step"]) == 2 and bool(opt.state[B]["exp_avg"].any())
+    refs = [p.detach().clone().requires_grad_() for p in (B, A)]
+    twin = torch.optim.AdamW(refs, lr=0.0, weight_decay=0.1, betas=betas, foreach=False)
+    for _ in range(2):
+        for r, g in zip(refs, grads):
+            r.grad = g.clone()
+        twin.step()
+    for p, r in zip((B, A), refs):
+        assert float(opt.state[p]["step"]) == 2 and bool(opt.state[p]["exp_avg"].any())
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][k], twin.state[r][k], rtol=1e-6, atol=1e-12)
 
 
 def test_a_companion_tensor_frozen_at_construction_trains_once_unfrozen():
@@ -1096,6 +1109,11 @@ def test_a_companion_tensor_frozen_at_construction_trains_once_unfrozen():
     ref = W.clone().requires_grad_()
     opt = ODELoRA([(B, A)], lr=0.1, companion=[W], companion_lr=0.01)
     twin = torch.optim.AdamW([ref], lr=0.01, foreach=False)
+    for _ in range(2):  # the warm-up: the pairs train, the frozen head neither moves nor gets state
+        opt.zero_grad()
+        (0.5 * ((B @ A - Y.float()) ** 2).sum() + (W**2).sum()).backward()
+        opt.step()
+    assert torch.equal(W, ref.detach()) and not opt.state.get(W)
     W.requires_grad_()
     for _ in range(3):
         opt.zero_grad()

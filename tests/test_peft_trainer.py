@@ -346,3 +346,19 @@ def test_trainer_passes_its_adamw_arguments_to_the_companion_and_to_adam_pairs(t
     (comp, _), (pairs,) = groups(adam)
     assert (comp["weight_decay"], comp["betas"]) == (0.1, (0.5, 0.9))
     assert (pairs["weight_decay"], pairs["betas"], pairs["eps"]) == (0.5, (0.5, 0.9), 1e-6)
+    with pytest.warns(UserWarning, match="applies to nothing: odelora_kwargs' companion_kwargs set the companion's own"):
+        ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y),
+                       odelora_kwargs=dict(companion_kwargs=dict(weight_decay=0.1))).create_optimizer()
+
+
+def test_a_checkpoint_with_one_companion_group_says_how_to_resume_it():
+    """Earlier versions kept the companion in one group; with decay=names it takes two (decayed,
+    not decayed). Loading the one-group state says to pass decay=None, which then resumes it."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad and "head" in n and n.endswith("weight")]
+    saved = create_odelora_optimizer(model, lr=0.1).state_dict()
+    split = create_odelora_optimizer(model, lr=0.1, decay=names)
+    with pytest.raises(ValueError, match=r"companion groups: 1 saved, 2 here.*pass decay=None"):
+        split.load_state_dict(saved)
+    create_odelora_optimizer(model, lr=0.1, decay=None).load_state_dict(saved)

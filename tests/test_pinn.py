@@ -138,11 +138,13 @@ def test_run_and_rate_tables():
 
 def _grid_runs(spec, budget=60, every=5):
     """Rows of hand-made runs, start error 1: ``spec[method][lr] = (evaluations from which the
-    error is 0.1, or None; final error otherwise)``."""
+    error is 0.1, or None; final error otherwise)``, logged every ``every`` evaluations (a number,
+    or one per method: steps of several evaluations log off the grid of ``eval_every``)."""
     rows = []
     for m, rates in spec.items():
+        step = every[m] if isinstance(every, dict) else every
         for lr, (reach, final) in rates.items():
-            for nfe in range(0, budget + 1, every):
+            for nfe in sorted({*range(0, budget, step), budget}):
                 e = 1.0 if nfe == 0 else 0.1 if reach is not None and nfe >= reach else final if reach is None else 0.5
                 rows.append(dict(method=m, rank=4, seed=0, lr=lr, nfe=nfe, error=e, loss=e, final=nfe == budget, finite=True,
                                  reason="", spikes=0, steps=nfe, rejected=0, t=np.nan, start_error=1.0, pretrained_error=0.01,
@@ -167,7 +169,7 @@ def test_window_and_evaluation_claims_that_measure_nothing_are_inconclusive(tmp_
         ["INCONCLUSIVE", "FAIL", "INCONCLUSIVE", "FAIL"]
     assert ("odelora-euler's window reaches the smallest rate of its grid (0.0001), so its 1.0 decades are a lower bound"
             in v["odelora-euler"].note and "rates below 0.0001 would decide it" in v["odelora-euler"].note)
-    assert "within one logging interval (10 and 10" in v["odelora-euler evals"].note
+    assert "less than one logging interval apart (10 and 10" in v["odelora-euler evals"].note
     # the no-divergence windows (final error below the start, 1): euler [1e-4, 1e-2], rk4 [1e-4, 1e-2], lora-adam [1e-3, 1e-1]
     for m in ("odelora-euler", "odelora-rk4"):
         assert (f"No-divergence windows (every loss finite, final error below the start): {m} 2.0 decades [0.0001, 0.01] "
@@ -176,6 +178,24 @@ def test_window_and_evaluation_claims_that_measure_nothing_are_inconclusive(tmp_
     claims, _ = exp.report(_grid_runs(spec), cfg, tmp_path)
     c = next(c for c in claims if c.claim.startswith("odelora-euler reaches"))
     assert c.verdict == "INCONCLUSIVE" and "nothing was tested" in c.note
+
+
+def test_evaluation_counts_less_than_one_logging_interval_apart_are_a_tie(tmp_path):
+    """Errors logged every 10 evaluations, at whole steps: odelora-rk4 logs at multiples of 6,
+    lora-adam at multiples of 7. 18 against 21 lie in different tens but 3 apart: a tie; 6 against
+    21: a PASS; 42 against 21: a FAIL."""
+    exp = PINN_EXPERIMENTS[0]()
+    grid = [1e-3, 1e-2]
+    spec = {"odelora-rk4": {1e-3: (18, None), 1e-2: (None, 0.3)}, "lora-adam": {1e-3: (21, None), 1e-2: (None, 0.3)}}
+    cfg = exp.Config(methods=list(spec), grids={m: grid for m in spec}, ranks=[4], seeds=1, budget=60, eval_every=10)
+    evals = lambda: next(c for c in exp.report(_grid_runs(spec, every={"odelora-rk4": 6, "lora-adam": 7}), cfg, tmp_path)[0]
+                         if c.claim.startswith("odelora-rk4 reaches"))
+    c = evals()
+    assert c.verdict == "INCONCLUSIVE" and "less than one logging interval apart (18 and 21" in c.note, c.note
+    spec["odelora-rk4"][1e-3] = (6, None)
+    assert evals().verdict == "PASS"
+    spec["odelora-rk4"][1e-3] = (42, None)
+    assert evals().verdict == "FAIL"
 
 
 def test_a_window_pass_over_a_baseline_cut_off_by_its_grid_is_inconclusive(tmp_path):

@@ -116,8 +116,13 @@ def check_state_dict(sd: dict, groups: list[dict], layout: list[list[int]], conf
     older = (" (a checkpoint of an earlier odelora holds only the companion tensors that required grad when its "
              "optimizer was built: pass those as companion to resume it)")
     if len(mine) != len(theirs):
+        ours, saved = sum(bool(g.get("companion")) for g in mine), sum(bool(h.get("companion")) for h in theirs)
+        hint = (f" (companion groups: {saved} saved, {ours} here; earlier odelora versions kept the companion in one group, "
+                "where create_odelora_optimizer(..., decay=names) and ODELoRATrainer now make two, with and without weight "
+                "decay: pass decay=None, in ODELoRATrainer odelora_kwargs=dict(decay=None), to resume such a checkpoint)"
+                if saved == 1 and ours == 2 else older if ours and not saved else "")
         raise ValueError(f"the state dict has {len(theirs)} param groups, this optimizer {len(mine)}: build the optimizer with "
-                         f"the same pairs and groups{older if any(g.get('companion') for g in mine) else ''}")
+                         f"the same pairs and groups{hint}")
     for i, (g, h) in enumerate(zip(mine, theirs)):
         if len(g["params"]) != len(h.get("params", [])):
             raise ValueError(f"param group {i}: the state dict has {len(h.get('params', []))} tensors, this optimizer "

@@ -79,7 +79,16 @@ class StepTotals:
     accepted: int = 0
     rejected: int = 0
     nonfinite: int = 0
-    skipped: int = 0
+
+    @property
+    def skipped(self) -> int:
+        """Steps with no accepted try, which left the parameters as they were."""
+        return self.steps - self.accepted
+
+    @classmethod
+    def from_dict(cls, totals: dict) -> "StepTotals":
+        """From ``asdict`` of one, or an earlier version's dict (whose ``skipped`` is derived here)."""
+        return cls(**{k: int(v) for k, v in totals.items() if k in cls.__dataclass_fields__})
 
     def add(self, record: StepRecord) -> None:
         """Count one step."""
@@ -88,7 +97,6 @@ class StepTotals:
         self.accepted += int(record.accepted)
         self.rejected += record.rejected
         self.nonfinite += record.nonfinite
-        self.skipped += int(not record.accepted)
 
 
 @dataclass
@@ -112,6 +120,7 @@ class _Field:
         self.first_loss = first_loss  # of the gradients in .grad, where the loop gives it
         self.loss: Tensor | None = None
         self.idle: list[Tensor | None] = [None] * len(opt.store.buckets)  # per bucket, the pairs that sit out (PairStore.idle)
+        self.units = opt._step_units()  # per bucket, the lr: the unit of its time step
         self.companion_grads: list | None = None
         self.calls = 0
         # Where only the product of a velocity matters, ask the flow for a tangent vector (or, failing
@@ -318,12 +327,10 @@ class ODELoRA(torch.optim.Optimizer):
             raise ValueError(f"preconditioner={self.preconditioner.name!r} needs a fixed-step method (euler, heun, midpoint, rk4)")
         check_adam_options(self.preconditioner, betas, eps, weight_decay)
         check_flow_options(self.flow, flow_options or {})
-        check_count("max_rejects", max_rejects, 0)
-        check_count("max_skipped_steps", max_skipped_steps, 1)
         self.controller = StepController(rtol=rtol, atol=atol, h_min=H_MIN, h_max=1.0)
         self._rtol = self.controller.rtol  # as asked; the controller's is raised to the factors' rounding
-        self.max_rejects = int(max_rejects)
-        self.max_skipped_steps = int(max_skipped_steps)
+        self.max_rejects = check_count("max_rejects", max_rejects, 0)
+        self.max_skipped_steps = check_count("max_skipped_steps", max_skipped_steps, 1)
         self.on_nonfinite = on_nonfinite
         self.flow_options = dict(flow_options or {})
         self.track_imbalance = track_imbalance
@@ -458,7 +465,7 @@ class ODELoRA(torch.optim.Optimizer):
         leaves the next adaptive step as it was. A step whose every try was non-finite shortens
         it by one ``shrink`` at most (not one per try: such a batch is bad whatever the step)."""
         rho = self._rho if self.tableau.adaptive else 1.0
-        units = self._step_units()
+        units = fld.units
         still = not any(units) and self.preconditioner.uses_step  # every lr 0 (a warm-up's first step)
         try:
             res = attempt(  # standing still needs only the loss: one evaluation
@@ -494,7 +501,7 @@ class ODELoRA(torch.optim.Optimizer):
         if not res.accepted:
             return None
         move = self.preconditioner(fld.y0, res, self.tableau, self.retraction, self.store.buckets, self.param_groups, self.state)
-        move = move.without(fld.idle, fld.y0, self.store.buckets).holding([u == 0 for u in self._step_units()], fld.y0)
+        move = move.without(fld.idle, fld.y0, self.store.buckets).holding([u == 0 for u in fld.units], fld.y0)
         overflow = self._overflow(move.y)
         if overflow is None:
             return move
@@ -701,7 +708,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._stage_closure, self._stage_loss, self._store = None, None, None
         self.__dict__.setdefault("_replicas_checked", False)
         if isinstance(self.stats, dict):  # pickled by an earlier version
-            self.stats = StepTotals(**{k: int(v) for k, v in self.stats.items() if k in StepTotals.__dataclass_fields__})
+            self.stats = StepTotals.from_dict(self.stats)
         if self._last is not None:  # the copied frames, checked against the copied parameters at the next step
             self._last = _Committed(self._last.y, None)
 
@@ -728,7 +735,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._store = None
         self._reload_moments(state_dict)
         self._rho, self._skips = float(extra["rho"]), int(extra.get("skips", 0))
-        self.stats = StepTotals(**{k: int(v) for k, v in extra["stats"].items() if k in StepTotals.__dataclass_fields__})
+        self.stats = StepTotals.from_dict(extra["stats"])
         y = saved_frames(extra, self.store)
         self._last = None if y is None else _Committed(y, None)  # checked against the parameters at the next step
         if self._companion is not None:

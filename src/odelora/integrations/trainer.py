@@ -131,8 +131,11 @@ class ODELoRATrainer(Trainer):
             model = model if model is not None else self.model
             self.optimizer = create_odelora_optimizer(model, lr=self.args.learning_rate, **self._optimizer_kwargs(model))
             if self.args.weight_decay and self.odelora_kwargs.get("preconditioner") != "adam":
+                own = "weight_decay" in (self.odelora_kwargs.get("companion_kwargs") or {})
                 where = ("the AdamW companion only (heads and other tensors that are not LoRA pairs)"
-                         if self.odelora._companion is not None else "nothing: only LoRA pairs train")
+                         if self.odelora._companion is not None and not own else
+                         "nothing: odelora_kwargs' companion_kwargs set the companion's own" if own else
+                         "nothing: only LoRA pairs train")
                 warn(f"weight_decay={self.args.weight_decay:g} applies to {where}: ODELoRA's steps of the LoRA pairs have "
                      "none, except with odelora_kwargs=dict(preconditioner='adam')", UserWarning)
         return self.optimizer
