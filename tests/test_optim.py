@@ -1379,15 +1379,18 @@ def test_an_optimizer_pickled_by_an_earlier_version_steps_and_saves():
 
 
 def test_companion_param_groups_step_as_torch_adamw_with_those_groups():
-    """A companion given as param groups (a bias without weight decay) moves as torch's AdamW with
-    the same groups."""
+    """A companion given as param groups (a bias without weight decay, and an empty group, which
+    torch keeps) moves as torch's AdamW with the same groups, under per-group LR schedules."""
     Y, B, A = problem(47, dtype=torch.float32)
     g = torch.Generator().manual_seed(8)
     W, b = torch.randn(3, 9, generator=g).requires_grad_(), torch.randn(3, generator=g).requires_grad_()
     refs = [t.detach().clone().requires_grad_() for t in (W, b)]
-    groups = lambda w, c: [{"params": [w]}, {"params": [c], "weight_decay": 0.0}]
+    groups = lambda w, c: [{"params": [w]}, {"params": []}, {"params": [c], "weight_decay": 0.0}]
     opt = ODELoRA([(B, A)], lr=0.1, companion=groups(W, b), companion_lr=0.05, companion_kwargs=dict(weight_decay=0.5))
     twin = torch.optim.AdamW(groups(*refs), lr=0.05, weight_decay=0.5, foreach=False)
+    assert len(opt.param_groups) == 1 + len(twin.param_groups) == 4
+    decays = [lambda k: 1.0, lambda k: 0.5**k, lambda k: 1.0, lambda k: 0.8**k]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, decays), torch.optim.lr_scheduler.LambdaLR(twin, decays[1:])]
     for _ in range(3):
         opt.zero_grad()
         twin.zero_grad()
@@ -1395,6 +1398,8 @@ def test_companion_param_groups_step_as_torch_adamw_with_those_groups():
         (refs[0].sum(1) - refs[1]).square().sum().backward()
         opt.step()
         twin.step()
+        for s in scheds:
+            s.step()
     for t, r in zip((W, b), refs):
         torch.testing.assert_close(t.detach(), r.detach(), rtol=1e-6, atol=1e-7)
     with pytest.raises(TypeError, match="param groups"):

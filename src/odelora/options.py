@@ -84,14 +84,15 @@ def check_flow_options(flow: Flow, options: dict) -> None:
 
 def companion_groups(companion) -> list[dict]:
     """The companion's param groups, from tensors (one group) or torch-style groups
-    ``{"params": [...], **AdamW options}``; empty groups are left out."""
+    ``{"params": [...], **AdamW options}``, empty ones kept as torch keeps them (so that per-group
+    LR scheduler lists line up with the groups passed)."""
     items = list(companion or [])
     if all(isinstance(x, Tensor) for x in items):
         return [{"params": items}] if items else []
     if not all(isinstance(x, dict) and "params" in x for x in items):
         raise TypeError("companion must be tensors, or param groups {'params': [...], ...} as torch's optimizers take")
     groups = [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])} for g in items]
-    return [g for g in groups if g["params"]]
+    return groups
 
 
 def companion_options(params: list[Tensor], kwargs: dict | None) -> dict:

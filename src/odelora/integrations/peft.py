@@ -160,8 +160,8 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
     companion = [p for _, p, _ in part.others]
     if decay is not None:
         decay = set(decay)
-        companion = [{"params": [p for n, p, _ in part.others if n in decay]},
-                     {"params": [p for n, p, _ in part.others if n not in decay], "weight_decay": 0.0}]
+        companion = [g for g in ({"params": [p for n, p, _ in part.others if n in decay]},
+                                 {"params": [p for n, p, _ in part.others if n not in decay], "weight_decay": 0.0}) if g["params"]]
     opt = ODELoRA(part.pairs, lr=lr, companion=companion, **kwargs)
     opt.partition = part
     return opt
