@@ -1151,8 +1151,10 @@ def test_bad_options_and_inputs_fail_at_construction_with_what_to_do():
         ODELoRA([(B, A)], method="bs32", rtol=float("nan"))
     with pytest.raises(ValueError, match="a float or a one-element tensor"):
         ODELoRA([(B, A)], lr="0.1")
-    with pytest.raises(ValueError, match="atol must be a number, got '1e-6'"):
+    with pytest.raises(ValueError, match=r"atol must be a number \(a float or a one-element tensor\), got '1e-6'"):
         ODELoRA([(B, A)], method="bs32", atol="1e-6")
+    tol = ODELoRA([(B, A)], method="bs32", rtol=torch.tensor(1e-4), atol=torch.tensor([1e-7]))  # as lr takes them
+    assert (type(tol._rtol), type(tol.controller.atol)) == (float, float) and tol._rtol == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="max_rejects must be a whole number >= 0, got 1.5"):
         ODELoRA([(B, A)], max_rejects=1.5)
     with pytest.raises(ValueError, match="empty factor.*m, r, n >= 1"):

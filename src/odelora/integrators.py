@@ -256,8 +256,11 @@ class StepController:
     def __post_init__(self):
         for name in ("rtol", "atol"):
             value = getattr(self, name)
+            if isinstance(value, Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+                value = float(value)  # as lr: a one-element tensor is a number
+                setattr(self, name, value)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+                raise ValueError(f"{name} must be a number (a float or a one-element tensor), got {value!r}")
         if not (0 <= self.rtol < math.inf and 0 <= self.atol < math.inf) or self.rtol + self.atol <= 0:
             raise ValueError(f"rtol and atol must be finite, non-negative and not both zero, got rtol={self.rtol}, atol={self.atol}")
         if not 0 < self.shrink <= 1 <= self.grow:
