@@ -248,7 +248,7 @@ def test_interrupted_and_damaged_folders_report_what_they_hold(tmp_path, capsys)
     assert [c.claim.split(" keeps")[0] for c in claims] == ["Adam"] and claims[0].passed  # no FAIL for rules never run
     other = get_experiment("trajectory-fidelity")
     (root / other.name).mkdir()
-    claim_folder(root / other.name, other.name, other.Config(**TINY[other.name]))  # then interrupted
+    claim_folder(root / other.name, other, other.Config(**TINY[other.name]))  # then interrupted
     capsys.readouterr()
     assert cli(["report", str(root)]) == 0
     assert "trajectory-fidelity: no finished case yet, left out" in capsys.readouterr().out

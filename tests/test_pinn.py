@@ -56,6 +56,35 @@ def test_family_pretrains_finetunes_and_reports(cls, tmp_path):
     assert not re.search(r"\b(nan|inf)\b", text.split("## Config")[0])
 
 
+def test_a_sweep_grows_and_shrinks_by_running_only_its_new_cases(tmp_path, monkeypatch):
+    """More rates and seeds reuse the saved cases (their files untouched); a smaller grid runs
+    nothing and reports only its own cases; any other key is still another config."""
+    exp = PINN_EXPERIMENTS[0]()
+    out = tmp_path / "out"
+    small = dict(methods=["lora-adam"], grids={"lora-adam": [1e-2]}, budget=20, eval_every=10)
+    run_experiment(exp, exp.Config(**tiny(tmp_path, **small)), out, jobs=1, progress=False)
+    (saved,) = (out / "cases").glob("*.csv")
+    before = saved.read_bytes()
+    ran = []
+    real = type(exp).run_case
+    monkeypatch.setattr(type(exp), "run_case", lambda self, cfg, case: ran.append(case) or real(self, cfg, case))
+    grown = exp.Config(**tiny(tmp_path, **{**small, "grids": {"lora-adam": [1e-3, 1e-2]}, "seeds": 2}))
+    df = run_experiment(exp, grown, out, jobs=1, progress=False)
+    assert sorted((c["seed"], c["lr"]) for c in ran) == [(0, 1e-3), (1, 1e-3), (1, 1e-2)]
+    assert saved.read_bytes() == before
+    assert sorted(set(zip(df.seed, df.lr))) == [(0, 1e-3), (0, 1e-2), (1, 1e-3), (1, 1e-2)]
+    ran.clear()
+    shrunk = exp.Config(**tiny(tmp_path, **{**small, "grids": {"lora-adam": [1e-3]}}))
+    df = run_experiment(exp, shrunk, out, jobs=1, progress=False)
+    assert not ran and sorted(set(zip(df.seed, df.lr))) == [(0, 1e-3)]
+    assert len(list((out / "cases").glob("*.csv"))) == 4  # the others stay saved
+    _, report = build_report(out)
+    assert "Rows: 3 from 1 cases" in report.read_text()
+    with pytest.raises(SystemExit, match=r"another config \(differs in budget\).*differs only in grids, methods, ranks, seeds"):
+        run_experiment(exp, exp.Config(**tiny(tmp_path, **{**small, "grids": {"lora-adam": [1e-3]}, "budget": 30})), out, jobs=1,
+                       progress=False)
+
+
 @pytest.fixture(scope="module")
 def poisson(tmp_path_factory):
     fam = get_family("poisson")

@@ -138,7 +138,7 @@ def _run(exp, cfg, args) -> int:
     out = check_out_dir(Path(args.out or Path("runs") / exp.name))
     _refuse_root(out, exp.name)
     with folder_lock(out):
-        claim_folder(out, exp.name, cfg)  # refuses a folder of another config before any estimate
+        claim_folder(out, exp, cfg)  # refuses a folder of another config before any estimate
         t0 = time.time()
         todo = pending_cases(exp, cfg, out)
         est = estimate_seconds(exp, cfg, todo, args.jobs, machine_speed())
@@ -225,7 +225,7 @@ def _reproduce(root: Path, names: list[str], suites, args) -> int:
     def planned(name):
         exp = get_experiment(name)
         cfg = load_config(exp, None, None, quick=args.quick)
-        check_folder(root / name, name, cfg)  # before anything runs, and before its saved cases count
+        check_folder(root / name, exp, cfg)  # before anything runs, and before its saved cases count
         return exp, cfg, estimate_seconds(exp, cfg, pending_cases(exp, cfg, root / name), args.jobs, speed)
 
     plan = [planned(n) for n in names]

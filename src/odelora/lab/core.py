@@ -101,6 +101,10 @@ class Experiment:
     # Which part of the lab it belongs to: "matrix" (the theory on matrix problems, minutes), "pinn"
     # (PINN fine-tuning grids) or "real" (pretrained networks). `odelora reproduce` picks suites.
     SUITE: ClassVar[Suite] = "matrix"
+    # Config keys that only say which cases exist (each case's parameters say how it runs): a
+    # folder whose config differs from a new one in these keys alone keeps its saved cases, so a
+    # sweep grows (more seeds, rates, methods) by running only the new cases.
+    SWEEP_KEYS: ClassVar[frozenset[str]] = frozenset()
 
     def quick_config(self) -> ExperimentConfig:
         return self.Config(**self.QUICK)

@@ -82,7 +82,7 @@ def build_report(out: Path) -> tuple[list[Claim], Path]:
     ``claims.json``. Needs nothing but the files."""
     out = Path(out)
     exp, cfg, saved = _load(out)
-    df = read_results(out)
+    df = read_results(out, exp.cases(cfg))
     claims, figures = exp.report(df, cfg, out)
     try:
         meta = json.loads((out / "meta.json").read_text())
@@ -165,7 +165,7 @@ def build_overview(root: Path, names: list[str] | None = None) -> tuple[dict[str
         exp, cfg, _ = _load(folder)
         configs.append((exp, cfg))
         timing[name], cpu[name] = run_seconds(folder)
-        df = read_results(folder)
+        df = read_results(folder, exp.cases(cfg))
         figs = json.loads((folder / "figures.json").read_text()) if (folder / "figures.json").exists() else []
         verdicts = count_verdicts(claims)
         for k, v in verdicts.items():

@@ -274,9 +274,13 @@ def _read_case(path: Path) -> pd.DataFrame:
                          f"{path.parent.parent} to compute that case again") from None
 
 
-def read_results(out: Path) -> pd.DataFrame:
-    """All rows of finished cases (from cases/, so a partial sweep reads fine)."""
+def read_results(out: Path, cases: list[dict] | None = None) -> pd.DataFrame:
+    """All rows of finished cases (from cases/, so a partial sweep reads fine); with ``cases``,
+    only theirs (a folder may also hold cases of a larger sweep, see ``Experiment.SWEEP_KEYS``)."""
     files = finished_cases(out)
+    if cases is not None:
+        ids = {case_id(c) for c in cases}
+        files = [f for f in files if f.stem in ids]
     if not files:
         raise SystemExit(f"{out}: no finished cases (run `odelora run` first)")
     return pd.concat([_read_case(f) for f in files], ignore_index=True)
@@ -286,33 +290,44 @@ def _config_text(name: str, cfg: ExperimentConfig) -> str:
     return yaml.safe_dump({"experiment": name, "config": cfg.model_dump()}, sort_keys=True)
 
 
-def check_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
-    """Refuse a folder that holds finished cases of another experiment or config (writes nothing)."""
-    path, text = Path(out) / "config.yaml", _config_text(name, cfg)
-    if not (path.exists() and path.read_text() != text and finished_cases(out)):
-        return
+def _changed_keys(path: Path, name: str, cfg: ExperimentConfig) -> tuple[str | None, list[str]]:
+    """(the experiment ``path`` was written for, the config keys in which it differs from ``cfg``)."""
     try:
         old = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         old = None
     if not isinstance(old, dict) or not isinstance(old.get("config", {}), dict):
-        raise SystemExit(f"{path} is damaged (not the YAML mapping a run writes) and {out} holds finished cases: restore "
-                         "the file, or use another --out")
-    new = yaml.safe_load(text)
-    if old.get("experiment") != name:
-        what = f"experiment {old.get('experiment')!r}"
+        raise SystemExit(f"{path} is damaged (not the YAML mapping a run writes) and {path.parent} holds finished cases: "
+                         "restore the file, or use another --out")
+    saved, new = old.get("config", {}), yaml.safe_load(_config_text(name, cfg))["config"]
+    return old.get("experiment"), sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+
+
+def check_folder(out: Path, exp: Experiment, cfg: ExperimentConfig) -> None:
+    """Refuse a folder that holds finished cases of another experiment or config (writes nothing).
+    A config that differs only in the experiment's ``SWEEP_KEYS`` is the same sweep, grown or cut."""
+    path = Path(out) / "config.yaml"
+    if not (path.exists() and path.read_text() != _config_text(exp.name, cfg) and finished_cases(out)):
+        return
+    experiment, keys = _changed_keys(path, exp.name, cfg)
+    if experiment != exp.name:
+        what = f"experiment {experiment!r}"
+    elif set(keys) <= exp.SWEEP_KEYS:
+        return
     else:
-        keys = sorted(k for k in set(old.get("config", {})) | set(new["config"]) if old.get("config", {}).get(k) != new["config"].get(k))
         what = f"another config (differs in {', '.join(keys)})"
+        if exp.SWEEP_KEYS:
+            what += f"; a config that differs only in {', '.join(sorted(exp.SWEEP_KEYS))} would grow its sweep"
     raise SystemExit(f"{out} holds {len(finished_cases(out))} finished cases of {what}; use another --out or delete the folder")
 
 
-def claim_folder(out: Path, name: str, cfg: ExperimentConfig) -> None:
+def claim_folder(out: Path, exp: Experiment, cfg: ExperimentConfig) -> None:
     """Write config.yaml, refusing only when finished cases of another config are there. A folder
-    taken over from another config (no finished case) loses that config's meta.json too."""
-    check_folder(out, name, cfg)
-    path, text = out / "config.yaml", _config_text(name, cfg)
-    if path.exists() and path.read_text() != text:
+    taken over from another config (no finished case) loses that config's meta.json too; one whose
+    sweep grows or shrinks keeps it (its cases' times stay on record)."""
+    check_folder(out, exp, cfg)
+    path, text = out / "config.yaml", _config_text(exp.name, cfg)
+    if path.exists() and path.read_text() != text and not finished_cases(out):
         (out / "meta.json").unlink(missing_ok=True)  # times of another config's (unfinished) runs
     atomic_write(path, text)
 
@@ -370,7 +385,7 @@ def run_experiment(
 ) -> pd.DataFrame:
     cases = grid_cases(exp, cfg)
     out = check_out_dir(out)
-    claim_folder(out, exp.name, cfg)
+    claim_folder(out, exp, cfg)
     exp.out = out
     meta = dict(experiment=exp.name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
     todo = pending_cases(exp, cfg, out)
@@ -424,7 +439,7 @@ def run_experiment(
         bar.close()
     _save_meta(out, meta, interrupted=False, cases=len(cases), ran=len(todo), timings=timings, cpu=cpu,
                prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
-    df = read_results(out)
+    df = read_results(out, cases)
     atomic_write(out / "results.csv", df.to_csv(index=False))
     return df
 
