@@ -80,6 +80,10 @@ def test_a_sweep_grows_and_shrinks_by_running_only_its_new_cases(tmp_path, monke
     assert len(list((out / "cases").glob("*.csv"))) == 4  # the others stay saved
     _, report = build_report(out)
     assert "Rows: 3 from 1 cases" in report.read_text()
+    for f in (out / "cases").glob("*.csv"):  # named otherwise, as an earlier version named its cases
+        f.rename(f.with_name("old-" + f.name))
+    with pytest.raises(SystemExit, match=r"none of its 4 case files is a case of its config.yaml"):
+        build_report(out)
     with pytest.raises(SystemExit, match=r"another config \(differs in budget\).*differs only in grids, methods, ranks, seeds"):
         run_experiment(exp, exp.Config(**tiny(tmp_path, **{**small, "grids": {"lora-adam": [1e-3]}, "budget": 30})), out, jobs=1,
                        progress=False)

@@ -277,10 +277,14 @@ def _read_case(path: Path) -> pd.DataFrame:
 def read_results(out: Path, cases: list[dict] | None = None) -> pd.DataFrame:
     """All rows of finished cases (from cases/, so a partial sweep reads fine); with ``cases``,
     only theirs (a folder may also hold cases of a larger sweep, see ``Experiment.SWEEP_KEYS``)."""
-    files = finished_cases(out)
+    files = every = finished_cases(out)
     if cases is not None:
         ids = {case_id(c) for c in cases}
-        files = [f for f in files if f.stem in ids]
+        files = [f for f in every if f.stem in ids]
+    if not files and every:
+        raise SystemExit(f"{out}: none of its {len(every)} case files is a case of its config.yaml (cases made by an "
+                         "earlier odelora, which split the grid otherwise): rerun the command that made the folder to "
+                         "compute them, or run into a new --out")
     if not files:
         raise SystemExit(f"{out}: no finished cases (run `odelora run` first)")
     return pd.concat([_read_case(f) for f in files], ignore_index=True)
