@@ -16,6 +16,7 @@ import pytest
 from odelora.lab.experiments.pinn import PINN_EXPERIMENTS, run_table, rate_table, window
 from odelora.lab.pinn.problems import get_family
 from odelora.lab.pinn.train import Net, finetune, load_or_pretrain
+from odelora.lab.cli import main
 from odelora.lab.report import build_report
 from odelora.lab.runner import run_experiment
 
@@ -56,11 +57,11 @@ def test_family_pretrains_finetunes_and_reports(cls, tmp_path):
     assert not re.search(r"\b(nan|inf)\b", text.split("## Config")[0])
 
 
-def test_a_sweep_grows_and_shrinks_by_running_only_its_new_cases(tmp_path, monkeypatch):
+def test_a_sweep_grows_and_shrinks_by_running_only_its_new_cases(tmp_path, monkeypatch, capsys):
     """More rates and seeds reuse the saved cases (their files untouched); a smaller grid runs
     nothing and reports only its own cases; any other key is still another config."""
     exp = PINN_EXPERIMENTS[0]()
-    out = tmp_path / "out"
+    out = tmp_path / exp.name
     small = dict(methods=["lora-adam"], grids={"lora-adam": [1e-2]}, budget=20, eval_every=10)
     run_experiment(exp, exp.Config(**tiny(tmp_path, **small)), out, jobs=1, progress=False)
     (saved,) = (out / "cases").glob("*.csv")
@@ -76,14 +77,18 @@ def test_a_sweep_grows_and_shrinks_by_running_only_its_new_cases(tmp_path, monke
     ran.clear()
     shrunk = exp.Config(**tiny(tmp_path, **{**small, "grids": {"lora-adam": [1e-3]}}))
     df = run_experiment(exp, shrunk, out, jobs=1, progress=False)
+    assert "3 saved case(s)" in capsys.readouterr().err
     assert not ran and sorted(set(zip(df.seed, df.lr))) == [(0, 1e-3)]
     assert len(list((out / "cases").glob("*.csv"))) == 4  # the others stay saved
     _, report = build_report(out)
     assert "Rows: 3 from 1 cases" in report.read_text()
     for f in (out / "cases").glob("*.csv"):  # named otherwise, as an earlier version named its cases
         f.rename(f.with_name("old-" + f.name))
-    with pytest.raises(SystemExit, match=r"none of its 4 case files is a case of its config.yaml"):
+    with pytest.raises(SystemExit, match=r"none of its 4 case files is a case of its config.yaml: they belong to another sweep"):
         build_report(out)
+    with pytest.raises(SystemExit, match="no experiment folder with a finished case"):  # the root's report leaves it out
+        main(["report", str(tmp_path)])
+    assert "no finished case yet, left out" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"another config \(differs in budget\).*differs only in grids, methods, ranks, seeds"):
         run_experiment(exp, exp.Config(**tiny(tmp_path, **{**small, "grids": {"lora-adam": [1e-3]}, "budget": 30})), out, jobs=1,
                        progress=False)
@@ -151,6 +156,11 @@ def test_window_is_the_longest_stable_run_of_grid_rates():
     w = window(rates.assign(stable=[1.0] * 6), 0.8)
     assert w["width"] == pytest.approx(np.log10(300)) and w["edge"] == "smallest, largest" and w["best"] == 3e-2
     assert not window(rates.assign(stable=0.0), 0.8)["stable"]
+    # against its grid: a rate not run yet breaks a window, and the ends are the grid's
+    part = rates.assign(stable=[1.0] * 6).drop(index=2).assign(lr=lambda d: d.lr * (1 + 1e-12))  # as read back from CSV
+    w = window(part, 0.8, grid=[1e-5] + lrs + [1e-1])
+    assert (w["lo"], w["hi"], w["edge"]) == (3e-3, 3e-2, "")
+    assert window(part, 0.8)["edge"] == "smallest, largest"  # without the grid: the rates there are
 
 
 def test_run_and_rate_tables():

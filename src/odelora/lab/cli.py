@@ -178,10 +178,10 @@ def _cmd_report(args) -> int:
         _print_claims(claims)
     else:  # a reproduction root: rebuild each experiment's report, then the overview
         from .registry import EXPERIMENTS
-        from .runner import finished_cases
+        from .report import has_cases
 
         names = [n for n in EXPERIMENTS if (folder / n / "config.yaml").exists()]
-        for n in [n for n in names if not finished_cases(folder / n)]:  # claimed, then interrupted before a case finished
+        for n in [n for n in names if not has_cases(folder / n)]:  # claimed, then interrupted before a case finished
             print(f"{n}: no finished case yet, left out of the report (rerun the command that made {folder} to finish it)")
             names.remove(n)
         if not names:

@@ -63,6 +63,16 @@ def _load(out: Path):
                          "wrote them; restore it or rerun into a new folder") from None
 
 
+def has_cases(out: Path) -> bool:
+    """Whether ``out`` holds a finished case of its config (a damaged config.yaml: of any config,
+    so that building the report names the damage)."""
+    try:
+        exp, cfg, _ = _load(Path(out))
+    except SystemExit:
+        return bool(finished_cases(out))
+    return bool(finished_cases(out, exp.cases(cfg)))
+
+
 def _done(exp, cfg, df) -> tuple[int, int]:
     """(finished cases, cases of the grid)."""
     return df["case"].nunique(), len(exp.cases(cfg))
@@ -182,7 +192,7 @@ def build_overview(root: Path, names: list[str] | None = None) -> tuple[dict[str
         sections += [f"![{name}: {Path(f).stem}]({name}/{f})" for f in figs] + [""]
     sizes = _sizes(configs)
     partial += [f"{n} (no finished case, left out)" for n in EXPERIMENTS  # claimed, then interrupted before a case finished
-                if n not in names and (root / n / "config.yaml").exists() and not finished_cases(root / n)]
+                if n not in names and (root / n / "config.yaml").exists() and not has_cases(root / n)]
     head = [
         "# odelora lab report" + (f" ({sizes} sizes)" if sizes else ""),
         "",

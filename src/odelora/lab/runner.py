@@ -261,9 +261,11 @@ def damaged_cases(out: Path) -> list[Path]:
     return [f for f in sorted((Path(out) / "cases").glob("*.csv")) if not _whole(f)]
 
 
-def finished_cases(out: Path) -> list[Path]:
+def finished_cases(out: Path, cases: list[dict] | None = None) -> list[Path]:
+    """The whole case files in ``out/cases``; with ``cases``, only theirs."""
     bad = set(damaged_cases(out))
-    return [f for f in sorted((Path(out) / "cases").glob("*.csv")) if f not in bad]
+    ids = None if cases is None else {case_id(c) for c in cases}
+    return [f for f in sorted((Path(out) / "cases").glob("*.csv")) if f not in bad and (ids is None or f.stem in ids)]
 
 
 def _read_case(path: Path) -> pd.DataFrame:
@@ -282,9 +284,9 @@ def read_results(out: Path, cases: list[dict] | None = None) -> pd.DataFrame:
         ids = {case_id(c) for c in cases}
         files = [f for f in every if f.stem in ids]
     if not files and every:
-        raise SystemExit(f"{out}: none of its {len(every)} case files is a case of its config.yaml (cases made by an "
-                         "earlier odelora, which split the grid otherwise): rerun the command that made the folder to "
-                         "compute them, or run into a new --out")
+        raise SystemExit(f"{out}: none of its {len(every)} case files is a case of its config.yaml: they belong to another "
+                         "sweep of the experiment (other rates, seeds, methods or ranks), or an earlier odelora named its "
+                         "cases otherwise; rerun the command that made the folder to compute its cases")
     if not files:
         raise SystemExit(f"{out}: no finished cases (run `odelora run` first)")
     return pd.concat([_read_case(f) for f in files], ignore_index=True)
@@ -394,6 +396,10 @@ def run_experiment(
     meta = dict(experiment=exp.name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
     todo = pending_cases(exp, cfg, out)
     ids = {case_id(c) for c in cases}
+    others = len(finished_cases(out)) - len(finished_cases(out, cases))
+    if others:
+        print(f"{exp.name}: {others} saved case(s) in {out} are not of this config (another sweep of it: other rates, "
+              "seeds, methods or ranks); they stay saved and are left out of its results", file=sys.stderr, flush=True)
     bad = [f for f in damaged_cases(out) if f.stem in ids]
     if bad:
         print(f"{exp.name}: {len(bad)} damaged case file(s) (empty or cut short) will be computed again: "

@@ -124,11 +124,16 @@ def rate_table(runs: pd.DataFrame, threshold: float, start: float = np.inf) -> p
     ).reset_index()
 
 
-def window(rates: pd.DataFrame, quorum: float, column: str = "stable") -> dict:
+def window(rates: pd.DataFrame, quorum: float, column: str = "stable", grid: list[float] | None = None) -> dict:
     """The longest run of consecutive grid rates with a stable fraction >= quorum (ties: the run
     with the lowest error), its width in decades, whether it touches the grid's ends, and the best
-    rate (lowest median error within the window, or over the whole grid if none is stable)."""
+    rate (lowest median error within the window, or over the whole grid if none is stable). With
+    ``grid``, its rates are the grid's: one without runs yet (a partial run) breaks a window."""
     g = rates.sort_values("lr").reset_index(drop=True)
+    if grid is not None:
+        key = lambda lr: np.round(np.log10(np.asarray(lr, float)), 6)  # rates read back from CSV may differ in the last bit
+        g = pd.DataFrame({"lr": sorted(grid)}).assign(k=lambda d: key(d.lr)).merge(
+            g.drop(columns="lr").assign(k=key(g.lr)), on="k", how="left").drop(columns="k")
     ok = (g[column] >= quorum - 1e-9).to_numpy()
     best_span, span = None, None
     for i, good in enumerate(ok):
@@ -282,7 +287,7 @@ class PinnExperiment(Experiment):
         figs = []
         for rank in sorted(set(cfg.ranks)):
             sel = lambda m: rates[(rates.method == m) & (rates["rank"] == (0 if m == "full-adam" else rank))]
-            wins = {m: window(sel(m), cfg.quorum) for m in methods}
+            wins = {m: window(sel(m), cfg.quorum, grid=cfg.grids[m]) for m in methods}
             fast = {m: fastest(sel(m)) for m in methods}
             for m in methods:
                 summary.append(dict(method=m, rank=rank, **{f"window_{k}": v for k, v in wins[m].items()},
@@ -298,7 +303,7 @@ class PinnExperiment(Experiment):
         claims = []
         tag = f" (rank {rank})" if len(cfg.ranks) > 1 else ""
         base = [m for m in BASELINES if m in methods]
-        kept = {m: window(sel(m), cfg.quorum, "kept") for m in methods}
+        kept = {m: window(sel(m), cfg.quorum, "kept", grid=cfg.grids[m]) for m in methods}
         edges = [f"{m} ({wins[m]['edge']})" for m in methods if wins[m]["edge"]]
         edge_note = ("Windows that reach an end of their grid are lower bounds: " + "; ".join(edges) + ". ") if edges else ""
         width = lambda w: w["width"] if w["stable"] else -math.inf
