@@ -254,3 +254,15 @@ def test_a_window_pass_over_a_baseline_cut_off_by_its_grid_is_inconclusive(tmp_p
     assert c.verdict == "INCONCLUSIVE" and "lora-adam's window reaches the smallest rate of its grid (0.0001)" in c.note, c.note
     spec["lora-adam"][1e-4], spec["lora-adam"][1e-3] = (None, 0.8), (None, 0.3)
     assert window().verdict == "PASS"
+
+
+def test_windows_of_equal_width_on_shifted_grids_are_a_tie(tmp_path):
+    """[1e-6, 3e-3] and [1e-5, 3e-2] both span log10(3000) decades, though the two logarithms differ
+    in the last bit: no PASS; the variant's window at its grid's end makes the tie a lower bound."""
+    exp = PINN_EXPERIMENTS[0]()
+    rk4, adam = [1e-6, 3e-6, 1e-5, 3e-3, 1e-2], [1e-5, 3e-5, 3e-2, 1e-1]
+    spec = {"odelora-rk4": {lr: (None, 0.3 if lr <= 3e-3 else 2.0) for lr in rk4},
+            "lora-adam": {lr: (None, 0.3 if lr <= 3e-2 else 2.0) for lr in adam}}
+    cfg = exp.Config(methods=list(spec), grids={"odelora-rk4": rk4, "lora-adam": adam}, ranks=[4], seeds=1, budget=60, eval_every=5)
+    c = next(c for c in exp.report(_grid_runs(spec), cfg, tmp_path)[0] if c.claim.startswith("odelora-rk4: stable"))
+    assert c.verdict == "INCONCLUSIVE" and "odelora-rk4's window reaches the smallest rate of its grid" in c.note, c.note

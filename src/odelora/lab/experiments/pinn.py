@@ -306,7 +306,7 @@ class PinnExperiment(Experiment):
         kept = {m: window(sel(m), cfg.quorum, "kept", grid=cfg.grids[m]) for m in methods}
         edges = [f"{m} ({wins[m]['edge']})" for m in methods if wins[m]["edge"]]
         edge_note = ("Windows that reach an end of their grid are lower bounds: " + "; ".join(edges) + ". ") if edges else ""
-        width = lambda w: w["width"] if w["stable"] else -math.inf
+        width = lambda w: round(w["width"], 9) if w["stable"] else -math.inf  # log10(3e-3 / 1e-6) and log10(3e-2 / 1e-5) differ in the last bit
         for v in [m for m in ODELORA if m in methods]:
             if not base:
                 break
