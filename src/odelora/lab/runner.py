@@ -279,11 +279,8 @@ def _read_case(path: Path) -> pd.DataFrame:
 def read_results(out: Path, cases: list[dict] | None = None) -> pd.DataFrame:
     """All rows of finished cases (from cases/, so a partial sweep reads fine); with ``cases``,
     only theirs (a folder may also hold cases of a larger sweep, see ``Experiment.SWEEP_KEYS``)."""
-    files = every = finished_cases(out)
-    if cases is not None:
-        ids = {case_id(c) for c in cases}
-        files = [f for f in every if f.stem in ids]
-    if not files and every:
+    files = finished_cases(out, cases)
+    if not files and (every := finished_cases(out)):
         raise SystemExit(f"{out}: none of its {len(every)} case files is a case of its config.yaml: they belong to another "
                          "sweep of the experiment (other rates, seeds, methods or ranks), or an earlier odelora named its "
                          "cases otherwise; rerun the command that made the folder to compute its cases")
