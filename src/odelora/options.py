@@ -91,8 +91,7 @@ def companion_groups(companion) -> list[dict]:
         return [{"params": items}] if items else []
     if not all(isinstance(x, dict) and "params" in x for x in items):
         raise TypeError("companion must be tensors, or param groups {'params': [...], ...} as torch's optimizers take")
-    groups = [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])} for g in items]
-    return groups
+    return [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])} for g in items]
 
 
 def companion_options(params: list[Tensor], kwargs: dict | None) -> dict:
