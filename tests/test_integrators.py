@@ -105,6 +105,19 @@ def test_errors_are_clear():
         integrate(f, [torch.ones(2)], (0, 1), method="rk4")
     with pytest.raises(ValueError, match="t_eval"):
         integrate(f, [torch.ones(2)], (0, 1), method="rk4", h=0.1, t_eval=[2.0])
+    for method, h in [("rk4", float("nan")), ("rk4", math.inf), ("rk4", -0.1), ("dopri5", -0.1), ("dopri5", float("nan")), ("dopri5", 0.0)]:
+        with pytest.raises(ValueError, match="h must be a positive finite number"):  # not a backward run, a NaN state or a spin to max_steps
+            integrate(f, [torch.ones(2)], (0, 1), method=method, h=h)
+    with pytest.raises(ValueError, match=r"unknown method \['rk4'\]"):
+        integrate(f, [torch.ones(2)], (0, 1), method=["rk4"])
+
+
+def test_atol_zero_accepts_components_that_do_not_move():
+    """With atol = 0 the tolerance of an entry that stays 0 is 0: its zero error meets it (0/0 is
+    not a NaN that rejects every try). The moving entry still follows exp(-t) to rtol."""
+    res = integrate(lambda y: [y[0] * torch.tensor([-1.0, 0.0], dtype=torch.float64)], [torch.tensor([1.0, 0.0], dtype=torch.float64)],
+                    (0, 1), method="dopri5", rtol=1e-8, atol=0.0)
+    assert res.y[0][1] == 0 and abs(float(res.y[0][0]) - math.exp(-1)) < 1e-6 and res.stats.rejected <= 2
 
 
 @pytest.mark.parametrize("method, h", [("rk4", 0.1), ("dopri5", None)])

@@ -350,7 +350,7 @@ for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
     try:
         with _workers_starting():
-            os.kill(os.getpid(), sig)
+            signal.pthread_kill(threading.main_thread().ident, sig)  # delivered before it returns (os.kill may reach another thread later)
             got.append("held")
     except KeyboardInterrupt:
         got.append("interrupted")
@@ -362,7 +362,7 @@ got = []
 try:
     with _workers_starting():
         signal.pthread_kill(other.ident, signal.SIGINT)
-        time.sleep(0.3)
+        time.sleep(1.0)  # that thread runs the C handler when it is scheduled
         got.append("held")
 except KeyboardInterrupt:
     got.append("interrupted")

@@ -650,6 +650,37 @@ def test_euler_without_closure_uses_grad_and_multistage_needs_closure():
         ODELoRA([(B, A)], lr=0.1, method="rk4").step()
 
 
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy"])
+def test_a_group_added_after_a_load_or_a_copy_takes_its_steps(how):
+    """The loaded (or copied) state's frames describe the groups it was saved with; a group added
+    afterwards is packed from its parameters and takes the Euler step (explicit projection)."""
+    Y, B, A = problem(30)
+    opt = ODELoRA([(B, A)], lr=0.1)
+    opt.step(make_closure(opt, B, A, Y))
+    if how == "deepcopy":
+        B, A = (t.detach().clone().requires_grad_() for t in (B, A))
+        state = copy.deepcopy({"opt": opt, "B": B, "A": A})
+        opt2, B, A = state["opt"], state["opt"].param_groups[0]["params"][0], state["opt"].param_groups[0]["params"][1]
+    else:
+        opt2 = ODELoRA([(B, A)], lr=0.1)
+        opt2.load_state_dict(opt.state_dict())
+    Y2, B2, A2 = problem(31, m=7, n=5)
+    opt2.add_param_group({"pairs": [(B2, A2)], "lr": 0.05})
+    G = (B2 @ A2 - Y2).detach().numpy()
+    X0 = (B2 @ A2).detach().numpy()
+    ref = dense_truncation(X0 - 0.05 * projection_reference(G, B2.detach().numpy(), A2.detach().numpy()), 2)
+
+    def closure():
+        opt2.zero_grad()
+        loss = 0.5 * ((B @ A - Y) ** 2).sum() + 0.5 * ((B2 @ A2 - Y2) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt2.step(closure)
+    X1 = (B2 @ A2).detach().numpy()
+    assert np.linalg.norm(X1 - ref) <= 1e-10 * np.linalg.norm(ref - X0)
+
+
 def test_euler_step_is_first_order_in_h():
     """||X1 - X0 + h P(G)|| = O(h^2) against an explicit projection."""
     res = []
@@ -741,6 +772,17 @@ def test_param_groups_and_input_forms():
         ODELoRA([(B, A)], method="rk5")
     with pytest.raises(ValueError, match="unknown retraction"):
         ODELoRA([(B, A)], retraction="qr")
+    for kw in (dict(retraction=["split"]), dict(preconditioner=["adam"]), dict(flow=["balanced"]), dict(method=["rk4"])):
+        with pytest.raises(ValueError, match="unknown|must be None or one of"):  # not "unhashable type"
+            ODELoRA([(B, A)], **kw)
+    with pytest.raises(ValueError, match="companion_lr must be a non-negative finite"):
+        ODELoRA([(B, A)], companion=[torch.zeros(3, requires_grad=True)], companion_lr=-1.0)
+    with pytest.raises(ValueError, match="track_imbalance must be True or False"):
+        ODELoRA([(B, A)], track_imbalance="no")
+    bias = torch.zeros(1, requires_grad=True)  # a lone tensor, whatever its values: not silently dropped
+    for lone in (bias, torch.zeros(3, requires_grad=True), torch.tensor(0.0, requires_grad=True)):
+        with pytest.raises(TypeError, match=r"got a single tensor: pass \[tensor\]"):
+            ODELoRA([(B, A)], companion=lone)
     with pytest.raises(ValueError, match="more than one pair"):
         ODELoRA([(B, A), (B, A2)])
     with pytest.raises(ValueError, match="fixed-step"):
@@ -1046,6 +1088,46 @@ def test_lr_warm_up_from_zero_starts_training_at_B_zero(preconditioner):
         opt.step(closure)
         sched.step()
     assert float(closure().detach()) < 0.8 * start and B.detach().abs().max() > 0
+
+
+def test_lr_zero_is_accepted_where_torch_accepts_it():
+    """As torch's optimizers: lr = 0 at construction and in a group (a schedule's base rate set
+    later) holds the factors; a rate set afterwards trains."""
+    Y, B, A = problem(32)
+    _, B2, A2 = problem(33)
+    opt = ODELoRA([{"pairs": [(B, A)]}, {"pairs": [(B2, A2)], "lr": 0.0}], lr=0)
+    B0, A0 = B.detach().clone(), A.detach().clone()
+    closure = make_closure(opt, B, A, Y)
+    opt.step(closure)
+    assert torch.equal(B.detach(), B0) and torch.equal(A.detach(), A0)
+    opt.param_groups[0]["lr"] = 0.1
+    start = float(closure())
+    for _ in range(20):
+        opt.step(closure)
+    assert float(closure()) < 0.5 * start
+
+
+def test_atol_zero_with_a_product_that_stays_zero_steps_the_other_pairs():
+    """atol = 0: a pair at PEFT's B = 0 whose gradient is zero has error 0 against tolerance 0,
+    which meets it (it read NaN and rejected every try); the pair stacked with it follows the
+    flow."""
+    Y, B, A = problem(34)
+    for atol in (0.0, 1e-12):
+        Bc, Ac = (t.detach().clone().requires_grad_() for t in (B, A))
+        Bz, Az = torch.zeros_like(Bc, requires_grad=True), torch.randn(A.shape, dtype=A.dtype).requires_grad_()
+        opt = ODELoRA([(Bc, Ac), (Bz, Az)], lr=0.1, method="dopri5", rtol=1e-6, atol=atol)
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * ((Bc @ Ac - Y) ** 2).sum() + 0.5 * (Bz @ Az).square().sum()  # zero gradient at B = 0
+            loss.backward()
+            return loss
+
+        start = float(closure())
+        for _ in range(10):
+            opt.step(closure)
+        assert opt.stats.accepted == 10 and opt.stats.rejected <= 2 and not Bz.detach().any()
+        assert float(closure()) < start and opt.param_groups[0]["t"] > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -362,3 +362,16 @@ def test_a_checkpoint_with_one_companion_group_says_how_to_resume_it():
     with pytest.raises(ValueError, match=r"companion groups: 1 saved, 2 here.*pass decay=None"):
         split.load_state_dict(saved)
     create_odelora_optimizer(model, lr=0.1, decay=None).load_state_dict(saved)
+
+
+def test_create_odelora_optimizer_rejects_a_name_string_and_a_companion_of_its_own():
+    """A string is a collection of characters, which would match no name and leave every
+    companion tensor without decay; the companion is what the function finds itself."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    name = next(n for n, p in model.named_parameters() if p.requires_grad and "head" in n and n.endswith("weight"))
+    with pytest.raises(TypeError, match=r"decay must be a collection of parameter names, got the string .*: pass \["):
+        create_odelora_optimizer(model, lr=0.1, decay=name)
+    with pytest.raises(TypeError, match="finds the companion itself"):
+        create_odelora_optimizer(model, lr=0.1, companion=[])
+    assert [len(g["params"]) for g in create_odelora_optimizer(model, lr=0.1, decay=[name]).param_groups if g.get("companion")] == [1, 1]

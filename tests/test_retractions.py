@@ -65,6 +65,24 @@ def test_split_euler_step_is_the_one_sided_projection(deficient, rng):
     np.testing.assert_allclose(B1.T @ B1, A1 @ A1.T, atol=1e-12 * max(1.0, np.linalg.norm(B1) ** 2))
 
 
+def test_split_takes_the_truncation_pair_by_pair(rng):
+    """A generic pair stacked with a B = 0 pair (one bucket) takes the one-sided projection, as it
+    would alone; the B = 0 pair takes the truncation: a pair's step does not depend on its neighbours."""
+    m, n, r, s, h = 10, 8, 2, 1.5, 0.2
+    B, A = (t.numpy() for t in balance(torch.from_numpy(rng.standard_normal((m, r))), torch.from_numpy(rng.standard_normal((r, n)))))
+    A0 = rng.standard_normal((r, n))
+    G, G0 = rng.standard_normal((m, n)), np.outer(rng.standard_normal(m), rng.standard_normal(n))
+    y0 = [Factors(torch.from_numpy(np.stack([B, np.zeros((m, r))])), torch.from_numpy(np.stack([A, A0])), torch.tensor([s, s], dtype=torch.float64))]
+    grads = torch.from_numpy(np.stack([G, G0]))
+    y1, _ = rk_step(field_for(lambda X: grads), y0, [h], get_tableau("euler"), get_retraction("split"))
+    X1 = s * (y1[0].B @ y1[0].A).numpy()
+    split = dense_split(s * B @ A - h * projection_reference(G, B, A), A)
+    cut = dense_truncation(-h * G0 @ np.linalg.pinv(A0) @ A0, r)  # from B = 0: -h G PV
+    np.testing.assert_allclose(X1[0], split, atol=1e-12 * np.linalg.norm(split))
+    np.testing.assert_allclose(X1[1], cut, atol=1e-12 * np.linalg.norm(cut))
+    assert np.linalg.norm(split - dense_truncation(s * B @ A - h * projection_reference(G, B, A), r)) > 1e-6  # the two differ here
+
+
 def projected_flow_numpy(Y, r):
     """Independent dense implementation of dX/dt = -P_X(X - Y) on the rank-r matrices."""
     m, n = Y.shape

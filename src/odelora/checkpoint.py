@@ -67,6 +67,8 @@ def _by_name(entry: dict | list) -> dict:
 def restored(y: list[Factors], store: PairStore) -> list[Factors] | None:
     """The parameters with a loaded state's frames, if those frames describe them (else None);
     a bucket without a frame gets none."""
+    if len(y) != len(store.buckets):
+        return None
     out = []
     for x, b in zip(y, store.buckets):
         B, A = store.stacked(b)
@@ -130,7 +132,7 @@ def check_state_dict(sd: dict, groups: list[dict], layout: list[list[int]], conf
                              f"{older if g.get('companion') else ''}")
         if not g.get("companion"):
             try:
-                check_lr(h.get("lr"), zero=True)
+                check_lr(h.get("lr"))
             except ValueError as err:
                 raise ValueError(f"param group {i} of the state dict: {err}") from None
             if not (isinstance(h.get("t", 0.0), (int, float)) and math.isfinite(h.get("t", 0.0))):

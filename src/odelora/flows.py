@@ -226,5 +226,5 @@ def get_flow(flow: str | Flow | Callable) -> Flow:
         return Flow(getattr(flow, "__name__", "custom"), flow)
     try:
         return FLOWS[flow]
-    except KeyError:
+    except (KeyError, TypeError):  # an unknown or unhashable name
         raise ValueError(f"unknown flow {flow!r}; choose one of {sorted(FLOWS)}") from None

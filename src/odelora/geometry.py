@@ -31,6 +31,7 @@ __all__ = [
     "balance_frame",
     "drop_rounding",
     "reaches_rounding",
+    "rounding_rows",
     "balance",
     "imbalance",
     "tangent_project",
@@ -285,11 +286,17 @@ def _rounding_scale(S: Tensor) -> Tensor:
     return (fi.eps**0.75 * S.amax(-1, keepdim=True)).clamp_min(fi.tiny)
 
 
+def rounding_rows(S: Tensor) -> Tensor:
+    """Per row of ``S``: whether :func:`drop_rounding` can change any of its values, whatever
+    ``carried`` says: values above ``512 tau`` come out exactly as they went in (``1 + (tau / S)^6``
+    rounds to 1 even in float64)."""
+    return (S < 512 * _rounding_scale(S)).any(-1)
+
+
 def reaches_rounding(S: Tensor) -> bool:
-    """Whether :func:`drop_rounding` can change any value of ``S``, whatever ``carried`` says:
-    values above ``512 tau`` come out exactly as they went in (``1 + (tau / S)^6`` rounds to 1
-    even in float64), so callers may skip computing ``carried``."""
-    return bool((S < 512 * _rounding_scale(S)).any())
+    """Whether :func:`drop_rounding` can change any value of ``S`` (any row of
+    :func:`rounding_rows`), so that callers may skip computing ``carried`` otherwise."""
+    return bool(rounding_rows(S).any())
 
 
 def drop_rounding(S: Tensor, carried: Tensor | None = None) -> Tensor:

@@ -142,7 +142,7 @@ def get_tableau(method: str | Tableau) -> Tableau:
         return method
     try:
         return TABLEAUS[method]
-    except KeyError:
+    except (KeyError, TypeError):  # an unknown or unhashable name
         raise ValueError(f"unknown method {method!r}; choose one of {list(TABLEAUS)}") from None
 
 
@@ -183,6 +183,12 @@ def axpy(y0: Sequence[Tensor], h: Sequence[float], coeffs: Sequence[float], ks: 
     return acc
 
 
+def scaled_error(e: Tensor, tol: Tensor | float) -> Tensor:
+    """``e / tol`` with an exact zero error counting as 0 wherever the tolerance is 0 (``atol = 0``
+    at an entry or a product that stays zero): a component that did not move meets any tolerance."""
+    return torch.where(e == 0, torch.zeros_like(e), e / tol)
+
+
 class VectorSpace:
     """States are lists of tensors and move by vector addition; the error is the root mean square
     over all entries of ``e / (atol + rtol * max(|y0|, |y1|))`` (docs/math.md section 4)."""
@@ -192,7 +198,7 @@ class VectorSpace:
 
     def error_ratios(self, y0, y1, h, coeffs, stages, atol, rtol):
         err = axpy([torch.zeros_like(t) for t in y0], h, coeffs, [st.k for st in stages])
-        total = sum(float(((e / (atol + rtol * torch.maximum(a.abs(), b.abs()))) ** 2).sum()) for a, b, e in zip(y0, y1, err))
+        total = sum(float(scaled_error(e, atol + rtol * torch.maximum(a.abs(), b.abs())).square().sum()) for a, b, e in zip(y0, y1, err))
         count = sum(e.numel() for e in err)
         return torch.tensor([math.sqrt(total / max(count, 1))])
 
@@ -420,8 +426,10 @@ def integrate(
     t0, t1 = map(float, t_span)
     if not t1 > t0:
         raise ValueError(f"t_span must be increasing, got {t_span}")
-    if not tab.adaptive and (h is None or h <= 0):
+    if not tab.adaptive and h is None:
         raise ValueError(f"fixed-step method {tab.name!r} needs a positive step h")
+    if h is not None and not (isinstance(h, numbers.Real) and not isinstance(h, bool) and 0 < h < math.inf):
+        raise ValueError(f"h must be a positive finite number (the {'first' if tab.adaptive else 'fixed'} step), got {h!r}")
     outs = sorted(float(t) for t in (t_eval if t_eval is not None else [t1]))
     if outs and (outs[0] < t0 or outs[-1] > t1):
         raise ValueError("t_eval must lie inside t_span")

@@ -317,6 +317,9 @@ class ODELoRA(torch.optim.Optimizer):
         sync_ranks: bool | None = None,
     ):
         lr = check_lr(lr)
+        companion_lr = check_lr(companion_lr, "companion_lr")
+        if not isinstance(track_imbalance, bool):
+            raise ValueError(f"track_imbalance must be True or False, got {track_imbalance!r}")
         self.tableau = get_tableau(method)
         self.flow = get_flow(flow)
         self.retraction = get_retraction(retraction or self.flow.default_retraction(self.tableau.adaptive))
@@ -425,7 +428,7 @@ class ODELoRA(torch.optim.Optimizer):
         check_adam_options(self.preconditioner, opts["betas"], opts["eps"], opts["weight_decay"])
         super().add_param_group(param_group)
         self._tolerance_floor()
-        self._store = None
+        self._store, self._last = None, None  # new buckets: pack from the parameters
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -516,7 +519,7 @@ class ODELoRA(torch.optim.Optimizer):
         for b in self.store.buckets:
             lr = self.param_groups[b.group]["lr"]
             try:
-                units.append(check_lr(lr, zero=True))
+                units.append(check_lr(lr))
             except ValueError as err:
                 raise ValueError(f"param group {b.group}: {err}") from None
         return units

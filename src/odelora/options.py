@@ -86,7 +86,9 @@ def companion_groups(companion) -> list[dict]:
     """The companion's param groups, from tensors (one group) or torch-style groups
     ``{"params": [...], **AdamW options}``, empty ones kept as torch keeps them (so that per-group
     LR scheduler lists line up with the groups passed)."""
-    items = list(companion or [])
+    if isinstance(companion, Tensor):
+        raise TypeError("companion must be an iterable of tensors or param groups, got a single tensor: pass [tensor]")
+    items = [] if companion is None else list(companion)
     if all(isinstance(x, Tensor) for x in items):
         return [{"params": items}] if items else []
     if not all(isinstance(x, dict) and "params" in x for x in items):
@@ -118,14 +120,13 @@ def check_count(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def check_lr(lr, zero: bool = False) -> float:
-    """``lr`` as a float: a positive finite number (a Python or NumPy number, or a one-element
-    tensor); ``zero`` also admits 0, which an LR scheduler's warm-up may set."""
+def check_lr(lr, name: str = "lr") -> float:
+    """``lr`` as a float: a finite number >= 0 (a Python or NumPy number, or a one-element tensor);
+    0, as in torch's optimizers, holds the parameters where they are (an LR warm-up's first step)."""
     try:
         value = math.nan if isinstance(lr, (bool, str, bytes)) else float(lr)
     except (TypeError, ValueError, RuntimeError):
         value = math.nan
-    if not ((value > 0 or (zero and value == 0)) and math.isfinite(value)):
-        what = "non-negative" if zero else "positive"
-        raise ValueError(f"lr must be a {what} finite number (a float or a one-element tensor), got {lr!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a non-negative finite number (a float or a one-element tensor), got {lr!r}")
     return value

@@ -110,5 +110,5 @@ PRECONDITIONERS = {"none": Plain, "adam": Adam}
 def get_preconditioner(name: str | None):
     try:
         return PRECONDITIONERS[name or "none"]()
-    except KeyError:
+    except (KeyError, TypeError):  # an unknown or unhashable name
         raise ValueError(f"preconditioner must be None or one of {sorted(PRECONDITIONERS)}, got {name!r}") from None

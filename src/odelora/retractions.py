@@ -39,8 +39,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .geometry import Frame, Tangent, balance_frame, balanced_factors, cat_columns, factor_frame, qr, reaches_rounding, split_project, tangent_of, truncate
-from .integrators import Stage, axpy
+from .geometry import Frame, Tangent, balance_frame, balanced_factors, cat_columns, factor_frame, qr, reaches_rounding, rounding_rows, split_project, tangent_of, truncate
+from .integrators import Stage, axpy, scaled_error
 
 __all__ = ["Factors", "keep_where", "Retraction", "FactorSteps", "BalanceSteps", "TruncateSteps", "SplitSteps", "RETRACTIONS", "get_retraction"]
 
@@ -80,7 +80,7 @@ def _factor_ratios(y0, y1, h, coeffs, stages, atol, rtol) -> Tensor:
         eB, eA = axpy([torch.zeros_like(x0.B), torch.zeros_like(x0.A)], [h[b], h[b]], coeffs, ks)
         tB = atol + rtol * torch.maximum(x0.B.abs(), x1.B.abs())
         tA = atol + rtol * torch.maximum(x0.A.abs(), x1.A.abs())
-        sq = (eB / tB).square().sum((-2, -1)) + (eA / tA).square().sum((-2, -1))
+        sq = scaled_error(eB, tB).square().sum((-2, -1)) + scaled_error(eA, tA).square().sum((-2, -1))
         out.append((sq / (x0.B[0].numel() + x0.A[0].numel())).sqrt())
     return torch.cat(out)
 
@@ -273,7 +273,7 @@ class TruncateSteps(Retraction):
             n0, n1 = _product_norm(x0), _product_norm(x1)
             m, n = x0.B.shape[-2], x0.A.shape[-1]
             s = x0.scale
-            out.append(s * e / (atol * math.sqrt(m * n) + rtol * s * torch.maximum(n0, n1)))
+            out.append(scaled_error(s * e, atol * math.sqrt(m * n) + rtol * s * torch.maximum(n0, n1)))
         return torch.cat(out)
 
 
@@ -285,13 +285,26 @@ class SplitSteps(TruncateSteps):
 
     From a product of rank below r the start's row basis holds directions that rounding chose (those
     of its zero singular values), and the splitting keeps what the stepped product does along them:
-    such steps (PEFT's ``B = 0`` start, a gradient of rank below r after it) take the truncation."""
+    such steps (PEFT's ``B = 0`` start, a gradient of rank below r after it) take the truncation,
+    pair by pair (a pair's step does not depend on the pairs stacked with it)."""
 
     name = "split"
 
     @staticmethod
     def reduce_at(fr: Frame):
-        return truncate if reaches_rounding(_product_values(fr)) else split_project
+        low = rounding_rows(_product_values(fr))
+        if not bool(low.any()):
+            return split_project
+        if bool(low.all()):
+            return truncate
+
+        def per_pair(*args):
+            cut, split = truncate(*args), split_project(*args)
+            if any(c.shape != s.shape for c, s in zip(cut, split)):  # fewer columns than r: truncate all
+                return cut
+            return tuple(torch.where(low.view(-1, *[1] * (c.ndim - 1)), c, s) for c, s in zip(cut, split))
+
+        return per_pair
 
 
 def _frob(L: Tensor, M: Tensor, R: Tensor) -> Tensor:
@@ -308,5 +321,5 @@ RETRACTIONS: dict[str, type[Retraction]] = {c.name: c for c in (FactorSteps, Bal
 def get_retraction(name: str) -> Retraction:
     try:
         return RETRACTIONS[name]()
-    except KeyError:
+    except (KeyError, TypeError):  # an unknown or unhashable name
         raise ValueError(f"unknown retraction {name!r}; choose one of {sorted(RETRACTIONS)}") from None

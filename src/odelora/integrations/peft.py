@@ -146,6 +146,9 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
 
         opt = create_odelora_optimizer(peft_model, lr=0.05, method="rk4", companion_lr=2e-3)
     """
+    if "companion" in kwargs:
+        raise TypeError("create_odelora_optimizer finds the companion itself (every trainable tensor that is not a LoRA "
+                        "factor): leave companion out; freeze a tensor (requires_grad_(False)) to keep it out of training")
     part = partition(model, adapter)
     if not part.pairs:
         if any("partner" in why for _, _, why in part.others):
@@ -159,6 +162,8 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
                          "odelora.integrations.deepxde.add_lora)")
     companion = [p for _, p, _ in part.others]
     if decay is not None:
+        if isinstance(decay, str):
+            raise TypeError(f"decay must be a collection of parameter names, got the string {decay!r}: pass [{decay!r}]")
         decay = set(decay)
         companion = [g for g in ({"params": [p for n, p, _ in part.others if n in decay]},
                                  {"params": [p for n, p, _ in part.others if n not in decay], "weight_decay": 0.0}) if g["params"]]
