@@ -48,6 +48,7 @@ def setup() -> None:
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest:
         return
+    print("dev.py: installing torch and the project into .venv (first run only: a few minutes)", flush=True)
     if not PY.exists():
         sh(sys.executable, "-m", "venv", str(VENV))
     pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]

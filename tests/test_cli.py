@@ -34,6 +34,7 @@ def one_line_error(capsys, args) -> str:
     (["m=-3"], "m: Input should be greater than 0"),
     (["rank=50"], "rank 50 exceeds"),
     (["methods=[odelora-euler, sgd]"], "methods.1: Input should be"),
+    (["methods=odelora-euler"], "a list is written [a, b]: --set methods=[odelora-euler]"),
     (["grids={nope: [0.1]}"], "grids.nope"),
     (["grids={lora-gd: []}"], "grids.lora-gd: List should have at least 1 item"),
     (["kappas=[]"], "kappas: List should have at least 1 item"),

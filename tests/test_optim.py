@@ -775,6 +775,10 @@ def test_param_groups_and_input_forms():
     for kw in (dict(retraction=["split"]), dict(preconditioner=["adam"]), dict(flow=["balanced"]), dict(method=["rk4"])):
         with pytest.raises(ValueError, match="unknown|must be None or one of"):  # not "unhashable type"
             ODELoRA([(B, A)], **kw)
+    with pytest.raises(ValueError, match=r"no LoRA pairs to optimize: .*create_odelora_optimizer\(model, lr\)"):
+        ODELoRA([])
+    with pytest.raises(ValueError, match="must share dtype and device, got B torch.float32 on cpu and A torch.float64 on cpu"):
+        ODELoRA([(B.detach().float().requires_grad_(), A)])
     with pytest.raises(ValueError, match="companion_lr must be a non-negative finite"):
         ODELoRA([(B, A)], companion=[torch.zeros(3, requires_grad=True)], companion_lr=-1.0)
     with pytest.raises(ValueError, match="track_imbalance must be True or False"):

@@ -85,6 +85,10 @@ class StepTotals:
         """Steps with no accepted try, which left the parameters as they were."""
         return self.steps - self.accepted
 
+    def __repr__(self) -> str:
+        return (f"StepTotals(steps={self.steps}, skipped={self.skipped}, nfe={self.nfe}, accepted={self.accepted}, "
+                f"rejected={self.rejected}, nonfinite={self.nonfinite})")
+
     @classmethod
     def from_dict(cls, totals: dict) -> "StepTotals":
         """From ``asdict`` of one, or an earlier version's dict (whose ``skipped`` is derived here)."""

@@ -21,7 +21,9 @@ def pair_groups(params: Any, start: int = 0) -> list[dict]:
     """Param groups of pairs; unnamed pairs are numbered from ``start`` across the groups."""
     items = list(params) if not isinstance(params, (LoRAPair, dict)) else [params]
     if not items:
-        raise ValueError("ODELoRA got no LoRA pairs to optimize")
+        raise ValueError("ODELoRA got no LoRA pairs to optimize: pass pairs [(B, A, scale), ...]; for a PEFT model, "
+                         "odelora.integrations.peft.create_odelora_optimizer(model, lr) finds them (a model without "
+                         "LoRA layers: wrap it with peft.get_peft_model first)")
     if any(isinstance(x, dict) and "params" in x and "pairs" not in x for x in items):
         raise ValueError("ODELoRA param groups take 'pairs', not 'params': [{'pairs': [(B, A, scale), ...], 'lr': ...}]")
     if all(isinstance(x, dict) and "pairs" in x for x in items):

@@ -45,7 +45,8 @@ class LoRAPair:
             raise ValueError(f"{who}: empty factor, B {tuple(B.shape)} and A {tuple(A.shape)}: a pair needs m, r, n >= 1; "
                              "leave pairs of rank 0 out")
         if B.dtype != A.dtype or B.device != A.device:
-            raise ValueError(f"{who}: B and A must share dtype and device")
+            raise ValueError(f"{who}: B and A must share dtype and device, got B {B.dtype} on {B.device} and "
+                             f"A {A.dtype} on {A.device}")
         if not B.is_floating_point():
             raise TypeError(f"{who}: factors must be floating point, got {B.dtype}")
         if not (B.requires_grad and A.requires_grad):

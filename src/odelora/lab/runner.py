@@ -65,7 +65,8 @@ def config_error(name: str, cls: type[ExperimentConfig], err: ValidationError) -
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key {loc!r}")
         elif loc:
-            parts.append(f"{loc}: {e['msg'].rstrip('.')} (got {e.get('input')!r})")
+            hint = f"; a list is written [a, b]: --set {loc}=[{e.get('input')}]" if e["type"] == "list_type" and isinstance(e.get("input"), str) else ""
+            parts.append(f"{loc}: {e['msg'].rstrip('.')} (got {e.get('input')!r}{hint})")
         else:  # a rule across keys: its message names them; the input is the whole config
             parts.append(f"config: {e['msg'].rstrip('.')}")
     return f"invalid config for {name}: {'; '.join(parts)}. Valid keys: {', '.join(cls.model_fields)} (see odelora run {name} --help)"
