@@ -1,6 +1,7 @@
 """PEFT pair discovery, create_odelora_optimizer, resume with PEFT adapters, and the transformers Trainer."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -375,3 +376,86 @@ def test_create_odelora_optimizer_rejects_a_name_string_and_a_companion_of_its_o
     with pytest.raises(TypeError, match="finds the companion itself"):
         create_odelora_optimizer(model, lr=0.1, companion=[])
     assert [len(g["params"]) for g in create_odelora_optimizer(model, lr=0.1, decay=[name]).param_groups if g.get("companion")] == [1, 1]
+
+
+@pytest.mark.parametrize("how", ["label_smoothing", "compute_loss_func"])
+def test_every_stage_gets_the_labels_when_compute_loss_takes_them_out(how, tmp_path):
+    """transformers' compute_loss pops the labels from its inputs with label smoothing or a
+    compute_loss_func: each RK stage has its own copy of the batch. Every stage's loss is the
+    smoothed cross-entropy of the model at that stage (checked on the first, at the start)."""
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = get_peft_model(BertForSequenceClassification(cfg),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    ids = torch.randint(0, 50, (32, 6), generator=torch.Generator().manual_seed(0))
+    y = ids[:, 0] % 3
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": y[i]}
+
+    smooth = dict(label_smoothing_factor=0.1) if how == "label_smoothing" else {}
+    func = (lambda out, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(out["logits"], labels, label_smoothing=0.1)) \
+        if how == "compute_loss_func" else None
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=2, learning_rate=0.5, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, **smooth)
+    trainer = ODELoRATrainer(model=model, args=args, train_dataset=Batches(), compute_loss_func=func,
+                             odelora_kwargs=dict(method="rk4", companion_lr=1e-2))
+    with torch.no_grad():
+        start = float(torch.nn.functional.cross_entropy(model(input_ids=ids).logits, y, label_smoothing=0.1))
+    losses = recorded_losses(trainer)
+    trainer.train()
+    assert len(losses) == 8 and all(math.isfinite(l) for l in losses)
+    assert losses[0] == pytest.approx(start, rel=1e-5) and losses[4] < losses[0]
+
+
+class Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3, 8, 6) / 3)
+
+
+class Experts(torch.nn.Module):
+    """A mixture's expert weights stacked in one 3-D parameter (PEFT's ``target_parameters``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts, self.fc = Stack(), torch.nn.Linear(6, 4)
+
+
+def test_stacked_experts_embedding_and_conv_lora_are_no_pairs():
+    """PEFT keeps the LoRA factors of E stacked experts in one (rE x in, out x rE) pair whose
+    columns interleave the experts: the model depends on each expert's product, not on B @ A, so
+    they go to the companion (with a warning); models with no matrix pair at all are refused
+    with a message that says why (not "no LoRA layers" or "frozen")."""
+    torch.manual_seed(0)
+    model = get_peft_model(Experts(), LoraConfig(r=2, lora_alpha=2, target_modules=["fc"], target_parameters=["experts.weight"]))
+    B = next(p for n, p in model.named_parameters() if "lora_B" in n and "fc" not in n)
+    assert B.shape[1] == 6  # r * 3 experts columns
+    with pytest.warns(UserWarning, match=r"1 LoRA layer\(s\) of stacked experts"):
+        part = partition(model)
+    assert [p.name.rsplit(".", 1)[-1] for p in part.pairs] == ["fc[default]"]
+    assert sorted(why for _, _, why in part.others) == 2 * ["LoRA factors of 3 experts, whose products (not B @ A) enter the model"]
+    only = get_peft_model(Experts(), LoraConfig(r=2, lora_alpha=2, target_parameters=["experts.weight"]))
+    with pytest.warns(UserWarning, match="stacked experts"), pytest.raises(ValueError, match="stacked-expert LoRA, none a matrix pair"):
+        create_odelora_optimizer(only)
+
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.emb = torch.nn.Conv2d(3, 8, 3), torch.nn.Embedding(50, 8)
+
+    for target in ("conv", "emb"):
+        odd = get_peft_model(Conv(), LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
+        with pytest.raises(ValueError, match="embedding, convolution or stacked-expert LoRA, none a matrix pair"):
+            create_odelora_optimizer(odd)
+        with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] have no matrix pair"):
+            partition(odd, "default")

@@ -72,11 +72,13 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     reasons: dict[int, str] = {}
     unselected: set[int] = set()
     adapters: set[str] = set()
-    half_frozen = []
+    half_frozen, experts = [], []
+    unmovable: set[str] = set()  # adapters with factors that are no matrix pair
     for mname, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         adapters.update(module.lora_A.keys())
+        adapters.update(getattr(module, "lora_embedding_A", {}).keys())
         for ad in module.lora_A.keys():
             if wanted is not None and ad not in wanted:
                 unselected.update((id(module.lora_A[ad].weight), id(module.lora_B[ad].weight)))
@@ -91,11 +93,18 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
                 continue
             if A.ndim != 2 or B.ndim != 2:
                 reasons[id(A)] = reasons[id(B)] = f"{type(module.lora_A[ad]).__name__} LoRA factors are not matrices"
+                unmovable.add(ad)
+                continue
+            if getattr(module, "num_experts", 1) > 1:  # target_parameters on stacked experts: one product per expert
+                reasons[id(A)] = reasons[id(B)] = f"LoRA factors of {module.num_experts} experts, whose products (not B @ A) enter the model"
+                experts.append(f"{mname}[{ad}]")
+                unmovable.add(ad)
                 continue
             part.pairs.append(LoRAPair(B, A, float(module.scaling[ad]), f"{mname}[{ad}]"))
             in_pair.update((id(A), id(B)))
         for ad, p in getattr(module, "lora_embedding_A", {}).items():
             reasons[id(p)] = "embedding LoRA"
+            unmovable.add(ad)
         for ad, p in getattr(module, "lora_embedding_B", {}).items():
             reasons[id(p)] = "embedding LoRA"
         for ad, mag in getattr(module, "lora_magnitude_vector", {}).items():
@@ -104,7 +113,11 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     if wanted is not None:
         found = {p.name.rsplit("[", 1)[1].rstrip("]") for p in part.pairs}
         missing = wanted - found
-        frozen = sorted(missing & set(adapters))
+        frozen = sorted(missing & (adapters - unmovable))
+        odd = sorted(missing & unmovable)
+        if odd and not frozen:
+            raise ValueError(f"adapter(s) {odd} have no matrix pair B @ A for ODELoRA to move (embedding, convolution or "
+                             "stacked-expert LoRA): train them with a torch optimizer (AdamW)")
         if frozen:
             raise ValueError(f"adapter(s) {frozen} have no pair with both factors trainable (inactive or frozen): make them "
                              "trainable with model.set_adapter(name) or requires_grad_(True) on their lora_A and lora_B")
@@ -114,6 +127,9 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
         warn(f"{len(half_frozen)} LoRA layer(s) with one factor frozen ({', '.join(half_frozen[:3])}"
              f"{', ...' if len(half_frozen) > 3 else ''}): their trainable factor goes to the AdamW companion, "
              "not the flow; unfreeze both factors for ODELoRA to move them")
+    if experts:
+        warn(f"{len(experts)} LoRA layer(s) of stacked experts ({', '.join(experts[:3])}{', ...' if len(experts) > 3 else ''}): "
+             "their factors go to the AdamW companion, since the model depends on each expert's product, not on B @ A")
     part.adapters = sorted(adapters)
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) in unselected:
@@ -151,6 +167,10 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
                         "factor): leave companion out; freeze a tensor (requires_grad_(False)) to keep it out of training")
     part = partition(model, adapter)
     if not part.pairs:
+        if any("experts" in why or "not matrices" in why or why == "embedding LoRA" for _, _, why in part.others):
+            raise ValueError("the model's LoRA layers are embedding, convolution or stacked-expert LoRA, none a matrix pair "
+                             "B @ A that ODELoRA can move (optimizer.partition would list them as companion tensors): train "
+                             "such a model with a torch optimizer (AdamW), or add LoRA to its linear layers")
         if any("partner" in why for _, _, why in part.others):
             raise ValueError("every LoRA layer has one factor frozen (LoRA-FA's frozen lora_A, say): ODELoRA moves LoRA "
                              "pairs with both factors trainable, as a product, so there is nothing for it to move. Train "

@@ -16,6 +16,7 @@ function.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -158,7 +159,9 @@ class ODELoRATrainer(Trainer):
         opt = self.odelora
         multi = opt is not None and opt.tableau.stages > 1
         rng = _rng_state() if multi else None  # where the first stage's forward starts
-        loss = super().training_step(model, prepared, num_items_in_batch)
+        # compute_loss may take labels out of its inputs (label smoothing, compute_loss_func): each
+        # stage gets its own copy of the batch
+        loss = super().training_step(model, copy.copy(prepared) if multi else prepared, num_items_in_batch)
         closure = None
         if multi:
 
@@ -166,7 +169,9 @@ class ODELoRATrainer(Trainer):
                 _set_rng_state(rng)  # the first stage's dropout masks: every stage sees the same function
                 model.zero_grad(set_to_none=True)
                 with self.compute_loss_context_manager():
-                    stage_loss = self.compute_loss(model, prepared, num_items_in_batch=num_items_in_batch)
+                    stage_loss = self.compute_loss(model, copy.copy(prepared), num_items_in_batch=num_items_in_batch)
+                if self.args.n_gpu > 1:
+                    stage_loss = stage_loss.mean()  # DataParallel's per-device losses, as the Trainer's step
                 self.accelerator.backward(stage_loss)
                 if self.args.max_grad_norm and self.args.max_grad_norm > 0:
                     self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
