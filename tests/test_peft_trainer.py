@@ -459,3 +459,25 @@ def test_stacked_experts_embedding_and_conv_lora_are_no_pairs():
             create_odelora_optimizer(odd)
         with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] have no matrix pair"):
             partition(odd, "default")
+
+
+def test_a_step_skipped_by_the_loop_does_not_add_its_loss_to_the_next(tmp_path):
+    """fp16's GradScaler skips ``optimizer.step()`` on overflow while the Trainer counts the step:
+    the loss recorded with the next step is that step's own, not the sum of both."""
+    from transformers import TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    ids, y = data(64)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=2, learning_rate=0.1, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y))
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # as the training loop sets it
+    trainer.training_step(model, {"ids": ids[:32], "labels": y[:32]})  # its step never runs
+    trainer.state.global_step += 1
+    loss = trainer.training_step(model, {"ids": ids[32:], "labels": y[32:]})
+    trainer.odelora.step()
+    assert trainer.odelora.last_step.loss == pytest.approx(float(loss), rel=1e-6)

@@ -177,9 +177,9 @@ class ODELoRATrainer(Trainer):
                     self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
                 return stage_loss.detach()
 
-        if opt is not None:  # the loss of the gradients in .grad: the Trainer's, summed over accumulated micro-batches
-            if opt.stats.steps != getattr(self, "_steps_seen", None):
-                self._steps_seen, self._step_loss = opt.stats.steps, 0.0
+        if opt is not None:  # the loss of the gradients in .grad: the Trainer's, summed over one step's micro-batches
+            if self.state.global_step != getattr(self, "_steps_seen", None):  # (counted also where a GradScaler skips the step)
+                self._steps_seen, self._step_loss = self.state.global_step, 0.0
             self._step_loss = self._step_loss + loss.detach()
             opt.set_stage_closure(closure, loss=self._step_loss)
         return loss
