@@ -161,6 +161,31 @@ def test_batched_runs_match_runs_made_one_at_a_time():
             assert m1 == pytest.approx(m2, rel=1e-6, nan_ok=True)
 
 
+def test_claims_with_nothing_converged_are_inconclusive_not_fail_or_pass(tmp_path):
+    """A matrix-sensing run capped before any method reaches the target decides none of the
+    claims that compare iteration counts, nor the grid check (nothing to check)."""
+    exp = get_experiment("matrix-sensing")
+    cfg = exp.quick_config().model_copy(update=dict(max_iters=30, log_every=5, methods=["odelora-euler", "scaled-gd", "lora-gd"],
+                                                    starts=["spectral"]))
+    run_experiment(exp, cfg, tmp_path, progress=False)
+    claims, _ = build_report(tmp_path)
+    decided = {c.claim: c.verdict for c in claims if c.passed is not None}
+    assert len(decided) == 4 and set(decided.values()) == {"INCONCLUSIVE"}, decided
+    notes = " ".join(c.note for c in claims)
+    assert "no count to compare" in notes and "neither method reached the target" in notes and "nothing to check" in notes
+
+
+def test_a_partial_strongly_convex_report_says_not_run(tmp_path):
+    """Methods without a saved case are "not run" in a partial report, not methods that did not converge."""
+    exp = get_experiment("strongly-convex")
+    run_experiment(exp, exp.Config(**TINY["strongly-convex"]), tmp_path, progress=False)
+    for f in (tmp_path / "cases").glob("*odelora-rk4*"):
+        f.unlink()
+    claims, _ = build_report(tmp_path)
+    text = " ".join(c.measured for c in claims if c.passed is None)
+    assert "odelora-rk4: not run" in text and "odelora-rk4: none" not in text and "odelora-euler: 2" in text, text
+
+
 def test_report_rebuilds_from_files_alone(tmp_path):
     exp, cfg = _tiny_ms()
     run_experiment(exp, cfg, tmp_path, progress=False)

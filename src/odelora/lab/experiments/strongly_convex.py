@@ -118,6 +118,9 @@ class StronglyConvex(Experiment):
         hs = sorted(cfg.steps_times_L)
         for m in cfg.methods:
             conv = g[(g.method == m) & g.conv].hL
+            if not (g.method == m).any():  # a partial run
+                stable.append(f"{m}: not run")
+                continue
             if conv.empty:
                 stable.append(f"{m}: none of the grid converged within {cfg.max_iters} iterations")
                 continue
@@ -130,8 +133,8 @@ class StronglyConvex(Experiment):
         claims.append(Claim("largest step h L that converges, per method", "reported", "; ".join(stable), None,
                             note=(f"At the top of the grid for {', '.join(edges)}: a larger step might converge too." if edges else "")))
         claims.append(Claim("fitted linear rates (per iteration) per step size", "reported",
-                            "; ".join(f"{m}: " + (", ".join(f"{r.hL:g}: {r.rate:.4f}" for r in g[g.method == m].itertuples()
-                                                            if np.isfinite(r.rate)) or "none fitted")
+                            "; ".join(f"{m}: " + ((", ".join(f"{r.hL:g}: {r.rate:.4f}" for r in g[g.method == m].itertuples()
+                                                             if np.isfinite(r.rate)) or "none fitted") if (g.method == m).any() else "not run")
                                       for m in cfg.methods),
                             None, note="Rates are fitted where the error is between 1e-9 and 1e-3; steps that never got there have none."))
         figs = []
