@@ -57,7 +57,10 @@ def test_bad_config_values_in_other_experiments(capsys, tmp_path):
     out = ["--out", str(tmp_path / "o")]
     assert "widths.0" in one_line_error(capsys, ["run", "feature-learning", "--set", "widths=[0, 64]", *out])
     assert "rules.0" in one_line_error(capsys, ["run", "feature-learning", "--set", "rules=[lora-minus]", *out])
-    assert "two different values" in one_line_error(capsys, ["run", "feature-learning", "--set", "widths=[64, 64]", *out])
+    assert "two different values" in one_line_error(capsys, ["run", "feature-learning", "--set", "widths=[64]", *out])
+    assert "widths: Value error, 64 is listed twice" in one_line_error(capsys, ["run", "feature-learning", "--set", "widths=[64, 64]", *out])
+    assert "steps_times_L: Value error, 1.0 is listed twice" in one_line_error(
+        capsys, ["run", "strongly-convex", "--set", "steps_times_L=[1.0, 1.0, 2]", *out])
     assert "rank 100 exceeds the smallest width, 64" in one_line_error(
         capsys, ["run", "feature-learning", "--set", "rank=100", "--set", "widths=[64, 128]", *out])
     assert "settings.0" in one_line_error(capsys, ["run", "lora-mf", "--set", "settings=[dw=1]", *out])
@@ -245,7 +248,7 @@ def test_installed_version_is_the_package_version():
 
 def test_a_config_that_repeats_a_case_is_refused_before_anything_is_written(capsys, tmp_path):
     msg = one_line_error(capsys, _fl_args(tmp_path / "o", rules="[odelora, odelora]"))
-    assert "more than once" in msg and "list each value once" in msg
+    assert "rules: Value error, 'odelora' is listed twice: list each value once" in msg
     assert not (tmp_path / "o").exists()
 
 

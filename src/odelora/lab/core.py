@@ -12,14 +12,21 @@ import typing
 from typing import Annotated, ClassVar, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 __all__ = ["ExperimentConfig", "Experiment", "Claim", "NonEmpty", "fmt", "VERDICTS"]
 
 
+def _distinct(values: list) -> list:
+    twice = [v for i, v in enumerate(values) if v in values[:i]]
+    if twice:
+        raise ValueError(f"{twice[0]!r} is listed twice: list each value once")
+    return values
+
+
 def NonEmpty(item):  # noqa: N802  (a type constructor)
-    """``list[item]`` with at least one element."""
-    return Annotated[list[item], Field(min_length=1)]
+    """``list[item]`` of distinct values, at least one (the values a sweep runs)."""
+    return Annotated[list[item], Field(min_length=1), AfterValidator(_distinct)]
 
 
 class ExperimentConfig(BaseModel):
