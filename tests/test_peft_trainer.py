@@ -443,6 +443,7 @@ def test_stacked_experts_embedding_and_conv_lora_are_no_pairs():
     with pytest.warns(UserWarning, match=r"1 LoRA layer\(s\) of stacked experts"):
         part = partition(model)
     assert [p.name.rsplit(".", 1)[-1] for p in part.pairs] == ["fc[default]"]
+    assert [n.rsplit(".", 1)[-1] for n in part.unmovable] == ["experts[default]"]
     assert sorted(why for _, _, why in part.others) == 2 * ["LoRA factors of 3 experts, whose products (not B @ A) enter the model"]
     only = get_peft_model(Experts(), LoraConfig(r=2, lora_alpha=2, target_parameters=["experts.weight"]))
     with pytest.warns(UserWarning, match="stacked experts"), pytest.raises(ValueError, match="stacked-expert LoRA, none a matrix pair"):

@@ -24,6 +24,7 @@ class Partition:
     others: list[tuple[str, torch.Tensor, str]] = field(default_factory=list)  # (name, param, reason)
     adapters: list[str] = field(default_factory=list)  # every LoRA adapter the model has
     left: list[str] = field(default_factory=list)  # trainable factors of adapters not selected: not moved
+    unmovable: list[str] = field(default_factory=list)  # LoRA layers with no matrix pair (embedding, conv, experts)
 
     def summary(self) -> str:
         lines = [f"{len(self.pairs)} LoRA pairs follow the flow"]
@@ -73,7 +74,6 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     unselected: set[int] = set()
     adapters: set[str] = set()
     half_frozen, experts = [], []
-    unmovable: set[str] = set()  # adapters with factors that are no matrix pair
     for mname, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -93,18 +93,18 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
                 continue
             if A.ndim != 2 or B.ndim != 2:
                 reasons[id(A)] = reasons[id(B)] = f"{type(module.lora_A[ad]).__name__} LoRA factors are not matrices"
-                unmovable.add(ad)
+                part.unmovable.append(f"{mname}[{ad}]")
                 continue
             if getattr(module, "num_experts", 1) > 1:  # target_parameters on stacked experts: one product per expert
                 reasons[id(A)] = reasons[id(B)] = f"LoRA factors of {module.num_experts} experts, whose products (not B @ A) enter the model"
                 experts.append(f"{mname}[{ad}]")
-                unmovable.add(ad)
+                part.unmovable.append(f"{mname}[{ad}]")
                 continue
             part.pairs.append(LoRAPair(B, A, float(module.scaling[ad]), f"{mname}[{ad}]"))
             in_pair.update((id(A), id(B)))
         for ad, p in getattr(module, "lora_embedding_A", {}).items():
             reasons[id(p)] = "embedding LoRA"
-            unmovable.add(ad)
+            part.unmovable.append(f"{mname}[{ad}]")
         for ad, p in getattr(module, "lora_embedding_B", {}).items():
             reasons[id(p)] = "embedding LoRA"
         for ad, mag in getattr(module, "lora_magnitude_vector", {}).items():
@@ -113,6 +113,7 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     if wanted is not None:
         found = {p.name.rsplit("[", 1)[1].rstrip("]") for p in part.pairs}
         missing = wanted - found
+        unmovable = {n.rsplit("[", 1)[1].rstrip("]") for n in part.unmovable}
         frozen = sorted(missing & (adapters - unmovable))
         odd = sorted(missing & unmovable)
         if odd and not frozen:
@@ -167,7 +168,7 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
                         "factor): leave companion out; freeze a tensor (requires_grad_(False)) to keep it out of training")
     part = partition(model, adapter)
     if not part.pairs:
-        if any("experts" in why or "not matrices" in why or why == "embedding LoRA" for _, _, why in part.others):
+        if part.unmovable:
             raise ValueError("the model's LoRA layers are embedding, convolution or stacked-expert LoRA, none a matrix pair "
                              "B @ A that ODELoRA can move (optimizer.partition would list them as companion tensors): train "
                              "such a model with a torch optimizer (AdamW), or add LoRA to its linear layers")

@@ -116,9 +116,10 @@ class StronglyConvex(Experiment):
                     note="" if ok else "the fitted contraction per step is slower than 1 - 1/kappa_H"))
         stable, edges = [], []
         hs = sorted(cfg.steps_times_L)
+        ran = set(g.method)  # a partial run may lack methods
         for m in cfg.methods:
             conv = g[(g.method == m) & g.conv].hL
-            if not (g.method == m).any():  # a partial run
+            if m not in ran:
                 stable.append(f"{m}: not run")
                 continue
             if conv.empty:
@@ -134,7 +135,7 @@ class StronglyConvex(Experiment):
                             note=(f"At the top of the grid for {', '.join(edges)}: a larger step might converge too." if edges else "")))
         claims.append(Claim("fitted linear rates (per iteration) per step size", "reported",
                             "; ".join(f"{m}: " + ((", ".join(f"{r.hL:g}: {r.rate:.4f}" for r in g[g.method == m].itertuples()
-                                                             if np.isfinite(r.rate)) or "none fitted") if (g.method == m).any() else "not run")
+                                                             if np.isfinite(r.rate)) or "none fitted") if m in ran else "not run")
                                       for m in cfg.methods),
                             None, note="Rates are fitted where the error is between 1e-9 and 1e-3; steps that never got there have none."))
         figs = []
