@@ -401,6 +401,56 @@ print("other thread", got)
                                           "other thread ['held', 'interrupted']"]
 
 
+def test_workers_end_with_a_killed_run(tmp_path):
+    """A run killed with SIGKILL (no cleanup runs) takes its workers with it within seconds,
+    instead of leaving them to finish cases whose results nobody writes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = """
+import multiprocessing, os, time
+from odelora.lab.runner import _worker_init
+ctx = multiprocessing.get_context("forkserver")
+pool = ctx.Pool(2, initializer=_worker_init, initargs=(1,))
+pids = set()
+while len(pids) < 2:
+    pids |= set(pool.starmap(os.getpid, [()] * 8, chunksize=1))
+print(*pids, flush=True)
+pool.map_async(time.sleep, [120, 120], chunksize=1)
+time.sleep(120)
+"""
+    err = open(tmp_path / "stderr", "w+")  # the killed run's resource tracker warns of its semaphores there
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        pids = [int(p) for p in run.stdout.readline().split()]
+        assert len(pids) == 2, f"the pool did not start: {(tmp_path / 'stderr').read_text()}"
+        time.sleep(1.0)  # both workers are asleep in their tasks
+        run.send_signal(signal.SIGKILL)
+        run.wait(30)
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 20
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in pids if alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"workers {left} outlived the killed run"
+    finally:
+        run.kill()
+        run.wait()
+        err.close()
+
+
 def test_interruptions_say_what_is_saved_and_kill_is_one(tmp_path, monkeypatch, capsys):
     """Ctrl-C before any case finished does not point to a report of nothing; ``kill`` (SIGTERM)
     stops a run as Ctrl-C does: saved cases kept, meta.json written, a message, exit 143."""

@@ -225,9 +225,22 @@ def _workers_starting():
 
 def _worker_init(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), name="odelora-run-watch", daemon=True).start()
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    """End this worker as soon as the run that started it is gone. A run killed with SIGKILL
+    tears nothing down, and its workers would compute their current cases for nobody (only the
+    run writes results). ``parent.join()`` returns when the run's end of the pipe the worker was
+    started through closes, which the kernel does as the run dies (the workers' parent process
+    is the fork server, so a parent-death signal would not fire)."""
+    parent.join()
+    os._exit(1)
 
 
 def _run_one(task: tuple) -> tuple[str, dict, list[dict], tuple[float, float]]:
