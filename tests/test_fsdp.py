@@ -110,6 +110,33 @@ def test_single_process_checkpoint_round_trip_is_exact_and_quiet(shape, tmp_path
     assert torch.equal(m.B, m2.B) and torch.equal(m.A, m2.A)
 
 
+def test_a_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
+    """Another LoRA rank or layer shape, or another optimizer configuration: a ValueError that
+    says what differs, and the model and the optimizer stay as they were."""
+    from odelora import ODELoRA
+    from odelora.integrations.distributed import load_checkpoint, save_checkpoint
+
+    def build(m_=12, r=3, seed=0, **kw):
+        g = torch.Generator().manual_seed(seed)
+        m = torch.nn.Module()
+        m.B, m.A = torch.nn.Parameter(torch.randn(m_, r, generator=g)), torch.nn.Parameter(torch.randn(r, 9, generator=g))
+        opt = ODELoRA([(m.B, m.A)], lr=0.05, **kw)
+        opt.zero_grad()
+        (m.B @ m.A - 1).square().sum().backward()
+        opt.step()
+        return m, opt
+
+    save_checkpoint(tmp_path / "c", *build())
+    for kw, match in ((dict(r=2), r"B \(12, 3\) saved, \(12, 2\) here; A \(3, 9\) saved, \(2, 9\) here"),
+                      (dict(m_=10), r"B \(12, 3\) saved, \(10, 3\) here"),
+                      (dict(preconditioner="adam"), "preconditioner")):
+        m, opt = build(seed=1, **kw)
+        before, state = [p.detach().clone() for p in (m.B, m.A)], repr(opt.state_dict())
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(tmp_path / "c", m, opt)
+        assert torch.equal(m.B, before[0]) and torch.equal(m.A, before[1]) and repr(opt.state_dict()) == state
+
+
 def test_checkpoint_of_a_ddp_model_loads_into_the_bare_model(tmp_path):
     """Parameter names are saved without DDP's ``module.`` prefix: a checkpoint written from a
     DDP-wrapped model resumes on one process without DDP (and the next steps agree)."""

@@ -92,6 +92,36 @@ def test_dense_gradients_match_autograd_on_the_full_weights():
             assert not p.requires_grad and p.grad is None
 
 
+def test_dense_gradients_include_derivatives_of_the_network_in_the_loss():
+    """A PINN-style loss holds du/dx, so W enters through the derivative graph too (the backward of
+    each linear layer multiplies by W): dL/dW there is autograd's on the full weights, not the
+    sum of g^T x over the layer's calls, which sees the layer's output alone."""
+    base, model, layers, X, Y, _ = _setup()
+
+    def loss_of(net):
+        x = X.clone().requires_grad_()
+        u = net(x)
+        (du,) = torch.autograd.grad(u.square().sum(), x, create_graph=True)
+        return du.square().mean() + (u - Y).square().mean()
+
+    def closure():
+        model.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    plain = copy.deepcopy(base)
+    for x in layers:
+        lin = getattr(plain, x.path.split(".")[-1])
+        with torch.no_grad():
+            lin.weight += x.scale * x.B.detach() @ x.A.detach()
+    names = ("inp", "mid", "out")
+    ref = dict(zip(names, torch.autograd.grad(loss_of(plain), [getattr(plain, n).weight for n in names])))
+    G = dense_gradients(model, closure)
+    for x in layers:
+        torch.testing.assert_close(G[x.path], ref[x.path.split(".")[-1]], rtol=1e-10, atol=1e-12)
+
+
 def test_spectral_start_spans_the_top_singular_subspaces_and_points_downhill():
     alpha = 1e-2
     base, model, layers, X, Y, closure = _setup()

@@ -186,6 +186,24 @@ def test_a_partial_strongly_convex_report_says_not_run(tmp_path):
     assert "odelora-rk4: not run" in text and "odelora-rk4: none" not in text and "odelora-euler: 2" in text, text
 
 
+def test_euler_rate_is_judged_only_where_every_seed_converged(tmp_path):
+    """A seed of ODELoRA-Euler that diverged at h = 1/L (no rate fitted) does not leave the rate
+    claim to the seeds that converged: it fails, saying why, as the convergence claim does."""
+    exp = get_experiment("strongly-convex")
+    run_experiment(exp, exp.Config(**dict(TINY["strongly-convex"], seeds=2)), tmp_path, progress=False)
+    claims, _ = build_report(tmp_path)
+    rate = next(c for c in claims if c.claim.startswith("ODELoRA-Euler's rate"))
+    assert rate.passed, rate.measured
+    (f,) = (tmp_path / "cases").glob("method=odelora-euler__seed=1-*.csv")
+    df = pd.read_csv(f)
+    df.loc[df.hL == 1.0, ["status", "rate"]] = ["diverged", float("nan")]
+    f.write_text(df.to_csv(index=False))
+    claims, _ = build_report(tmp_path)
+    rate = next(c for c in claims if c.claim.startswith("ODELoRA-Euler's rate"))
+    assert rate.passed is False and "(runs: converged,diverged)" in rate.measured
+    assert rate.note.startswith("Euler did not reach the target at h = 1/L in every seed")
+
+
 def test_report_rebuilds_from_files_alone(tmp_path):
     exp, cfg = _tiny_ms()
     run_experiment(exp, cfg, tmp_path, progress=False)
@@ -269,6 +287,7 @@ def test_interrupted_and_damaged_folders_report_what_they_hold(tmp_path, capsys)
         if f not in kept:
             f.unlink()
     claims, report = build_report(root / exp.name)
+    assert set(pd.read_csv(root / exp.name / "results.csv").case) == {f.stem for f in kept}  # the rows reported on
     assert len(kept) == 3 and f"**Partial run:** 3 of {len(cfg.rules)} cases finished, and the claims below use only those" in report.read_text()
     assert [c.claim.split(" keeps")[0] for c in claims] == ["Adam"] and claims[0].passed  # no FAIL for rules never run
     other = get_experiment("trajectory-fidelity")
@@ -528,14 +547,18 @@ def test_an_empty_panel_of_a_shared_grid_keeps_its_neighbours_log_axis(tmp_path)
     assert [ax.get_yscale() for ax in axes] == ["linear"] * 2
 
 
-def test_loss_floor_side_is_read_from_the_floors():
-    from odelora.lab.experiments.lora_mf import floor_side
+def test_a_failed_floor_claim_says_which_test_failed():
+    """The note under a failed floor claim is read from its numbers: floors above the random one,
+    less than 100x below it, or an exponent not 0.25 above the random one's."""
+    from odelora.lab.experiments.lora_mf import _floor_note
 
     a = [1e-5, 1e-4, 1e-3]
-    lo, hi = pd.Series([1e-26, 1e-22, 1e-19], index=a), pd.Series([5e-23, 5e-19, 5e-18], index=a)
-    assert floor_side(lo, hi) == "the random floor is the lower one at every alpha"
-    assert floor_side(hi, lo) == "the random floor is the higher one at every alpha"
-    assert floor_side(lo.where(lo.index != 1e-3, 1e-15), hi) == "the random floor is the higher one at a=0.001 only"
+    note = _floor_note(pd.Series([0.05, 30.0, 1e4], index=a), 2.0, 1.5)
+    assert "ends above the random start at a=1e-05;" in note and "less than 100x below it at a=0.0001;" in note
+    assert "exponent in alpha, 1.50, is not 0.25 above the random one's, 2.00" in note
+    note = _floor_note(pd.Series([1e4, 1e4, 1e4], index=a), 2.98, 3.0)  # far below everywhere, not faster
+    assert note.startswith("its floor's exponent in alpha, 3.00, is not 0.25 above the random one's, 2.98.")
+    assert "less than 100x" not in _floor_note(pd.Series([0.5, 0.5, 0.5], index=a), 2.0, 1.0)
 
 
 def test_gd_rate_fits_and_plots_the_minimum_over_t_below_T(tmp_path, monkeypatch):
@@ -572,3 +595,56 @@ def test_gd_rate_fits_and_plots_the_minimum_over_t_below_T(tmp_path, monkeypatch
             assert np.allclose(y, 4 * 1.0 / (0.5 * x))  # J0 = 1, eta = 0.5 at each of the x steps t < T = x
         elif line.get_label() == "theory k=1":
             assert np.allclose(y, 1 / x)  # min over t < x of 1 / (t + 1)
+
+
+def test_diverged_seeds_count_as_the_worst_in_init_scale_medians(tmp_path):
+    """Two of three seeds diverge at the smallest alpha (their loss and cosine are NaN): the
+    medians there are the worst outcome, so "smaller init, lower loss" fails, and the claims say
+    how many runs diverged, instead of passing on the one seed left."""
+    import math
+
+    from odelora.lab.experiments.init_scale import Config, InitScale
+
+    rows = []
+    for seed in range(3):
+        for a in (1.0, 1e-1, 1e-2, 1e-3, 1e-4):
+            gone = a == 1e-4 and seed > 0
+            rows.append(dict(task="vision", method="adamw", seed=seed, init="gaussian", alpha=a, status="diverged" if gone else "done",
+                             train_loss=math.nan if gone else 0.5 + a / 10, eval_acc=0.8 + (1 - a) / 100,
+                             cos=math.nan if gone else 0.5 - a / 10, ceiling=0.9))
+        rows.append(dict(task="vision", method="adamw", seed=seed, init="full", alpha=0.0, status="done", train_loss=0.3,
+                         eval_acc=0.85, cos=1.0, ceiling=0.9))
+    df = pd.DataFrame(rows).assign(case=lambda d: range(len(d)))
+    claims, _ = InitScale().report(df, Config(tasks=["vision"], methods=["adamw"], seeds=3), tmp_path)
+    by = {c.claim.split(": ", 1)[1]: c for c in claims if ": " in c.claim}
+    for claim in ("smaller init gives lower final training loss", "smaller init gives lower held-out error",
+                  "the learned update aligns better with full fine-tuning's at smaller init"):
+        assert by[claim].verdict == "FAIL", by[claim].measured
+        assert "0.0001: diverged" in by[claim].measured and "2 at gaussian alpha 0.0001" in by[claim].measured
+    assert "runs diverged" in by["smaller init gives lower final training loss"].note
+    assert "| gaussian | 0.0001 | diverged | diverged | diverged | 2 |" in by["smaller init gives lower final training loss"].table
+    healthy = df[df.status == "done"]  # the same runs without the diverged ones: the orderings hold
+    claims, _ = InitScale().report(healthy, Config(tasks=["vision"], methods=["adamw"], seeds=3), tmp_path)
+    assert all(c.verdict == "PASS" for c in claims if "smaller init" in c.claim or "aligns better" in c.claim)
+
+
+def test_step_rules_draws_the_fits_it_reports(tmp_path, monkeypatch):
+    """min_(t<T) ||grad J||^2 = 1/T exactly (logged at step t, T = t + 1): the drawn a/T fit is
+    the curve itself, at the same T as the fit that the report quotes (misfit 0.00)."""
+    import numpy as np
+
+    from odelora.lab.experiments import step_rules
+
+    t = np.arange(0, 301)
+    rows = [dict(kind="t", rule="theory", c=1.0, t=int(i), loss=1.0 / (i + 1), gradJ2=1 / (i + 1.0), min_g2=1 / (i + 1.0),
+                 V2=1.0, eta=0.5, sum_eta=0.5 * i) for i in t]
+    rows.append(dict(kind="run", rule="theory", c=1.0, L=1.0, J0=1.0, steps=300, diverged_at=-1, increases=0, violations=0,
+                     sum_eta=150.0, final_loss=1 / 301, eval_acc=0.5))
+    figs = []
+    monkeypatch.setattr(step_rules, "save_fig", lambda fig, out, name: figs.append(fig) or name)
+    exp = step_rules.StepRules()
+    claims, _ = exp.report(pd.DataFrame(rows), exp.Config(rules=["theory"], constants={"theory": [1.0]}), tmp_path)
+    assert "theory k=1: T^-1.00, misfit 1/T 0.00 vs" in next(c for c in claims if "the rate of" in c.claim).measured
+    (line,) = [x for x in figs[0].axes[1].get_lines() if x.get_label() == "a/T fit (theory k=1)"]
+    T, y = line.get_data()
+    assert T[0] == 11 and np.allclose(y, 1 / T)

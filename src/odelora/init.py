@@ -11,11 +11,12 @@ adapter or the ones named. Per-layer scaling: a layer computes ``W0 + s B A``; i
 start changes every adapted weight by ``s B A = alpha^2 U_r V_r^T`` and the Gaussian one draws
 ``sqrt(s) A`` from N(0, alpha^2); with ``s = 1`` both are literally as written above.
 
-The full-weight gradient ``G = dL/dW`` of an adapted layer ``y = x W^T`` is the sum over all rows
-of ``g^T x``, with ``x`` the layer's input and ``g = dL/dy``: ``dense_gradients`` reads both with
-hooks on the base layers during one closure call (forward and backward), so no base weight needs
-``requires_grad`` and none is changed; the gradients the closure leaves in ``.grad`` are put back
-as they were. This is a core module: it imports nothing from ``integrations`` or ``lab``.
+The full-weight gradient ``G = dL/dW`` of an adapted layer ``y = x W^T``: ``dense_gradients`` adds
+``x D^T`` with a zero matrix ``D`` to each base layer's output during one closure call (forward and
+backward) and reads ``dL/dD``, which is ``dL/dW`` along every path W takes, also through
+derivatives of the network in the loss (a PINN's residual); the sum over rows of ``g^T x``
+(``g = dL/dy``) would miss those. No base weight needs ``requires_grad`` (quantized ones work) and
+none is changed; the gradients the closure leaves in ``.grad`` are put back as they were. This is a core module: it imports nothing from ``integrations`` or ``lab``.
 """
 
 from __future__ import annotations
@@ -100,34 +101,31 @@ def dense_gradients(model: nn.Module, closure: Callable[[], object], adapter: st
     by_path: dict[str, AdaptedLayer] = {}
     for x in layers:
         by_path.setdefault(x.path, x)
-    acc = {p: None for p in by_path}
-    handles = []
+    # Each base layer's output gets ``x D^T`` with a zero leaf D: its value changes nothing, and
+    # dL/dD is dL/dW along every path W takes, the derivatives of the output in a loss included.
+    deltas = {}
+    for path, x in by_path.items():
+        dt = dtype or torch.promote_types(x.A.dtype, torch.float32)
+        deltas[path] = torch.zeros(x.B.shape[0], x.A.shape[1], dtype=dt, device=x.A.device, requires_grad=True)
 
-    def hook_for(path: str, m: int, n: int):
+    def hook_for(path: str, D: Tensor):
+        m, n = D.shape
+
         def fwd(mod, args, out):
             x = args[0] if args else None
             if not (torch.is_tensor(x) and torch.is_tensor(out) and x.shape[-1] == n and out.shape[-1] == m):
                 raise ValueError(f"{path}: expected a linear base layer with inputs (..., {n}) and outputs (..., {m})")
-            x = x.detach()
-            if not out.requires_grad:  # nothing before this layer is trained: a leaf that receives dL/dy
-                out = out.detach().requires_grad_()
-
-            def grad(g):
-                dt = dtype or torch.promote_types(by_path[path].A.dtype, torch.float32)
-                G = g.reshape(-1, m).to(dt).mT @ x.reshape(-1, n).to(dt)
-                acc[path] = G if acc[path] is None else acc[path] + G
-
-            out.register_hook(grad)
-            return out
+            return out + nn.functional.linear(x.to(D.dtype), D).to(out.dtype)
 
         return fwd
 
+    handles = []
     saved = {p: p.grad for p in model.parameters()}
     try:
         for p in saved:
             p.grad = None
         for path, x in by_path.items():
-            handles.append(x.base.register_forward_hook(hook_for(path, x.B.shape[0], x.A.shape[1])))
+            handles.append(x.base.register_forward_hook(hook_for(path, deltas[path])))
         with torch.enable_grad():
             closure()
     finally:
@@ -135,6 +133,7 @@ def dense_gradients(model: nn.Module, closure: Callable[[], object], adapter: st
             h.remove()
         for p, g in saved.items():
             p.grad = g
+    acc = {path: D.grad for path, D in deltas.items()}
     missing = [p for p, G in acc.items() if G is None]
     if missing:
         raise RuntimeError(f"the closure ran no backward pass through {', '.join(missing)}; it must compute the loss "

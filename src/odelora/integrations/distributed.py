@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from ..optim import ODELoRA
@@ -60,9 +61,11 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: ODELoRA
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: ODELoRA) -> None:
     """Load what :func:`save_checkpoint` wrote into ``model`` (in place) and ``optimizer``.
 
-    The model must have the same trainable parameters (any sharding, any number of ranks); the
-    optimizer must be built over the same pairs and groups (its ``load_state_dict`` says what
-    differs otherwise)."""
+    The model must have the same trainable parameters, of the same shapes (any sharding, any
+    number of ranks); the optimizer must be built over the same pairs and groups (its
+    ``load_state_dict`` says what differs otherwise). A checkpoint that does not fit raises a
+    ``ValueError`` and leaves both as they were: the values are read into copies, and written into
+    the parameters only once the optimizer has taken its state."""
     path = str(path)
     if not Path(path).is_dir():
         raise FileNotFoundError(f"no checkpoint at {path!r}: expected a directory written by save_checkpoint")
@@ -74,6 +77,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: ODELoRA
     if saved != set(mine):
         missing, extra = sorted(set(mine) - saved), sorted(saved - set(mine))
         raise ValueError(f"checkpoint {path!r} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+    shapes = [f"{n} {tuple(md['model.' + n].size)} saved, {tuple(p.shape)} here" for n, p in mine.items()
+              if tuple(md["model." + n].size) != tuple(p.shape)]
+    if shapes:
+        raise ValueError(f"checkpoint {path!r} does not fit this model: {'; '.join(shapes[:5])}. Build the model with the "
+                         "adapters and LoRA ranks it was saved with")
     first = next(iter(mine.values()))
     device = (first.to_local() if hasattr(first, "to_local") else first).device
     optim = {
@@ -81,9 +89,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: ODELoRA
         for k, m in md.items()
         if k.startswith("optim.") and hasattr(m, "size")
     }
-    state = {"model": mine, "optim": optim, "optim_meta": ""}
-    with _single_process_ok():
-        dcp.load(state, checkpoint_id=path)
+    staged = {n: torch.empty_like(p.detach()) for n, p in mine.items()}  # sharded as the parameters are
+    state = {"model": staged, "optim": optim, "optim_meta": ""}
+    try:
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=path)
+    except CheckpointException as exc:  # a BaseException: `except Exception` would not see it
+        raise RuntimeError(f"could not read checkpoint {path!r}: {exc}") from None
     meta = json.loads(state["optim_meta"])
     leaves = [optim[str(i)] if v is None and str(i) in optim else v for i, v in enumerate(meta["values"])]
     optimizer.load_state_dict(tree_unflatten(leaves, treespec_loads(meta["spec"])))
+    with torch.no_grad():
+        for n, p in mine.items():
+            p.copy_(staged[n])

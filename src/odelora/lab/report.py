@@ -88,8 +88,8 @@ def _partial(exp, cfg, df, out: Path) -> list[str]:
 
 
 def build_report(out: Path) -> tuple[list[Claim], Path]:
-    """Read ``out/config.yaml`` and the case files, draw the plots, write ``report.md`` and
-    ``claims.json``. Needs nothing but the files."""
+    """Read ``out/config.yaml`` and the case files, draw the plots, write ``report.md``,
+    ``claims.json`` and ``results.csv`` (the rows reported on). Needs nothing but the files."""
     out = Path(out)
     exp, cfg, saved = _load(out)
     df = read_results(out, exp.cases(cfg))
@@ -120,6 +120,7 @@ def build_report(out: Path) -> tuple[list[Claim], Path]:
         f"{' (dirty)' if meta.get('git_dirty') else ''}.",
     ]
     report = out / "report.md"
+    atomic_write(out / "results.csv", df.to_csv(index=False))
     atomic_write(report, "\n".join(parts) + "\n")
     atomic_write(out / "claims.json", json.dumps([c.as_dict() for c in claims], indent=2, default=str))
     atomic_write(out / "figures.json", json.dumps(figures))

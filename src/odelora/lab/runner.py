@@ -5,7 +5,7 @@ Layout of an output folder::
     config.yaml      experiment name and its full config
     meta.json        package versions, git revision, host, times
     cases/<id>.csv   one file per finished case, written atomically (temp file + rename)
-    results.csv      all rows, rebuilt from cases/ at the end of every completed run
+    results.csv      all rows, rebuilt from cases/ at the end of every completed run and by every report
     .lock            held by the command writing the folder (:func:`folder_lock`)
 
 A case either has its complete file or none, so an interrupted sweep reruns only unfinished cases:

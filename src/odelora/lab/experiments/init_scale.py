@@ -77,6 +77,15 @@ def _rank_r_ceiling(dW: dict, r: int) -> float:
     return math.sqrt(top / sum(float((W**2).sum()) for W in dW.values()))
 
 
+def _diverged_text(rows: pd.DataFrame) -> str:
+    """How many runs behind the medians diverged (counted as the worst outcome), where any did."""
+    bad = rows[rows.diverged > 0]
+    if bad.empty:
+        return ""
+    return "; diverged runs, counted as the worst: " + ", ".join(
+        f"{int(r.diverged)} at {r.init} alpha {r.alpha:g}" for r in bad.itertuples())
+
+
 class InitScale(Experiment):
     name = "init-scale"
     summary = "real networks: final loss, accuracy and alignment with full fine-tuning vs the LoRA start's scale; spectral start"
@@ -122,60 +131,68 @@ class InitScale(Experiment):
 
     def report(self, df, cfg, out: Path):
         claims, figs = [], []
+        div = df[df.status != "done"]
+        # a diverged run counts as the worst outcome in every median, rather than dropping out of them
+        df = df.assign(diverged=df.status != "done")
+        df.loc[df.diverged, ["train_loss", "eval_acc", "cos"]] = [np.inf, -np.inf, -np.inf]
         g = df.groupby(["task", "method", "init", "alpha"])
-        med = g[["train_loss", "eval_acc", "cos", "ceiling"]].median().reset_index()
+        med = g[["train_loss", "eval_acc", "cos", "ceiling"]].median().join(g.diverged.sum()).reset_index()
         lo = g[["train_loss", "eval_acc", "cos"]].min().reset_index()
         hi = g[["train_loss", "eval_acc", "cos"]].max().reset_index()
-        div = df[df.status != "done"]
+        shown = lambda x, spec: fmt(x, spec, "diverged")  # noqa: E731
         for (t, m), sub in med.groupby(["task", "method"]):
             gauss = sub[sub.init == "gaussian"].sort_values("alpha", ascending=False)
             full = sub[sub.init == "full"]
             spec = sub[sub.init == "spectral"]
-            tab = ["| start | alpha | final train loss | held-out accuracy | cos with full FT |", "|---|---|---|---|---|"]
+            tab = ["| start | alpha | final train loss | held-out accuracy | cos with full FT | runs diverged |",
+                   "|---|---|---|---|---|---|"]
             for _, r in pd.concat([gauss, spec, full]).iterrows():
-                tab.append(f"| {r.init} | {'' if r.init == 'full' else f'{r.alpha:g}'} | {fmt(r.train_loss, '.4f')} | "
-                           f"{fmt(r.eval_acc, '.4f')} | {fmt(r.cos, '.3f')} |")
+                tab.append(f"| {r.init} | {'' if r.init == 'full' else f'{r.alpha:g}'} | {shown(r.train_loss, '.4f')} | "
+                           f"{shown(r.eval_acc, '.4f')} | {shown(r.cos, '.3f')} | {int(r.diverged)} |")
             table = "\n".join(tab)
             where = f"{t}, {m}"
             a = gauss.alpha.to_numpy()
             if len(gauss) >= 3:
                 for col, word, sign in (("train_loss", "final training loss", 1), ("eval_acc", "held-out error", -1)):
-                    v = sign * gauss[col].to_numpy()  # an error: lower is better
-                    ok = np.isfinite(v)
+                    v = sign * gauss[col].to_numpy()  # an error: lower is better (+inf: diverged)
+                    ok = ~np.isnan(v)
                     rho = float(spearmanr(np.log(a[ok]), v[ok])[0]) if ok.sum() >= 3 else math.nan
                     small, large = v[np.argmin(a)], v[np.argmax(a)]
                     passed = bool(rho >= 0.7 and small < large)
-                    shown = ", ".join(f"{x:g}: {fmt(sign * y, '.4f')}" for x, y in zip(a, v))
+                    by_alpha = ", ".join(f"{x:g}: {shown(sign * y, '.4f')}" for x, y in zip(a, v))
                     claims.append(Claim(
                         f"{where}: smaller init gives lower {word}",
                         "Spearman correlation of alpha with the median error >= 0.7 and the smallest alpha below the largest",
-                        f"Spearman {fmt(rho, '.2f')}; median {'loss' if col == 'train_loss' else 'accuracy'} by alpha {shown}",
+                        f"Spearman {fmt(rho, '.2f')}; median {'loss' if col == 'train_loss' else 'accuracy'} by alpha {by_alpha}"
+                        + _diverged_text(gauss),
                         passed, "Xu et al. (AISTATS 2025)", table=table if col == "train_loss" else "",
                         note="" if passed else (
                             f"over {cfg.steps} steps the error does not fall with alpha: the smallest alpha ({a.min():g}) reaches "
-                            f"{fmt(sign * small, '.4f')} and the largest ({a.max():g}) {fmt(sign * large, '.4f')}; the theory's "
-                            "ordering is that of the end of gradient flow, and a small start spends its first steps escaping the "
-                            "saddle at B = A = 0 (its length grows like log(1/alpha))")))
+                            f"{shown(sign * small, '.4f')} and the largest ({a.max():g}) {shown(sign * large, '.4f')}; "
+                            + ("runs diverged (listed below), each counted as the worst outcome" if gauss.diverged.any() else
+                               "the theory's ordering is that of the end of gradient flow, and a small start spends its first "
+                               "steps escaping the saddle at B = A = 0 (its length grows like log(1/alpha))"))))
             if len(spec) and len(gauss[gauss.alpha == cfg.spectral_alpha]):
                 sp, ga = spec.iloc[0], gauss[gauss.alpha == cfg.spectral_alpha].iloc[0]
                 passed = bool(sp.train_loss < ga.train_loss and sp.eval_acc >= ga.eval_acc)
                 claims.append(Claim(
                     f"{where}: the spectral start beats the small random one (alpha {cfg.spectral_alpha:g})",
                     "lower median final training loss and a held-out accuracy at least as high",
-                    f"spectral: loss {fmt(sp.train_loss, '.4f')}, accuracy {fmt(sp.eval_acc, '.4f')}; Gaussian: loss "
-                    f"{fmt(ga.train_loss, '.4f')}, accuracy {fmt(ga.eval_acc, '.4f')}", passed, "Xu et al. (AISTATS 2025)",
+                    f"spectral: loss {shown(sp.train_loss, '.4f')}, accuracy {shown(sp.eval_acc, '.4f')}; Gaussian: loss "
+                    f"{shown(ga.train_loss, '.4f')}, accuracy {shown(ga.eval_acc, '.4f')}" + _diverged_text(pd.concat([spec, gauss[gauss.alpha == cfg.spectral_alpha]])),
+                    passed, "Xu et al. (AISTATS 2025)",
                     note="" if passed else "the spectral start's median run ends with a higher training loss or a lower held-out "
                                            "accuracy than the Gaussian start of the same scale, as measured above"))
             if len(gauss) >= 3:
                 v = gauss["cos"].to_numpy()
-                ok = np.isfinite(v)
+                ok = ~np.isnan(v)
                 rho = float(spearmanr(np.log(a[ok]), -v[ok])[0]) if ok.sum() >= 3 else math.nan
                 ceil = float(full.ceiling.iloc[0]) if len(full) else math.nan
                 claims.append(Claim(
                     f"{where}: the learned update aligns better with full fine-tuning's at smaller init",
                     "Spearman correlation of alpha with minus the cosine >= 0.7",
-                    f"Spearman {fmt(rho, '.2f')}; median cosine by alpha " + ", ".join(f"{x:g}: {fmt(y, '.3f')}" for x, y in zip(a, v))
-                    + (f"; spectral {fmt(spec['cos'].iloc[0], '.3f')}" if len(spec) else "")
+                    f"Spearman {fmt(rho, '.2f')}; median cosine by alpha " + ", ".join(f"{x:g}: {shown(y, '.3f')}" for x, y in zip(a, v))
+                    + (f"; spectral {shown(spec['cos'].iloc[0], '.3f')}" if len(spec) else "") + _diverged_text(gauss)
                     + f"; best a rank-{cfg.rank} change could reach: {fmt(ceil, '.3f')}",
                     bool(rho >= 0.7), "Xu et al. (AISTATS 2025): small starts align with the top singular subspaces",
                     note="" if rho >= 0.7 else "the cosine between the learned and the full fine-tuning weight change does not "
@@ -188,7 +205,8 @@ class InitScale(Experiment):
         for i, (t, m) in enumerate(pairs):
             for j, (col, lab) in enumerate((("train_loss", "final training loss"), ("eval_acc", "held-out accuracy"),
                                             ("cos", "cos(LoRA update, full FT update)"))):
-                sel = lambda d, init: d[(d.task == t) & (d.method == m) & (d.init == init)].sort_values("alpha")  # noqa: E731
+                sel = lambda d, init: d[(d.task == t) & (d.method == m) & (d.init == init)].sort_values("alpha").replace(  # noqa: E731
+                    [np.inf, -np.inf], np.nan)  # diverged: not drawn (the table and the claims count them)
                 gm, gl, gh = sel(med, "gaussian"), sel(lo, "gaussian"), sel(hi, "gaussian")
                 x = ax[i, j]
                 x.semilogx(gm.alpha, gm[col], "o-", label="Gaussian start (median)")

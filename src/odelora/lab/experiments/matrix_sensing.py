@@ -190,16 +190,21 @@ class MatrixSensing(Experiment):
                     e100 = ode[100.0].iters.iloc[0] if ode[100.0].converged.iloc[0] else np.nan
                     passed = bool(np.isfinite(e100) and n_gd >= 10 * e100)
                     how = "" if gd.converged else (" (projected)" if "stalled" in gd.status else " (at least)")
+                    if not np.isfinite(e100):
+                        note = "ODELoRA-Euler did not reach the target at kappa 100: no count to compare"
+                    elif not passed:
+                        note = f"LoRA GD{' would reach' if how else ' reached'} the target within 10x ODELoRA-Euler's iterations{how}"
+                    elif how == " (projected)":
+                        note = (f"LoRA GD was stopped at {int(gd.stopped)} iterations ({gd.stopped / e100:.1f}x), its recent linear "
+                                f"rate projecting {n_gd:.0f}: the verdict rests on that projection")
+                    else:
+                        note = ""
                     claims.append(Claim(
                         "spectral start, kappa = 100: plain LoRA GD slows down like kappa",
                         "LoRA GD needs >= 10x ODELoRA-Euler's iterations (at their best rates)",
                         f"LoRA GD {count(start, 100.0, 'lora-gd')} vs ODELoRA-Euler {count(start, 100.0, 'odelora-euler')}"
                         + (f": {n_gd / e100:.1f}x{how}" if np.isfinite(e100) and np.isfinite(n_gd) else ""),
-                        passed, "Gao & Tan 2026; Mu & Klabjan", inconclusive=not np.isfinite(e100),
-                        note="" if passed else ("ODELoRA-Euler did not reach the target at kappa 100: no count to compare"
-                                                if not np.isfinite(e100) else
-                                                f"LoRA GD{' would reach' if how else ' reached'} the target within 10x "
-                                                f"ODELoRA-Euler's iterations{how}")))
+                        passed, "Gao & Tan 2026; Mu & Klabjan", inconclusive=not np.isfinite(e100), note=note))
             def cell(m, k):
                 r = it(m, k)
                 if r.empty:

@@ -198,11 +198,11 @@ class StepRules(Experiment):
             ax[1].loglog(g.t + 1, g.min_g2, label=lab, color=colors[i])
             ax[2].loglog(g.t + 1, g.V2, label=lab, color=colors[i])
             if rule == "theory" and c == 1.0 and len(fits) and ((fits.rule == rule) & (fits.c == c)).any():
-                T = g.t[g.t >= 10].to_numpy(float)
-                y = g.min_g2[g.t >= 10].to_numpy()
+                used = (g.t >= 10) & np.isfinite(g.min_g2) & (g.min_g2 > 0)  # the rows and the T that fit_rate used
+                T, y = g.t[used].to_numpy(float) + 1, g.min_g2[used].to_numpy()
                 for f, ls, name in ((1 / T, ":", "a/T fit"), (1 / np.log(T), "--", "a/log T fit")):
                     a = np.exp(np.mean(np.log(y) - np.log(f)))
-                    ax[1].loglog(T + 1, a * f, "k" + ls, label=f"{name} (theory k=1)")
+                    ax[1].loglog(T, a * f, "k" + ls, label=f"{name} (theory k=1)")
         ax[0].set(xlabel="t + 1", ylabel="loss J(V_t) on the full batch", title="ViT Fashion-MNIST -> digits, LoRA GD")
         ax[1].set(xlabel="T", ylabel="min_(t<T) ||grad J||^2")
         ax[2].set(xlabel="t + 1", ylabel="||V_t||^2")
