@@ -86,6 +86,13 @@ def test_bad_config_files(capsys, tmp_path):
     js.write_text('{"seeds": 1,}')  # YAML would take the trailing comma; a .json file is read as JSON
     assert "not valid JSON at line 1, column 13" in one_line_error(capsys, args + [str(js)])
     assert "a file; give the folder a run wrote" in one_line_error(capsys, ["report", str(js)])
+    from odelora.lab.runner import load_config
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# every key at its default\n")  # an empty file may be a mistake: said, not refused
+    exp = get_experiment("matrix-sensing")
+    assert load_config(exp, str(empty)) == exp.Config()
+    assert f"--config {empty} holds no keys: matrix-sensing runs with its defaults" in capsys.readouterr().err
 
 
 def test_version(capsys):

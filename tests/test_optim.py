@@ -1664,6 +1664,30 @@ def test_companion_gradients_come_from_the_first_stage():
     assert float((W_ref.detach() - companion_problem()[2].detach()).abs().max()) > 1e-3  # it moved
 
 
+def test_a_closure_without_zero_grad_steps_the_companion_from_this_step_s_gradient():
+    """Each closure call starts from no gradient, for the companion as for the pairs: a closure
+    that never zeroes gradients steps as one that does (gradients would otherwise pile up in the
+    head's ``.grad`` from step to step and from stage to stage)."""
+    s = 1.5
+    runs = []
+    for zeroing in (True, False):
+        X, Yt, W, B, A = companion_problem()
+        opt = ODELoRA([(B, A, s)], lr=0.05, method="heun", companion=[W], companion_lr=0.01)
+
+        def closure():
+            if zeroing:
+                opt.zero_grad()
+            loss = 0.5 * ((W @ X + s * B @ A @ X - Yt) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        runs.append([t.detach() for t in (W, B, A)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_companion_skips_with_the_step_and_steps_once_per_accepted_step():
     """A step skipped for a NaN loss leaves W bit for bit (and the companion AdamW unstepped); an
     adaptive bs32 run with rejected tries steps the companion once per accepted step, not per try

@@ -83,6 +83,21 @@ def test_multiple_adapters_and_dora():
     assert len(part.pairs) == 1 and any(why == "DoRA magnitude vector" for _, _, why in part.others)
 
 
+def test_the_summary_names_pairs_frozen_when_the_optimizer_is_built():
+    """A LoRA layer frozen at build time is not in the optimizer (as in torch's optimizers): the
+    summary says so, since unfreezing it later does not make it train."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    for p in model.base_model.model.fc2.parameters():
+        p.requires_grad_(False)
+    opt = create_odelora_optimizer(model, lr=0.1)
+    assert [p.name for p in opt.pairs] == ["base_model.model.fc1[default]"]
+    assert opt.partition.frozen == ["base_model.model.fc2[default]"]
+    assert ("1 LoRA pair is frozen (inactive adapters, frozen layers: base_model.model.fc2[default]) and not in the "
+            "optimizer: unfrozen later, it stays as it is until the optimizer is built again") in opt.partition.summary()
+    assert "frozen" not in create_odelora_optimizer(get_peft_model(Net(), LoraConfig(r=4, target_modules=["fc1"]))).partition.summary()
+
+
 def test_half_frozen_and_frozen_adapters_are_named():
     """A LoRA layer with one factor frozen (LoRA-FA) is no pair for the flow: its trainable factor
     goes to the companion under its own label, with a warning; a model whose adapters are all

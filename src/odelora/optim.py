@@ -144,8 +144,11 @@ class _Field:
         if y is not self.y0:  # a later stage: the pairs that sit out it hold as they were
             store.unpack([x if f is None else keep_where(f, x0, x) for f, x0, x in zip(self.idle, self.y0, y)])
         loss = self.first_loss if first else None
-        if not (first and self.first_from_grad):
+        if not (first and self.first_from_grad):  # every closure call starts from no gradient, the companion's too
             store.clear_grads()
+            if opt._companion is not None:
+                for p in opt._companion_params():
+                    p.grad = None
             with torch.enable_grad():
                 loss = _checked_loss(self.closure())
             if not store.has_grads():

@@ -25,6 +25,7 @@ class Partition:
     adapters: list[str] = field(default_factory=list)  # every LoRA adapter the model has
     left: list[str] = field(default_factory=list)  # trainable factors of adapters not selected: not moved
     unmovable: list[str] = field(default_factory=list)  # LoRA layers with no matrix pair (embedding, conv, experts)
+    frozen: list[str] = field(default_factory=list)  # LoRA layers with both factors frozen: not in the optimizer
 
     def summary(self) -> str:
         lines = [f"{len(self.pairs)} LoRA pairs follow the flow"]
@@ -33,6 +34,11 @@ class Partition:
             lines += [f"  {n} {tuple(p.shape)}: {why}" for n, p, why in self.others]
         if self.left:
             lines.append(f"{len(self.left)} trainable LoRA factors of adapters not selected are left as they are")
+        if self.frozen:
+            lines.append(f"{len(self.frozen)} LoRA pair{'s are' if len(self.frozen) > 1 else ' is'} frozen (inactive adapters, "
+                         f"frozen layers: {', '.join(self.frozen[:3])}{', ...' if len(self.frozen) > 3 else ''}) and not in the "
+                         "optimizer: unfrozen later, " + ("they stay as they are" if len(self.frozen) > 1 else "it stays as it is")
+                         + " until the optimizer is built again")
         return "\n".join(lines)
 
 
@@ -90,6 +96,8 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
                     frozen = "lora_A" if B.requires_grad else "lora_B"
                     reasons[id(B if B.requires_grad else A)] = f"LoRA factor whose partner {frozen} is frozen"
                     half_frozen.append(f"{mname}[{ad}]")
+                else:
+                    part.frozen.append(f"{mname}[{ad}]")
                 continue
             if A.ndim != 2 or B.ndim != 2:
                 reasons[id(A)] = reasons[id(B)] = f"{type(module.lora_A[ad]).__name__} LoRA factors are not matrices"

@@ -88,7 +88,9 @@ def _read_config_file(config_file: str, name: str) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SystemExit(f"--config {config_file}: not valid YAML or JSON{where}: {getattr(exc, 'problem', exc)}") from None
-    loaded = {} if loaded is None else loaded
+    if loaded is None:  # empty, or comments only
+        print(f"odelora: --config {config_file} holds no keys: {name} runs with its defaults", file=sys.stderr)
+        loaded = {}
     if not isinstance(loaded, dict):
         raise SystemExit(f"--config {config_file}: expected a mapping of config keys, got a {type(loaded).__name__}")
     if "experiment" in loaded and loaded["experiment"] != name:
