@@ -467,6 +467,7 @@ time.sleep(120)
     finally:
         run.kill()
         run.wait()
+        run.stdout.close()
         err.close()
 
 

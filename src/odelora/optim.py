@@ -260,7 +260,10 @@ class ODELoRA(torch.optim.Optimizer):
         rtol, atol: error control of adaptive methods (``rtol`` is raised to the unit roundoff of
             the parameters' dtype: stages of a bf16 model see bf16-rounded factors).
         max_rejects: a step is retried with a smaller h at most this many times (the first stage
-            is reused); a non-finite value at a later stage also counts as a rejection.
+            is reused); a non-finite value at a later stage also counts as a rejection. With 0 a
+            rejected try skips the step, and h shrinks from step to step instead; leaving
+            ``B = 0``, where the error does not fall with h until two tries within one step show
+            it and cut h 25-fold, adaptive methods then skip many steps (keep it >= 2 there).
         on_nonfinite: ``"warn"`` (default) or ``"raise"``. A NaN/inf loss or gradient at the
             start of a step skips the step: parameters and optimizer state stay as they were and
             ``stats.skipped`` counts it. With ``"raise"`` a :class:`NonFiniteError` follows
