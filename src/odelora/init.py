@@ -16,7 +16,8 @@ The full-weight gradient ``G = dL/dW`` of an adapted layer ``y = x W^T``: ``dens
 backward) and reads ``dL/dD``, which is ``dL/dW`` along every path W takes, also through
 derivatives of the network in the loss (a PINN's residual); the sum over rows of ``g^T x``
 (``g = dL/dy``) would miss those. No base weight needs ``requires_grad`` (quantized ones work) and
-none is changed; the gradients the closure leaves in ``.grad`` are put back as they were. This is a core module: it imports nothing from ``integrations`` or ``lab``.
+none is changed; the gradients the closure leaves in ``.grad`` are put back as they were. This is
+a core module: it imports nothing from ``integrations`` or ``lab``.
 """
 
 from __future__ import annotations

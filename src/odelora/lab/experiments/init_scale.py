@@ -173,13 +173,14 @@ class InitScale(Experiment):
                                "the theory's ordering is that of the end of gradient flow, and a small start spends its first "
                                "steps escaping the saddle at B = A = 0 (its length grows like log(1/alpha))"))))
             if len(spec) and len(gauss[gauss.alpha == cfg.spectral_alpha]):
-                sp, ga = spec.iloc[0], gauss[gauss.alpha == cfg.spectral_alpha].iloc[0]
+                same = gauss[gauss.alpha == cfg.spectral_alpha]
+                sp, ga = spec.iloc[0], same.iloc[0]
                 passed = bool(sp.train_loss < ga.train_loss and sp.eval_acc >= ga.eval_acc)
                 claims.append(Claim(
                     f"{where}: the spectral start beats the small random one (alpha {cfg.spectral_alpha:g})",
                     "lower median final training loss and a held-out accuracy at least as high",
                     f"spectral: loss {shown(sp.train_loss, '.4f')}, accuracy {shown(sp.eval_acc, '.4f')}; Gaussian: loss "
-                    f"{shown(ga.train_loss, '.4f')}, accuracy {shown(ga.eval_acc, '.4f')}" + _diverged_text(pd.concat([spec, gauss[gauss.alpha == cfg.spectral_alpha]])),
+                    f"{shown(ga.train_loss, '.4f')}, accuracy {shown(ga.eval_acc, '.4f')}" + _diverged_text(pd.concat([spec, same])),
                     passed, "Xu et al. (AISTATS 2025)",
                     note="" if passed else "the spectral start's median run ends with a higher training loss or a lower held-out "
                                            "accuracy than the Gaussian start of the same scale, as measured above"))
