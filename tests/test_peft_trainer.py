@@ -497,3 +497,57 @@ def test_a_step_skipped_by_the_loop_does_not_add_its_loss_to_the_next(tmp_path):
     loss = trainer.training_step(model, {"ids": ids[32:], "labels": y[32:]})
     trainer.odelora.step()
     assert trainer.odelora.last_step.loss == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_trainer_logs_reach_every_callback_and_other_optimizers_are_refused(tmp_path):
+    """The statistics are in a log entry before any other callback reads it (the Trainer runs its
+    loggers, TensorBoard or wandb, before the callbacks passed to it); an optimizer that is not
+    ODELoRA, ``lr`` in ``odelora_kwargs`` and the Trainer's own optimizer choices are refused or
+    said to be ignored, not dropped silently."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRACallback, ODELoRATrainer
+
+    class Recorder(TrainerCallback):
+        seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs or {}))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    ids, y = data(64)
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=2, learning_rate=0.1, report_to=[],
+              save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1)
+    trainer = ODELoRATrainer(model=model, args=TrainingArguments(**kw), train_dataset=ListDataset(ids, y),
+                             callbacks=[Recorder(), ODELoRACallback])
+    assert sum(isinstance(c, ODELoRACallback) for c in trainer.callback_handler.callbacks) == 1
+    trainer.train()
+    logged = [x for x in Recorder.seen if "loss" in x]
+    assert len(logged) == 2 and all(x["odelora_nfe_total"] == i + 1 for i, x in enumerate(logged))
+    adamw = torch.optim.AdamW(model.parameters())
+    with pytest.raises(TypeError, match="was given a AdamW"):
+        ODELoRATrainer(model=model, args=TrainingArguments(**kw), train_dataset=ListDataset(ids, y), optimizers=(adamw, None))
+    with pytest.raises(TypeError, match="must not set lr"):
+        ODELoRATrainer(model=model, args=TrainingArguments(**kw), odelora_kwargs=dict(lr=0.1))
+    with pytest.warns(UserWarning, match=r"ignores optim='sgd', optim_args='momentum=0.9': its optimizer is ODELoRA"):
+        ODELoRATrainer(model=model, args=TrainingArguments(**kw, optim="sgd", optim_args="momentum=0.9"))
+
+
+def test_a_run_resumed_on_the_same_trainer_records_its_own_first_loss(tmp_path):
+    """``train(resume_from_checkpoint=...)`` on the trainer that already ran: the first resumed step
+    records the loss of its own batch, not that plus the previous run's loss at the same step."""
+    from transformers import TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    ids, y = data(96)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=3, learning_rate=0.1,
+                             report_to=[], save_steps=2, use_cpu=True, disable_tqdm=True)
+    trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y))
+    trainer.train()
+    losses = recorded_losses(trainer)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert len(losses) == 1 and trainer.odelora.last_step.loss == pytest.approx(losses[0], rel=1e-6)

@@ -99,12 +99,21 @@ class ODELoRATrainer(Trainer):
 
     def __init__(self, *args, odelora_kwargs: dict[str, Any] | None = None, **kwargs):
         self.odelora_kwargs = dict(odelora_kwargs or {})
+        if "lr" in self.odelora_kwargs:
+            raise TypeError("odelora_kwargs must not set lr: ODELoRA's step h is TrainingArguments' learning_rate")
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        if not any(isinstance(c, ODELoRACallback) for c in callbacks):
+        if not any(c is ODELoRACallback or isinstance(c, ODELoRACallback) for c in callbacks):
             callbacks.append(ODELoRACallback())
         super().__init__(*args, callbacks=callbacks, **kwargs)
         from ..integrators import get_tableau
 
+        # the statistics join a log entry before the loggers (TensorBoard, wandb, ...) write it
+        handler = self.callback_handler
+        handler.callbacks.sort(key=lambda c: not isinstance(c, ODELoRACallback))
+        if self.optimizer is not None and self.odelora is None:
+            raise TypeError(f"ODELoRATrainer trains with ODELoRA, and was given a {type(self.optimizer).__name__}: pass "
+                            "optimizers=(ODELoRA(...), scheduler) or no optimizer, or use transformers' Trainer")
+        self._warn_unused_optimizer_args()
         if self.compute_loss_func is None:
             self.model_accepts_loss_kwargs = False
         given = self.odelora  # optimizers=(ODELoRA(...), scheduler)
@@ -119,6 +128,25 @@ class ODELoRATrainer(Trainer):
                 "fp16 loss scaling unscales a step's gradients once, while multi-stage ODELoRA methods take a "
                 "gradient at every stage; use bf16=True (no loss scaling) or method='euler'"
             )
+
+    def _warn_unused_optimizer_args(self) -> None:
+        """The Trainer's own ways of choosing an optimizer, which this one does not read."""
+        from transformers import TrainingArguments
+
+        unused = []
+        default = TrainingArguments.__dataclass_fields__["optim"].default
+        if str(getattr(self.args.optim, "value", self.args.optim)) != str(getattr(default, "value", default)):
+            unused.append(f"optim={getattr(self.args.optim, 'value', self.args.optim)!r}")
+        if self.args.optim_args:
+            unused.append(f"optim_args={self.args.optim_args!r}")
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            unused.append("optimizer_cls_and_kwargs")
+        if unused:
+            warn(f"ODELoRATrainer ignores {', '.join(unused)}: its optimizer is ODELoRA (options: odelora_kwargs)", UserWarning)
+
+    def train(self, *args, **kwargs):
+        self._steps_seen = None  # a new run's first step (resuming on this trainer) records its own loss
+        return super().train(*args, **kwargs)
 
     @property
     def odelora(self) -> ODELoRA | None:
