@@ -174,6 +174,14 @@ def test_closure_without_backward_is_an_error():
         dense_gradients(model, lambda: model(X).sum())
 
 
+def test_a_rank_above_the_layer_s_size_says_what_to_do():
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)),
+                                peft.LoraConfig(r=4, target_modules=["0", "2"]))  # a PINN's input layer: in = 1
+    X = torch.randn(8, 1)
+    with pytest.raises(ValueError, match=r"rank 4 exceeds min\(out, in\) = 1.*leave it out of the adapter.*gaussian_"):
+        spectral_(model, lambda: model(X).square().sum().backward(), 0.1)
+
+
 def test_init_is_a_core_module():
     src = Path(__file__).resolve().parents[1] / "src" / "odelora" / "init.py"
     mods = {n.module or "" for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.ImportFrom)}

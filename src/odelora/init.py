@@ -152,7 +152,7 @@ def gaussian_(model: nn.Module, alpha: float, *, adapter: str | Iterable[str] | 
     layers = adapted_layers(model, adapter)
     for x in layers:
         x.B.zero_()
-        noise = torch.randn(x.A.shape, generator=generator, dtype=torch.float64, device="cpu")
+        noise = torch.randn(x.A.shape, generator=generator, dtype=torch.float64, device=generator.device if generator is not None else "cpu")
         x.A.copy_((alpha / math.sqrt(x.scale)) * noise)
     return [x.name for x in layers]
 
@@ -175,7 +175,9 @@ def spectral_(model: nn.Module, closure: Callable[[], object], alpha: float, *,
     for x in layers:
         r, (m, n) = x.A.shape[0], (x.B.shape[0], x.A.shape[1])
         if r > min(m, n):
-            raise ValueError(f"{x.name}: rank {r} exceeds min(out, in) = {min(m, n)}; no r orthonormal singular vectors")
+            raise ValueError(f"{x.name}: rank {r} exceeds min(out, in) = {min(m, n)}; no r orthonormal singular vectors. "
+                             "Give this layer a rank <= min(out, in) or leave it out of the adapter (PEFT's target_modules, "
+                             "or add_lora's target for DeepXDE), or start it with gaussian_")
     grads = dense_gradients(model, closure, adapter)
     sing = {}
     for x in layers:
