@@ -1921,6 +1921,29 @@ def test_a_non_finite_companion_gradient_skips_the_step(on_nonfinite):
     assert opt.stats.accepted == 1 and bool(torch.isfinite(bias).all()) and not torch.equal(bias, before[2])
 
 
+def test_a_named_companion_is_named_in_messages_and_steps_as_an_unnamed_one():
+    """Companion tensors given as (name, tensor) pairs (``named_parameters()``, also inside param
+    groups) step exactly as the bare tensors, and a non-finite gradient names its tensor."""
+    runs = []
+    for named in (False, True):
+        opt, (B, A, bias), Y = with_head("euler")
+        items = [("head.bias", bias)] if named else [bias]
+        opt = ODELoRA([(B, A)], lr=0.05, companion=[{"params": items, "weight_decay": 0.0}], companion_lr=0.01)
+        closure = head_closure(opt, (B, A, bias), Y)
+        for _ in range(2):
+            opt.step(closure)
+        runs.append((opt, bias))
+    assert torch.equal(runs[0][1], runs[1][1])
+    opt, bias = runs[1]
+    opt.zero_grad()
+    head_closure(opt, (opt.pairs[0].B, opt.pairs[0].A, bias), with_head("euler")[2])()
+    bias.grad[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient of head.bias"):
+        opt.step()
+    with pytest.raises(TypeError, match=r"\(name, tensor\) pairs"):
+        ODELoRA([(opt.pairs[0].B, opt.pairs[0].A)], companion=[("head.bias", bias, 1)])
+
+
 def test_a_closure_must_return_the_loss_or_none():
     Y, B, A = problem()
     opt = ODELoRA([(B, A)], lr=0.05, method="heun")

@@ -96,6 +96,14 @@ def test_the_summary_names_pairs_frozen_when_the_optimizer_is_built():
     assert ("1 LoRA pair is frozen (inactive adapters, frozen layers: base_model.model.fc2[default]) and not in the "
             "optimizer: unfrozen later, it stays as it is until the optimizer is built again") in opt.partition.summary()
     assert "frozen" not in create_odelora_optimizer(get_peft_model(Net(), LoraConfig(r=4, target_modules=["fc1"]))).partition.summary()
+    model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["fc1"], modules_to_save=["head"]))
+    opt = create_odelora_optimizer(model, lr=0.1, decay=[])
+    ids, y = data(8)
+    model(ids=ids, labels=y)["loss"].backward()
+    head = next(p for n, p in model.named_parameters() if n.endswith("modules_to_save.default.bias"))
+    head.grad[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"non-finite gradient of base_model\.model\.head\.modules_to_save\.default\.bias"):
+        opt.step()
 
 
 def test_half_frozen_and_frozen_adapters_are_named():

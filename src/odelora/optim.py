@@ -212,7 +212,8 @@ class _Field:
         bad_g = store.names_where([~(torch.isfinite(gB).flatten(1).all(1) & torch.isfinite(gA).flatten(1).all(1)) for gB, gA in store.grads()])
         if bad_g:
             return f"non-finite gradient in {_short(bad_g)}"
-        bad_c = [f"companion parameter {i} {tuple(g.shape)}" for i, g in enumerate(self.companion_grads or [])
+        names = self.opt._companion_names
+        bad_c = [names[i] or f"companion parameter {i} {tuple(g.shape)}" for i, g in enumerate(self.companion_grads or [])
                  if g is not None and not bool(torch.isfinite(local(g)).all())]
         if bad_c:
             return f"non-finite gradient of {_short(bad_c)}"
@@ -277,7 +278,8 @@ class ODELoRA(torch.optim.Optimizer):
             retraction. Fixed-step methods only.
         flow_options: extra keyword arguments for the flow (e.g. ``damping``).
         track_imbalance: record the imbalance of the factors at the start of each step.
-        companion: other trainable parameters (heads, biases, DoRA magnitudes, ...), or param
+        companion: other trainable parameters (heads, biases, DoRA magnitudes, ...), as tensors or
+            ``(name, tensor)`` pairs (``head.named_parameters()``; messages then name them), or param
             groups of them (``{"params": [...], "weight_decay": 0.0}``), moved by an
             AdamW with ``companion_lr`` and ``companion_kwargs`` once per accepted step, from the
             gradients at the start of the step (torch's fused AdamW unless ``companion_kwargs``
@@ -321,7 +323,7 @@ class ODELoRA(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         flow_options: dict | None = None,
         track_imbalance: bool = True,
-        companion: Iterable[Tensor | dict] | None = None,
+        companion: Iterable[Tensor | tuple[str, Tensor] | dict] | None = None,
         companion_lr: float = 1e-3,
         companion_kwargs: dict | None = None,
         sync_ranks: bool | None = None,
@@ -351,7 +353,7 @@ class ODELoRA(torch.optim.Optimizer):
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0)
         super().__init__(pair_groups(params), defaults)  # each group through add_param_group
         self._companion = None
-        groups = companion_groups(companion)
+        groups, self._companion_names = companion_groups(companion)
         companion = [p for g in groups for p in g["params"]]
         factors = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in factors for p in companion):
@@ -720,6 +722,7 @@ class ODELoRA(torch.optim.Optimizer):
         super().__setstate__(state)
         self._stage_closure, self._stage_loss, self._store = None, None, None
         self.__dict__.setdefault("_replicas_checked", False)
+        self.__dict__.setdefault("_companion_names", [None] * len(self._companion_params()) if self._companion else [])
         if isinstance(self.stats, dict):  # pickled by an earlier version
             self.stats = StepTotals.from_dict(self.stats)
         if self._last is not None:  # the copied frames, checked against the copied parameters at the next step

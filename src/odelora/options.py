@@ -84,18 +84,30 @@ def check_flow_options(flow: Flow, options: dict) -> None:
     check_damping(options.get("damping"))
 
 
-def companion_groups(companion) -> list[dict]:
+def companion_groups(companion) -> tuple[list[dict], list[str | None]]:
     """The companion's param groups, from tensors (one group) or torch-style groups
     ``{"params": [...], **AdamW options}``, empty ones kept as torch keeps them (so that per-group
-    LR scheduler lists line up with the groups passed)."""
+    LR scheduler lists line up with the groups passed); and a name per tensor, in the groups'
+    order, where they came as ``(name, tensor)`` pairs as ``named_parameters()`` gives them (else
+    None): messages name the tensor."""
     if isinstance(companion, Tensor):
         raise TypeError("companion must be an iterable of tensors or param groups, got a single tensor: pass [tensor]")
     items = [] if companion is None else list(companion)
-    if all(isinstance(x, Tensor) for x in items):
-        return [{"params": items}] if items else []
-    if not all(isinstance(x, dict) and "params" in x for x in items):
-        raise TypeError("companion must be tensors, or param groups {'params': [...], ...} as torch's optimizers take")
-    return [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])} for g in items]
+    named = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], Tensor)  # noqa: E731
+    if all(isinstance(x, Tensor) or named(x) for x in items):
+        groups = [{"params": items}] if items else []
+    elif all(isinstance(x, dict) and "params" in x for x in items):
+        groups = [{**g, "params": [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])} for g in items]
+    else:
+        raise TypeError("companion must be tensors, (name, tensor) pairs, or param groups {'params': [...], ...} as torch's "
+                        "optimizers take")
+    names: list[str | None] = []
+    for g in groups:
+        if not all(isinstance(x, Tensor) or named(x) for x in g["params"]):
+            raise TypeError("a companion group's params must be tensors or (name, tensor) pairs")
+        names += [x[0] if named(x) else None for x in g["params"]]
+        g["params"] = [x[1] if named(x) else x for x in g["params"]]
+    return groups, names
 
 
 def companion_options(params: list[Tensor], kwargs: dict | None) -> dict:

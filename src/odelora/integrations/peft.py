@@ -189,13 +189,14 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
                              "unfreeze them (model.set_adapter(name) or requires_grad_(True) on lora_A and lora_B)")
         raise ValueError("the model has no LoRA layers; wrap it with peft.get_peft_model first (a DeepXDE network: "
                          "odelora.integrations.deepxde.add_lora)")
-    companion = [p for _, p, _ in part.others]
+    companion = [(n, p) for n, p, _ in part.others]  # named: messages name the tensor
     if decay is not None:
         if isinstance(decay, str):
             raise TypeError(f"decay must be a collection of parameter names, got the string {decay!r}: pass [{decay!r}]")
         decay = set(decay)
-        companion = [g for g in ({"params": [p for n, p, _ in part.others if n in decay]},
-                                 {"params": [p for n, p, _ in part.others if n not in decay], "weight_decay": 0.0}) if g["params"]]
+        companion = [g for g in ({"params": [(n, p) for n, p, _ in part.others if n in decay]},
+                                 {"params": [(n, p) for n, p, _ in part.others if n not in decay], "weight_decay": 0.0})
+                     if g["params"]]
     opt = ODELoRA(part.pairs, lr=lr, companion=companion, **kwargs)
     opt.partition = part
     return opt
