@@ -575,6 +575,45 @@ def test_a_good_step_resets_the_skip_count_and_a_resume_keeps_it():
         opt2.step(make_closure(opt2, B, A, Y * float("nan")))
 
 
+@pytest.mark.parametrize("method", ["bs32", "dopri5"])
+def test_one_try_per_step_leaves_b_zero_in_a_few_skipped_steps_and_resumes_exactly(method):
+    """With ``max_rejects=0`` a rejected try skips the step. Off ``B = 0`` the error of a step does
+    not fall with h until atol dominates, so the textbook shrink (0.8 here) needed more skipped
+    steps in a row than ``max_skipped_steps`` allows (StepFailure at the 10th). The controller now
+    compares the skipped steps as it compares tries within a step and cuts h 25-fold; the last
+    rejected try is part of the state, so a run resumed after a skip continues bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 48, generator=g)
+    B = torch.zeros(64, 4, requires_grad=True)
+    A = (torch.randn(4, 48, generator=g) / 48**0.5).requires_grad_()
+    opt = ODELoRA([(B, A)], lr=0.5, method=method, max_rejects=0)
+
+    def closure_of(opt, B, A):
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * ((B @ A - W) ** 2).sum()
+            loss.backward()
+            return loss
+        return closure
+
+    closure = closure_of(opt, B, A)
+    first = float(closure())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step(closure)
+        assert opt.stats.skipped == 1
+        copy_B, copy_A = B.detach().clone().requires_grad_(), A.detach().clone().requires_grad_()
+        resumed = ODELoRA([(copy_B, copy_A)], lr=0.5, method=method, max_rejects=0)
+        resumed.load_state_dict(torch.load(saved(opt.state_dict()), weights_only=True))
+        for _ in range(29):
+            opt.step(closure)
+        for _ in range(29):
+            resumed.step(closure_of(resumed, copy_B, copy_A))
+    assert opt.stats.skipped <= 5 and opt.stats.accepted >= 25, opt.stats
+    assert float(closure()) < 0.9 * first
+    assert torch.equal(copy_B, B.detach()) and torch.equal(copy_A, A.detach())
+
+
 def test_nan_gradient_without_closure_is_skipped():
     Y, B, A = problem(2)
     opt = ODELoRA([(B, A)], lr=0.1)

@@ -305,6 +305,7 @@ class Attempt:
     nonfinite: int = 0
     ratios: Tensor | None = None  # error ratios of the last try (adaptive methods)
     accepted: bool = False
+    rejected_at: tuple[float, float] | None = None  # (h, error norm) of the last finite rejected try, where none was accepted
     why: str | None = None  # why no try was accepted, where the caller knows better than the counts
 
 
@@ -322,6 +323,7 @@ def attempt(
     first: Stage | None = None,
     deciding: Callable[[Tensor], Tensor] | None = None,
     combine: bool = True,
+    previous: tuple[float, float] | None = None,
 ) -> Attempt:
     """Take one step from ``y0``, retrying with a smaller step until one is accepted, at most
     ``max_tries`` times. The step of part p is ``h * unit[p]``.
@@ -333,10 +335,12 @@ def attempt(
     return the stages without forming the new state. ``deciding`` maps the error ratios to those
     the decision is made on (the optimizer's: the largest over data-parallel ranks, so that they
     decide alike, of the pairs that take part in the step); ``Attempt.ratios`` holds them.
+    ``previous``: ``Attempt.rejected_at`` of an earlier call that tried the same step and gave up
+    (an optimizer that skips a step after one try), so that the controller sees the error's
+    order in h across calls as across tries.
     """
     units = list(unit) if isinstance(unit, (list, tuple)) else [float(unit)] * parts
     out = Attempt(None, [], h, h)
-    previous = None  # (h, err) of the last rejected try
     calls = [0]
 
     def counted(y):
@@ -374,6 +378,8 @@ def attempt(
         first, h, out.h_next = stages[0], h_next, h_next
         if h <= controller.h_min and out.h <= controller.h_min:
             break
+    if not out.accepted:
+        out.rejected_at = previous
     out.nfe = calls[0]
     return out
 

@@ -262,9 +262,10 @@ class ODELoRA(torch.optim.Optimizer):
             the parameters' dtype: stages of a bf16 model see bf16-rounded factors).
         max_rejects: a step is retried with a smaller h at most this many times (the first stage
             is reused); a non-finite value at a later stage also counts as a rejection. With 0 a
-            rejected try skips the step, and h shrinks from step to step instead; leaving
-            ``B = 0``, where the error does not fall with h until two tries within one step show
-            it and cut h 25-fold, adaptive methods then skip many steps (keep it >= 2 there).
+            rejected try skips the step, and h shrinks from step to step instead: the controller
+            reads consecutive skipped steps as it reads the tries of one step, so leaving
+            ``B = 0`` (where the error does not fall with h and h is cut 25-fold) costs a few
+            skipped steps.
         on_nonfinite: ``"warn"`` (default) or ``"raise"``. A NaN/inf loss or gradient at the
             start of a step skips the step: parameters and optimizer state stay as they were and
             ``stats.skipped`` counts it. With ``"raise"`` a :class:`NonFiniteError` follows
@@ -367,6 +368,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._stage_loss = None
         self._rho = 1.0  # adaptive step as a fraction of each group's lr (1 for fixed steps)
         self._skips = 0  # consecutive skipped steps
+        self._rejected_at: tuple[float, float] | None = None  # the last try of a step skipped at its error: (rho, error)
         self._replicas_checked = False  # whether ranks that step together were checked to be replicas
         self._last: _Committed | None = None
         self._store: PairStore | None = None
@@ -459,7 +461,7 @@ class ODELoRA(torch.optim.Optimizer):
             if move is not None:
                 self._step_companion(fld)
         if self.tableau.adaptive:
-            self._rho = res.h_next
+            self._rho, self._rejected_at = res.h_next, None if move is not None else res.rejected_at
         if move is None:
             return self._skip(fld, res)
         self._commit(move, fld, res)
@@ -486,7 +488,7 @@ class ODELoRA(torch.optim.Optimizer):
             res = attempt(  # standing still needs only the loss: one evaluation
                 fld, fld.y0, rho, _EULER if still else self.tableau, self.retraction, self.controller, unit=units,
                 max_tries=self.max_rejects + 1, deciding=self._deciding(fld),
-                combine=self.preconditioner.uses_step and not still,
+                combine=self.preconditioner.uses_step and not still, previous=None if still else self._rejected_at,
             )
         except NonFiniteError as exc:
             return Attempt(None, [], rho, rho, nfe=fld.calls, rejected=1, nonfinite=1, why=str(exc))
@@ -722,6 +724,7 @@ class ODELoRA(torch.optim.Optimizer):
         super().__setstate__(state)
         self._stage_closure, self._stage_loss, self._store = None, None, None
         self.__dict__.setdefault("_replicas_checked", False)
+        self.__dict__.setdefault("_rejected_at", None)
         self.__dict__.setdefault("_companion_names", [None] * len(self._companion_params()) if self._companion else [])
         if isinstance(self.stats, dict):  # pickled by an earlier version
             self.stats = StepTotals.from_dict(self.stats)
@@ -730,8 +733,8 @@ class ODELoRA(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, stats=asdict(self.stats), config=self._config(),
-                                     layout=self.store.layout())
+        extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, rejected_at=self._rejected_at, stats=asdict(self.stats),
+                                     config=self._config(), layout=self.store.layout())
         if self._last is not None:  # derived, but resuming must reproduce the same arithmetic
             extra.update(frames_entry(self._last.y))
         if self._companion is not None:
@@ -751,6 +754,8 @@ class ODELoRA(torch.optim.Optimizer):
         self._store = None
         self._reload_moments(state_dict)
         self._rho, self._skips = float(extra["rho"]), int(extra.get("skips", 0))
+        at = extra.get("rejected_at")
+        self._rejected_at = None if at is None else (float(at[0]), float(at[1]))
         self.stats = StepTotals.from_dict(extra["stats"])
         y = saved_frames(extra, self.store)
         self._last = None if y is None else _Committed(y, None)  # checked against the parameters at the next step
