@@ -537,6 +537,38 @@ def test_a_step_non_finite_at_every_try_shortens_the_next_by_one_shrink(max_reje
     assert opt.last_step.accepted and opt.last_step.h == pytest.approx(0.5 * rho * shrink**2, rel=1e-12)
 
 
+def test_raise_on_nonfinite_spares_a_step_skipped_at_its_tolerance_after_one_non_finite_try():
+    """``on_nonfinite="raise"`` raises for steps skipped at a non-finite value (at the start, at a
+    later stage of every try, an overflow). A step whose first try met a NaN at a later stage and
+    whose retry missed the tolerance was skipped at its tolerance: a warning that counts the NaN
+    try, not a NonFiniteError."""
+    Y, B, A = problem(0, m=8, n=6)
+    opt = ODELoRA([(B, A)], lr=2.0, method="dopri5", rtol=1e-10, atol=1e-12, max_rejects=1, on_nonfinite="raise")
+    B0 = B.detach().clone()
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        loss = make_closure(opt, B, A, Y)()
+        if calls[0] == 2:  # the first try's second stage
+            A.grad[0, 0] = float("nan")
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="no step met .* in all 2 tries, 1 of them non-finite at a later stage"):
+        opt.step(closure)
+    assert opt.last_step.rejected == 2 and opt.last_step.nonfinite == 1 and torch.equal(B.detach(), B0)
+    later = [0]
+
+    def nan_after_the_first_stage():
+        later[0] += 1
+        loss = make_closure(opt, B, A, Y)()
+        return loss if later[0] == 1 else loss * float("nan")
+
+    with pytest.raises(NonFiniteError, match="a later stage was non-finite .* in all 2 tries"):  # every try: raised
+        opt.step(nan_after_the_first_stage)
+    assert torch.equal(B.detach(), B0)
+
+
 def test_consecutive_failures_raise_naming_the_pair():
     Y, B, A = problem(3)
     B2, A2 = problem(4)[1:]
@@ -1431,6 +1463,28 @@ def test_an_overflowing_plain_half_precision_step_is_skipped_untouched():
         assert opt.stats.skipped == 1 and opt.param_groups[0]["t"] == 0.0
 
 
+def test_a_float32_step_that_would_overflow_is_skipped_untouched():
+    """Factors in the compute dtype overflow too, at a step long enough: plain LoRA gradient descent
+    (``flow="gradient"``, factor-space steps) with lr = 1e25 took the step and wrote inf into A.
+    It is skipped now, B and A bit for bit as before, as a half-precision overflow is."""
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(6, 2, generator=g).requires_grad_(), torch.randn(2, 5, generator=g).requires_grad_()
+    Y = 1e18 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    opt = ODELoRA([(B, A)], lr=1e25, flow="gradient")
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((B.double() @ A.double() - Y) ** 2).sum()
+        loss.backward()
+        return loss
+
+    before = (B.detach().clone(), A.detach().clone())
+    with pytest.warns(RuntimeWarning, match="the step overflows the float32 parameters"):
+        opt.step(closure)
+    assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
+    assert not opt.last_step.accepted and opt.last_step.nonfinite == 1
+
+
 def two_ranks(monkeypatch, opt, want, act) -> list:
     """Two ranks simulated in one process: ``opt._ranks`` says 2, and ``all_reduce`` (through the
     optimizer module's ``torch.distributed``) applies ``act`` to the tensor of each reduction
@@ -1836,6 +1890,10 @@ def test_pairs_keep_their_order_names_and_scales():
     assert all(p.B is q.B and p.A is q.A for p, q in zip(opt.pairs, pairs))
     with pytest.raises(TypeError, match=r"a list of such tuples, \[\(B, A\), ...\]"):
         ODELoRA((pairs[0].B, pairs[0].A))
+    with pytest.raises(TypeError, match=r"tuple of 4 items: a tuple is \(B, A\) or \(B, A, scale\); to name a pair, pass LoRAPair"):
+        ODELoRA([(pairs[0].B, pairs[0].A, 2.0, "q")])
+    with pytest.raises(TypeError, match="tuple of float, Tensor: B and A must be tensors"):
+        ODELoRA([(1.0, pairs[0].A)])
 
 
 def test_warnings_point_at_the_callers_line():

@@ -158,7 +158,9 @@ class Space(Protocol):
     of pairs, each group's learning rate times the controller's step)."""
 
     def combine(self, y0: Any, h: Sequence[float], coeffs: Sequence[float], stages: Sequence[Stage]) -> Any:
-        """The state reached from ``y0`` along ``sum_j coeffs[j] * stages[j].k`` over time h."""
+        """The state reached from ``y0`` along ``sum_j coeffs[j] * stages[j].k`` over time h.
+        A space may also define ``stage`` (same arguments) for the states inside a step, where
+        those differ from the step's result (a retraction applied to the result only)."""
 
     def error_ratios(
         self, y0: Any, y1: Any, h: Sequence[float], coeffs: Sequence[float], stages: Sequence[Stage], atol: float, rtol: float
@@ -221,9 +223,11 @@ def rk_step(
         err.stage, err.stages = i, stages
         return err
 
+    inside = getattr(space, "stage", space.combine)
     for i in range(len(stages), tableau.stages):
+        last = tableau.fsal and i == tableau.stages - 1  # evaluated at the step's result
         try:
-            yi = y0 if i == 0 else space.combine(y0, h, tableau.a[i], stages)
+            yi = y0 if i == 0 else (space.combine if last else inside)(y0, h, tableau.a[i], stages)
             k = f(yi)
         except (NonFiniteError, torch.linalg.LinAlgError) as exc:
             raise failed(exc, i) from None

@@ -7,7 +7,7 @@ A step is a short pipeline of named parts::
                                                the closure, or .grad for the first stage
     res  = _integrate(fld)                     stages + accept/reject (integrators.attempt, shared with integrate)
     move = _move(y0, res)                      the RK step itself, or Adam moments of its mean velocity
-                                               (None: no try accepted, or half-precision overflow)
+                                               (None: no try accepted, or it overflows the parameters)
     _step_companion(fld)                       the AdamW companion (heads, biases), where the step is taken
     _commit(move) or _skip(res)                parameters written, frames cached, record kept; or the
                                                start state put back
@@ -270,7 +270,7 @@ class ODELoRA(torch.optim.Optimizer):
             start of a step skips the step: parameters and optimizer state stay as they were and
             ``stats.skipped`` counts it. With ``"raise"`` a :class:`NonFiniteError` follows
             every step skipped at a non-finite value: at the start, at a later stage in every
-            try, or new factors that overflow half-precision parameters.
+            try, or new factors that overflow the parameters.
         max_skipped_steps: after this many skipped steps in a row (non-finite values, or no
             step size meeting the tolerance) a :class:`StepFailure` names the pairs and what to
             try, whatever ``on_nonfinite`` says: training never freezes silently.
@@ -512,8 +512,8 @@ class ODELoRA(torch.optim.Optimizer):
 
     def _move(self, fld: _Field, res: Attempt) -> Move | None:
         """The preconditioner's new factors from an accepted attempt, with the pairs that sit out
-        the step as they were. None where no try was accepted, or where they would overflow
-        half-precision parameters: that try then counts as rejected at a non-finite value, and the
+        the step as they were. None where no try was accepted, or where they would overflow the
+        parameters (or hold a NaN): that try then counts as rejected at a non-finite value, and the
         next adaptive step is shorter."""
         if not res.accepted:
             return None
@@ -626,13 +626,16 @@ class ODELoRA(torch.optim.Optimizer):
         return store.pack()
 
     def _overflow(self, y: list[Factors]) -> str | None:
-        """The dtype of half-precision parameters that the new factors would overflow, if any."""
+        """The dtype of the parameters that the new factors would overflow (or that would take a
+        NaN: a step too long for float32 factors too), if any; one host sync for all buckets."""
+        fits = []
         for b, x in zip(self.store.buckets, y):
-            if not b.exact:
-                big = torch.finfo(b.Bs[0].dtype).max
-                if not bool(((x.B.abs().amax() <= big) & (x.A.abs().amax() <= big))):
-                    return str(b.Bs[0].dtype).replace("torch.", "")
-        return None
+            big = torch.finfo(b.Bs[0].dtype).max
+            fits.append((x.B.abs().amax() <= big) & (x.A.abs().amax() <= big))  # False at NaN too
+        if bool(torch.stack(fits).all()):
+            return None
+        bad = next(b for b, ok in zip(self.store.buckets, fits) if not bool(ok))
+        return str(bad.Bs[0].dtype).replace("torch.", "")
 
     def _step_companion(self, fld: _Field) -> None:
         """The companion's AdamW step, from the gradients at the start of the step; before anything
@@ -673,7 +676,7 @@ class ODELoRA(torch.optim.Optimizer):
                 f"{msg}. That is {self._skips} skipped steps in a row. Lower lr, check the data and the loss for "
                 "NaN/inf, train in float32 rather than float16, or loosen rtol/atol for adaptive methods"
             )
-        if res.nonfinite and self.on_nonfinite == "raise":
+        if (res.why is not None or res.nonfinite == res.rejected) and self.on_nonfinite == "raise":  # skipped at a non-finite value
             raise NonFiniteError(msg)
         warn(msg, RuntimeWarning)
         return fld.loss
@@ -684,8 +687,9 @@ class ODELoRA(torch.optim.Optimizer):
         if res.nonfinite == res.rejected:  # every try hit NaN/inf at a later stage
             return (f"a later stage was non-finite (loss, gradient or velocity) in {tries}"
                     + (f", the step shrinking {1 / self.controller.shrink:g}-fold each time" if res.rejected > 1 else ""))
-        why = (f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {tries} "
-               "(the next step starts from the last step size tried)")
+        why = (f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {tries}"
+               + (f", {res.nonfinite} of them non-finite at a later stage" if res.nonfinite else "")
+               + " (the next step starts from the last step size tried)")
         if res.ratios is not None and res.ratios.numel():
             part = fld.taking_part()
             names = [n for b in self.store.buckets for n in b.names]

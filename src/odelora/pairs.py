@@ -84,6 +84,11 @@ def as_pair(item: Any, index: int = 0) -> LoRAPair:
     if isinstance(item, Tensor):
         hint = (": the pairs are a list of such tuples, [(B, A), ...], not the tensors themselves (for a PEFT model: "
                 "odelora.integrations.peft.lora_pairs(model) or create_odelora_optimizer(model, lr))")
+    elif isinstance(item, (tuple, list)) and len(item) not in (2, 3):
+        hint = (f" of {len(item)} items: a tuple is (B, A) or (B, A, scale); to name a pair, pass "
+                "LoRAPair(B, A, scale, name) or {'B': B, 'A': A, 'scale': scale, 'name': name}")
+    elif isinstance(item, (tuple, list)):
+        hint = f" of {', '.join(type(t).__name__ for t in item)}: B and A must be tensors"
     raise TypeError(
         f"pair #{index}: expected a LoRAPair, a (B, A[, scale]) tuple or a dict with B and A, "
         f"got {type(item).__name__}{hint}"

@@ -145,9 +145,13 @@ def _balanced_state(x: Factors) -> Factors:
 
 
 class BalanceSteps(FactorSteps):
-    """``"balance"``: Runge-Kutta on the factor entries, then the balancing retraction."""
+    """``"balance"``: Runge-Kutta on the factor entries, then the balancing retraction of the
+    step's result. The states inside a step are not rebalanced: the stage velocities are
+    combined from the start's factors, and a velocity taken at other factors of the same product
+    would be a velocity of another factorization (the step would lose its order, even its first)."""
 
     name = "balance"
+    stage = FactorSteps.combine
 
     def combine(self, y0, h, coeffs, stages):
         return self.retract(super().combine(y0, h, coeffs, stages))
