@@ -175,7 +175,7 @@ def pinn(retraction, widths=(20, 64, 128, 256), iterations=200):
 
 
 def minilm(retraction, steps=20):
-    from odelora.data import minilm_path  # noqa: F401  (fails early with a clear message)
+    from odelora.lab.data import minilm_path  # fails early with a clear message
     from odelora.lab.tasks import bbc_split, minilm_classifier
     from odelora.integrations.peft import partition
     from transformers import AutoTokenizer
