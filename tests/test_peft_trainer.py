@@ -469,7 +469,7 @@ def test_stacked_experts_embedding_and_conv_lora_are_no_pairs():
     assert [n.rsplit(".", 1)[-1] for n in part.unmovable] == ["experts[default]"]
     assert sorted(why for _, _, why in part.others) == 2 * ["LoRA factors of 3 experts, whose products (not B @ A) enter the model"]
     only = get_peft_model(Experts(), LoraConfig(r=2, lora_alpha=2, target_parameters=["experts.weight"]))
-    with pytest.warns(UserWarning, match="stacked experts"), pytest.raises(ValueError, match="stacked-expert LoRA, none a matrix pair"):
+    with pytest.warns(UserWarning, match="stacked experts"), pytest.raises(ValueError, match="stacked-expert LoRA, AdaLoRA or a LoRA variant"):
         create_odelora_optimizer(only)
 
     class Conv(torch.nn.Module):
@@ -479,10 +479,54 @@ def test_stacked_experts_embedding_and_conv_lora_are_no_pairs():
 
     for target in ("conv", "emb"):
         odd = get_peft_model(Conv(), LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
-        with pytest.raises(ValueError, match="embedding, convolution or stacked-expert LoRA, none a matrix pair"):
+        with pytest.raises(ValueError, match="embedding, convolution or stacked-expert LoRA, AdaLoRA or a LoRA variant other than DoRA"):
             create_odelora_optimizer(odd)
         with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] have no matrix pair"):
             partition(odd, "default")
+
+
+def test_adalora_and_lora_variants_other_than_dora_are_no_pairs_and_other_tuners_are_named():
+    """AdaLoRA's update is B (A * E) / ranknum and KaSA's s B diag(E) A: neither is s B @ A of free
+    factors, which is what the flows move. Their factors go to the companion with a warning (AdaLoRA
+    crashed pair discovery: its factors are bare parameters); a model with nothing else is refused,
+    as one with LoHa, VeRA or IA3 adapters is, by name."""
+    from peft import AdaLoraConfig, LoHaConfig
+    from peft.tuners.lora.config import KasaConfig
+
+    torch.manual_seed(0)
+    ada = get_peft_model(Net(), AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=["fc1", "fc2"], total_step=10))
+    with pytest.warns(UserWarning, match=r"2 LoRA layer\(s\) whose update is not s \* B @ A of free factors .*\(AdaLoRA\)"):
+        part = partition(ada)
+    assert not part.pairs and sum("LoRA factors of AdaLoRA" in why for _, _, why in part.others) == 4
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="AdaLoRA or a LoRA variant other than DoRA"):
+        create_odelora_optimizer(ada)
+    kasa = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"], kasa_config=KasaConfig()))
+    with pytest.warns(UserWarning, match=r"1 LoRA layer\(s\) whose update is not .*\(the Kasa variant\)"):
+        part = partition(kasa)
+    assert not part.pairs and sum("LoRA factors of the Kasa variant" in why for _, _, why in part.others) == 2
+    loha = get_peft_model(Net(), LoHaConfig(r=4, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match="the model's PEFT adapters are LOHA, not LoRA"):
+        create_odelora_optimizer(loha)
+
+
+def test_an_unselected_adapters_embedding_and_dora_tensors_are_left_as_they_are():
+    """Tensors of adapters outside ``adapter=`` are left (listed, moved by nothing): their
+    embedding LoRA and DoRA magnitudes went to the companion and moved."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=4, target_modules=["fc1"]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["fc2", "emb"], use_dora=True))
+    model.base_model.set_adapter(["a", "b"])
+    b_names = {n for n, p in model.named_parameters() if p.requires_grad and (".b." in n or n.endswith(".b"))}
+    assert any("lora_embedding" in n for n in b_names) and any("lora_magnitude" in n for n in b_names)
+    with pytest.warns(UserWarning, match=r"adapters other than \['a'\]"):
+        opt = create_odelora_optimizer(model, lr=0.1, adapter="a", companion_lr=1e-2)
+    assert set(opt.partition.left) == b_names and not any(n in b_names for n, _, _ in opt.partition.others)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in b_names}
+    ids, labels = data(8)
+    opt.zero_grad()
+    model(ids=ids, labels=labels)["loss"].backward()
+    opt.step()
+    assert all(torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in b_names)
 
 
 def test_a_step_skipped_by_the_loop_does_not_add_its_loss_to_the_next(tmp_path):

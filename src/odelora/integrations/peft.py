@@ -56,6 +56,28 @@ def _fsdp1(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
+# LoRA variants (PEFT's ``lora_variant``) whose update is still a function of ``s * B @ A`` with
+# free factors: DoRA normalizes ``W0 + s B A`` column by column, with its magnitudes as companions
+PRODUCT_VARIANTS = {"DoraLinearVariant"}
+
+
+def _weight(t):
+    """A factor's tensor: ``nn.Linear``'s weight, or the parameter itself (AdaLoRA's factors)."""
+    return t.weight if isinstance(t, torch.nn.Module) else t
+
+
+def _other_update(module, ad: str) -> str | None:
+    """What the layer does with the factors where its update is not ``s * B @ A`` of free
+    factors (AdaLoRA, and PEFT's LoRA variants other than DoRA, such as KaSA and BD-LoRA); None
+    where it is."""
+    if not isinstance(module.lora_A[ad], torch.nn.Module):
+        return "AdaLoRA, whose update is B (A * E) scaled by the rank it keeps"
+    variant = getattr(module, "lora_variant", {}).get(ad)
+    if variant is not None and type(variant).__name__ not in PRODUCT_VARIANTS:
+        return f"the {type(variant).__name__.removesuffix('LinearVariant') or type(variant).__name__} variant"
+    return None
+
+
 def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) -> Partition:
     """Split the trainable parameters of a PEFT model into LoRA pairs and the rest.
 
@@ -63,7 +85,9 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     are matrices (Linear layers, also under DoRA), with that layer's ``scaling[adapter]`` (which
     already reflects rsLoRA, ``rank_pattern`` and ``alpha_pattern``). Everything else that is
     trainable goes to ``others``: DoRA magnitude vectors, embedding LoRA (``lora_embedding_*``),
-    convolution LoRA (4-D factors), biases, heads and ``modules_to_save``. The factors of adapters
+    convolution LoRA (4-D factors), the factors of AdaLoRA and of LoRA variants other than DoRA
+    (KaSA, BD-LoRA, ...: their update is not ``s * B @ A`` of free factors; with a warning),
+    biases, heads and ``modules_to_save``. The factors of adapters
     outside ``adapter`` (a name or list of names; default all) keep their trainable flags but are
     moved by nothing: they are listed in ``left``, with a warning where they are trainable.
     """
@@ -79,18 +103,23 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     reasons: dict[int, str] = {}
     unselected: set[int] = set()
     adapters: set[str] = set()
-    half_frozen, experts = [], []
+    half_frozen, experts, variants = [], [], []
     for mname, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         adapters.update(module.lora_A.keys())
         adapters.update(getattr(module, "lora_embedding_A", {}).keys())
         for ad in module.lora_A.keys():
+            A, B = _weight(module.lora_A[ad]), _weight(module.lora_B[ad])
             if wanted is not None and ad not in wanted:
-                unselected.update((id(module.lora_A[ad].weight), id(module.lora_B[ad].weight)))
+                unselected.update((id(A), id(B)))
                 continue
-            A = module.lora_A[ad].weight
-            B = module.lora_B[ad].weight
+            other = _other_update(module, ad)
+            if other is not None and (A.requires_grad or B.requires_grad):
+                reasons[id(A)] = reasons[id(B)] = f"LoRA factors of {other}"
+                variants.append(f"{mname}[{ad}] ({other.split(',')[0]})")
+                part.unmovable.append(f"{mname}[{ad}]")
+                continue
             if not (A.requires_grad and B.requires_grad):
                 if A.requires_grad or B.requires_grad:  # e.g. LoRA-FA's frozen A: no pair to move as a product
                     frozen = "lora_A" if B.requires_grad else "lora_B"
@@ -111,13 +140,22 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
             part.pairs.append(LoRAPair(B, A, float(module.scaling[ad]), f"{mname}[{ad}]"))
             in_pair.update((id(A), id(B)))
         for ad, p in getattr(module, "lora_embedding_A", {}).items():
+            if wanted is not None and ad not in wanted:
+                unselected.add(id(p))
+                continue
             reasons[id(p)] = "embedding LoRA"
             part.unmovable.append(f"{mname}[{ad}]")
         for ad, p in getattr(module, "lora_embedding_B", {}).items():
+            if wanted is not None and ad not in wanted:
+                unselected.add(id(p))
+                continue
             reasons[id(p)] = "embedding LoRA"
         for ad, mag in getattr(module, "lora_magnitude_vector", {}).items():
             for p in mag.parameters():
-                reasons[id(p)] = "DoRA magnitude vector"
+                if wanted is not None and ad not in wanted:
+                    unselected.add(id(p))
+                else:
+                    reasons[id(p)] = "DoRA magnitude vector"
     if wanted is not None:
         found = {p.name.rsplit("[", 1)[1].rstrip("]") for p in part.pairs}
         missing = wanted - found
@@ -136,6 +174,10 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
         warn(f"{len(half_frozen)} LoRA layer(s) with one factor frozen ({', '.join(half_frozen[:3])}"
              f"{', ...' if len(half_frozen) > 3 else ''}): their trainable factor goes to the AdamW companion, "
              "not the flow; unfreeze both factors for ODELoRA to move them")
+    if variants:
+        warn(f"{len(variants)} LoRA layer(s) whose update is not s * B @ A of free factors ({', '.join(variants[:3])}"
+             f"{', ...' if len(variants) > 3 else ''}): their factors go to the AdamW companion, since ODELoRA's flows "
+             "move the product s * B @ A", UserWarning)
     if experts:
         warn(f"{len(experts)} LoRA layer(s) of stacked experts ({', '.join(experts[:3])}{', ...' if len(experts) > 3 else ''}): "
              "their factors go to the AdamW companion, since the model depends on each expert's product, not on B @ A")
@@ -177,9 +219,10 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
     part = partition(model, adapter)
     if not part.pairs:
         if part.unmovable:
-            raise ValueError("the model's LoRA layers are embedding, convolution or stacked-expert LoRA, none a matrix pair "
-                             "B @ A that ODELoRA can move (optimizer.partition would list them as companion tensors): train "
-                             "such a model with a torch optimizer (AdamW), or add LoRA to its linear layers")
+            raise ValueError("the model's LoRA layers are embedding, convolution or stacked-expert LoRA, AdaLoRA or a LoRA "
+                             "variant other than DoRA (KaSA, BD-LoRA, ...), none a matrix pair B @ A that ODELoRA can move "
+                             "(partition(model).others lists them with the reason): train such a model with a torch optimizer "
+                             "(AdamW), or add plain LoRA (or DoRA) to its linear layers")
         if any("partner" in why for _, _, why in part.others):
             raise ValueError("every LoRA layer has one factor frozen (LoRA-FA's frozen lora_A, say): ODELoRA moves LoRA "
                              "pairs with both factors trainable, as a product, so there is nothing for it to move. Train "
@@ -187,6 +230,11 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
         if part.adapters:
             raise ValueError(f"the model's LoRA adapters ({', '.join(part.adapters)}) have no pair with both factors trainable: "
                              "unfreeze them (model.set_adapter(name) or requires_grad_(True) on lora_A and lora_B)")
+        kinds = sorted({str(getattr(c, "peft_type", type(c).__name__)).split(".")[-1]
+                        for c in (getattr(model, "peft_config", None) or {}).values()})
+        if kinds:
+            raise ValueError(f"the model's PEFT adapters are {', '.join(kinds)}, not LoRA: ODELoRA moves the pairs of "
+                             "LoraConfig adapters; train these with a torch optimizer (AdamW)")
         raise ValueError("the model has no LoRA layers; wrap it with peft.get_peft_model first (a DeepXDE network: "
                          "odelora.integrations.deepxde.add_lora)")
     companion = [(n, p) for n, p, _ in part.others]  # named: messages name the tensor
