@@ -339,9 +339,55 @@ def test_trainer_accumulated_steps_equal_one_batch_for_models_taking_loss_kwargs
     moved = max(float(p.abs().max()) for n, p in finals[0].items() if "lora_B" in n)
     assert moved > 1e-3
     assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-6 * max(1.0, moved)
+    assert trainer._loss_counts is False and not trainer.model_accepts_loss_kwargs  # the model's mean ignores the count
     with pytest.raises(ValueError, match="fp16 loss scaling"):
         ODELoRATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), fp16=True, report_to=[], use_cpu=True),
                        train_dataset=ListDataset(ids, y), odelora_kwargs=dict(method="rk4"))
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Sequences of 2 to 12 label tokens (the rest -100): micro-batches of unequal label counts."""
+
+    def __init__(self, n=16, length=12):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, 60, (n, length), generator=g)
+        self.labels = self.ids.clone()
+        for i, k in enumerate(torch.randint(2, length + 1, (n,), generator=g).tolist()):
+            self.labels[i, k:] = -100
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_trainer_accumulated_steps_equal_one_batch_for_a_causal_lm_whose_loss_takes_the_label_count(tmp_path):
+    """A causal LM's loss divides by the label count the Trainer gives it: the accumulated
+    micro-batches then sum to the mean over all their labels, which the Trainer keeps (the
+    model is asked at the first batch). Setting ``model_accepts_loss_kwargs = False`` for every
+    model, as for classification heads, made the step a mean of micro-batch means: 11% off
+    batch 8 with two micro-batches of 32 and 38 label tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    finals = []
+    for batch, accumulate in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                          intermediate_size=48, max_position_embeddings=32)
+        model = get_peft_model(LlamaForCausalLM(cfg).double(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        args = TrainingArguments(output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, max_steps=1,
+                                 gradient_accumulation_steps=accumulate, learning_rate=0.1, report_to=[], save_strategy="no",
+                                 use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
+        trainer = ODELoRATrainer(model=model, args=args, train_dataset=TokenDataset())
+        trainer.train()
+        assert trainer._loss_counts and trainer.model_accepts_loss_kwargs
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n})
+    moved = max(float(p.abs().max()) for p in finals[0].values())
+    assert moved > 1e-4
+    assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-12 * moved
 
 
 def test_trainer_passes_its_adamw_arguments_to_the_companion_and_to_adam_pairs(tmp_path):

@@ -599,7 +599,8 @@ class ODELoRA(torch.optim.Optimizer):
             raise ValueError(
                 f"method {self.tableau.name!r} evaluates the gradient {self.tableau.stages} times per step: pass a "
                 "closure that zeroes gradients, computes the loss on the current batch, calls "
-                "backward() and returns the loss (optimizer.step(closure))"
+                "backward() and returns the loss (optimizer.step(closure)); under transformers' Trainer, use "
+                "odelora.integrations.trainer.ODELoRATrainer, which passes one, or method='euler'"
             )
         if (closure is None or from_grad) and not self.store.has_grads():
             raise RuntimeError(f"no gradients on the LoRA pairs: call loss.backward() first or pass a closure. {NO_GRAD_HINT}")

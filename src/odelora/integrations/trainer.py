@@ -90,12 +90,16 @@ class ODELoRATrainer(Trainer):
     or the ODELoRA optimizer passed as ``optimizers=(optimizer, scheduler)``.
 
     ``lr`` is a time step, so the step's length follows the gradient's scale. The Trainer gives a
-    model whose ``forward`` takes ``**kwargs`` the batch's token count and then leaves the loss
+    model whose ``forward`` takes ``**kwargs`` the batch's label count and then leaves the loss
     to it: not divided by the accumulation steps, and multiplied by the number of processes
     under DDP. A loss that ignores the count (sequence classification heads) is then that many
-    times too large, and so is the step. This Trainer sets ``model_accepts_loss_kwargs = False``
-    (unless a ``compute_loss_func`` is given): every batch's loss is the model's mean, divided by
-    the accumulation steps, as for a model without ``**kwargs``."""
+    times too large, and so is the step; one that divides by it (causal LMs through
+    transformers' loss functions) is the exact mean over the labels of all micro-batches. So
+    this Trainer asks the model, at its first batch with labels: two forwards without gradients,
+    with counts 1 and 2, from the same random state. Where the loss halves, the Trainer's
+    accumulation stays as it is; elsewhere (unless a ``compute_loss_func`` or label smoothing
+    computes the loss) ``model_accepts_loss_kwargs`` is set False: every batch's loss is the
+    model's mean, divided by the accumulation steps, as for a model without ``**kwargs``."""
 
     def __init__(self, *args, odelora_kwargs: dict[str, Any] | None = None, **kwargs):
         self.odelora_kwargs = dict(odelora_kwargs or {})
@@ -114,8 +118,10 @@ class ODELoRATrainer(Trainer):
             raise TypeError(f"ODELoRATrainer trains with ODELoRA, and was given a {type(self.optimizer).__name__}: pass "
                             "optimizers=(ODELoRA(...), scheduler) or no optimizer, or use transformers' Trainer")
         self._warn_unused_optimizer_args()
-        if self.compute_loss_func is None:
-            self.model_accepts_loss_kwargs = False
+        # whether the model's loss divides by the label count it is given: asked at the first batch
+        self._loss_counts = None if self.model_accepts_loss_kwargs and self.compute_loss_func is None and self.label_smoother is None else False
+        if self._loss_counts is None:
+            self.model_accepts_loss_kwargs = False  # until the model says otherwise
         given = self.odelora  # optimizers=(ODELoRA(...), scheduler)
         stages = given.tableau.stages if given is not None else get_tableau(self.odelora_kwargs.get("method", "euler")).stages
         if stages > 1 and self.args.gradient_accumulation_steps > 1:
@@ -143,6 +149,33 @@ class ODELoRATrainer(Trainer):
             unused.append("optimizer_cls_and_kwargs")
         if unused:
             warn(f"ODELoRATrainer ignores {', '.join(unused)}: its optimizer is ODELoRA (options: odelora_kwargs)", UserWarning)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._loss_counts is None and batches and "labels" in batches[0] and hasattr(self, "_get_num_items_in_batch"):
+            self._loss_counts = self._loss_divides_by_count(batches[0])
+            if self._loss_counts:
+                self.model_accepts_loss_kwargs = True
+                count = self._get_num_items_in_batch(batches, device)
+        return batches, count
+
+    def _loss_divides_by_count(self, batch: dict) -> bool:
+        """Whether the model's loss on ``batch`` halves when ``num_items_in_batch`` doubles (same
+        random state for both forwards, which leave no gradient and no trace in the generators)."""
+        inputs, rng, losses = self._prepare_inputs(copy.copy(batch)), _rng_state(), []
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                for count in (1.0, 2.0):
+                    _set_rng_state(rng)
+                    out = self.model(**inputs, num_items_in_batch=torch.tensor(count, device=self.args.device))
+                    loss = out.get("loss") if isinstance(out, dict) else out[0] if isinstance(out, (tuple, list)) else None
+                    if not (torch.is_tensor(loss) and loss.numel() == 1):
+                        return False
+                    losses.append(loss.detach().double())
+        finally:
+            _set_rng_state(rng)
+        one, two = losses
+        return bool(torch.isfinite(one) & (one != 0) & ((one - 2 * two).abs() <= 1e-3 * one.abs()))
 
     def train(self, *args, **kwargs):
         self._steps_seen = None  # a new run's first step (resuming on this trainer) records its own loss
