@@ -628,6 +628,8 @@ def test_trainer_logs_reach_every_callback_and_other_optimizers_are_refused(tmp_
         ODELoRATrainer(model=model, args=TrainingArguments(**kw), train_dataset=ListDataset(ids, y), optimizers=(adamw, None))
     with pytest.raises(TypeError, match="must not set lr"):
         ODELoRATrainer(model=model, args=TrainingArguments(**kw), odelora_kwargs=dict(lr=0.1))
+    with pytest.raises(TypeError, match=r"unknown key\(s\) \['methd'\]: it takes ODELoRA's options"):  # at construction, not train()
+        ODELoRATrainer(model=model, args=TrainingArguments(**kw), odelora_kwargs=dict(methd="rk4"))
     with pytest.warns(UserWarning, match=r"ignores optim='sgd', optim_args='momentum=0.9': its optimizer is ODELoRA"):
         ODELoRATrainer(model=model, args=TrainingArguments(**kw, optim="sgd", optim_args="momentum=0.9"))
 

@@ -17,6 +17,7 @@ function.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -105,6 +106,11 @@ class ODELoRATrainer(Trainer):
         self.odelora_kwargs = dict(odelora_kwargs or {})
         if "lr" in self.odelora_kwargs:
             raise TypeError("odelora_kwargs must not set lr: ODELoRA's step h is TrainingArguments' learning_rate")
+        known = {"adapter", "decay"} | set(inspect.signature(ODELoRA.__init__).parameters) - {"self", "params", "lr", "companion"}
+        unknown = sorted(set(self.odelora_kwargs) - known)
+        if unknown:
+            raise TypeError(f"odelora_kwargs has unknown key(s) {unknown}: it takes ODELoRA's options and "
+                            f"create_odelora_optimizer's adapter and decay, {sorted(known)}")
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(c is ODELoRACallback or isinstance(c, ODELoRACallback) for c in callbacks):
             callbacks.append(ODELoRACallback())
