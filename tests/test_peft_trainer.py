@@ -390,6 +390,41 @@ def test_trainer_accumulated_steps_equal_one_batch_for_a_causal_lm_whose_loss_ta
     assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-12 * moved
 
 
+def test_the_loss_count_question_leaves_batch_norm_statistics_and_the_run_as_they_were(tmp_path):
+    """The two forwards that ask the model whether its loss takes the label count run in train mode:
+    they must leave no trace, batch norms' running statistics included (no_grad does not stop
+    their update); the run equals one whose answer was given beforehand."""
+    from transformers import TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    class BNNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)
+            self.emb = torch.nn.Embedding(50, 16)
+
+        def forward(self, ids=None, labels=None, num_items_in_batch=None, **kwargs):
+            out = self.fc2(self.bn(self.fc1(self.emb(ids).mean(1))))
+            loss = torch.nn.functional.cross_entropy(out, labels, reduction="sum") / (num_items_in_batch or labels.numel())
+            return {"loss": loss, "logits": out}
+
+    ids, y = data(32)
+    runs = []
+    for given in (None, True):
+        torch.manual_seed(0)
+        model = get_peft_model(BNNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]))
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=2,
+                                 learning_rate=0.1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, max_grad_norm=0.0)
+        trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y))
+        if given is not None:
+            trainer._loss_counts = trainer.model_accepts_loss_kwargs = given
+        trainer.train()
+        assert trainer._loss_counts is True
+        runs.append({n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]})
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+
 def test_trainer_passes_its_adamw_arguments_to_the_companion_and_to_adam_pairs(tmp_path):
     """weight_decay, adam_beta1/2 and adam_epsilon reach the companion (and the pairs with
     preconditioner='adam'); odelora_kwargs win; a weight decay the plain pairs cannot take warns."""

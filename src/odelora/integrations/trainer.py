@@ -167,8 +167,10 @@ class ODELoRATrainer(Trainer):
 
     def _loss_divides_by_count(self, batch: dict) -> bool:
         """Whether the model's loss on ``batch`` halves when ``num_items_in_batch`` doubles (same
-        random state for both forwards, which leave no gradient and no trace in the generators)."""
+        random state for both forwards, which leave no gradient and no trace in the generators or
+        the buffers: batch norms' running statistics are put back)."""
         inputs, rng, losses = self._prepare_inputs(copy.copy(batch)), _rng_state(), []
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         try:
             with torch.no_grad(), self.compute_loss_context_manager():
                 for count in (1.0, 2.0):
@@ -180,6 +182,9 @@ class ODELoRATrainer(Trainer):
                     losses.append(loss.detach().double())
         finally:
             _set_rng_state(rng)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
         one, two = losses
         return bool(torch.isfinite(one) & (one != 0) & ((one - 2 * two).abs() <= 1e-3 * one.abs()))
 
