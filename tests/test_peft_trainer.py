@@ -390,6 +390,45 @@ def test_trainer_accumulated_steps_equal_one_batch_for_a_causal_lm_whose_loss_ta
     assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-12 * moved
 
 
+def test_the_loss_count_question_waits_for_a_batch_that_can_answer_and_ranks_agree(tmp_path, monkeypatch):
+    """A first micro-batch whose labels are all masked has loss 0 (or 0/0) whatever the count: the
+    question stays open and the next batch answers it. Processes agree on one answer (a rank that
+    counted labels alone would wait forever in the count's gather): no where any says no,
+    undecided where any could not tell."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    data = TokenDataset()
+    data.labels[:4] = -100  # the first micro-batch of batch 4
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      intermediate_size=48, max_position_embeddings=32)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.1, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    class InOrder(ODELoRATrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=args, train_dataset=data)
+    asked = []
+    ask = trainer._loss_divides_by_count
+    monkeypatch.setattr(trainer, "_loss_divides_by_count", lambda batch: asked.append(ask(batch)) or asked[-1])
+    with pytest.warns(RuntimeWarning, match="skipped a step"):  # the masked batch's mean loss is 0/0 before the answer
+        trainer.train()
+    assert asked == [None, True] and trainer._loss_counts is True, asked
+
+    other = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op: t.copy_(torch.minimum(t, torch.tensor([other[0]]))))
+    for mine, theirs, agreed in ((True, 2, True), (True, 0, False), (True, 1, None), (None, 2, None), (False, 2, False)):
+        other[:] = [theirs]
+        assert trainer._agreed(mine) is agreed
+
+
 def test_the_loss_count_question_leaves_batch_norm_statistics_and_the_run_as_they_were(tmp_path):
     """The two forwards that ask the model whether its loss takes the label count run in train mode:
     they must leave no trace, batch norms' running statistics included (no_grad does not stop
@@ -585,6 +624,9 @@ def test_adalora_and_lora_variants_other_than_dora_are_no_pairs_and_other_tuners
     with pytest.warns(UserWarning, match=r"1 LoRA layer\(s\) whose update is not .*\(the Kasa variant\)"):
         part = partition(kasa)
     assert not part.pairs and sum("LoRA factors of the Kasa variant" in why for _, _, why in part.others) == 2
+    with pytest.warns(UserWarning, match="aLoRA is currently only supported"):  # aLoRA: s B @ A after the invocation tokens
+        alora = get_peft_model(Net(), LoraConfig(r=2, target_modules=["fc1"], alora_invocation_tokens=[1, 2]))
+    assert [p.name for p in partition(alora).pairs] == ["base_model.model.fc1[default]"]
     loha = get_peft_model(Net(), LoHaConfig(r=4, target_modules=["fc1"]))
     with pytest.raises(ValueError, match="the model's PEFT adapters are LOHA, not LoRA"):
         create_odelora_optimizer(loha)

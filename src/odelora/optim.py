@@ -255,7 +255,8 @@ class ODELoRA(torch.optim.Optimizer):
         retraction: how factors move (``odelora.retractions``): ``"truncate"`` (steps on the
             rank-r matrices, balanced factors; the default for ``balanced``), ``"split"`` (the
             same steps with the cheaper projector-splitting retraction), ``"balance"``
-            (factor-space steps, then rebalancing) or ``"none"`` (factor-space steps; the default
+            (factor-space steps, then rebalancing of the result; like ``"none"``, too stiff off
+            ``B = 0`` for ``bs32`` and ``dopri5``) or ``"none"`` (factor-space steps; the default
             for ``gradient``, and for ``scaled`` with fixed-step methods: scaled GD; ``scaled``
             with ``bs32`` or ``dopri5`` defaults to ``"truncate"``, see ``odelora.flows.Flow``).
         rtol, atol: error control of adaptive methods (``rtol`` is raised to the unit roundoff of

@@ -57,8 +57,11 @@ def _fsdp1(model: torch.nn.Module) -> bool:
 
 
 # LoRA variants (PEFT's ``lora_variant``) whose update is still a function of ``s * B @ A`` with
-# free factors: DoRA normalizes ``W0 + s B A`` column by column, with its magnitudes as companions
-PRODUCT_VARIANTS = {"DoraLinearVariant"}
+# free factors: DoRA normalizes ``W0 + s B A`` column by column (its magnitudes are companions;
+# its convolution factors are no matrices), aLoRA applies it to the tokens after its invocation,
+# QA-LoRA to pooled inputs
+PRODUCT_VARIANTS = {"DoraLinearVariant", "DoraEmbeddingVariant", "DoraConv1dVariant", "DoraConv2dVariant", "DoraConv3dVariant",
+                    "ALoraLinearVariant", "QALoraLinearVariant"}
 
 
 def _weight(t):
@@ -164,7 +167,8 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
         odd = sorted(missing & unmovable)
         if odd and not frozen:
             raise ValueError(f"adapter(s) {odd} have no matrix pair B @ A for ODELoRA to move (embedding, convolution or "
-                             "stacked-expert LoRA): train them with a torch optimizer (AdamW)")
+                             "stacked-expert LoRA, AdaLoRA or a LoRA variant other than DoRA): train them with a torch "
+                             "optimizer (AdamW)")
         if frozen:
             raise ValueError(f"adapter(s) {frozen} have no pair with both factors trainable (inactive or frozen): make them "
                              "trainable with model.set_adapter(name) or requires_grad_(True) on their lora_A and lora_B")

@@ -125,8 +125,10 @@ class ODELoRATrainer(Trainer):
                             "optimizers=(ODELoRA(...), scheduler) or no optimizer, or use transformers' Trainer")
         self._warn_unused_optimizer_args()
         # whether the model's loss divides by the label count it is given: asked at the first batch
-        self._loss_counts = None if self.model_accepts_loss_kwargs and self.compute_loss_func is None and self.label_smoother is None else False
-        if self._loss_counts is None:
+        # with labels (label smoothing computes its own loss, which transformers < 5 leaves undivided)
+        ask = self.model_accepts_loss_kwargs and self.compute_loss_func is None and self.label_smoother is None
+        self._loss_counts = None if ask else False
+        if self.compute_loss_func is None:
             self.model_accepts_loss_kwargs = False  # until the model says otherwise
         given = self.odelora  # optimizers=(ODELoRA(...), scheduler)
         stages = given.tableau.stages if given is not None else get_tableau(self.odelora_kwargs.get("method", "euler")).stages
@@ -156,19 +158,33 @@ class ODELoRATrainer(Trainer):
         if unused:
             warn(f"ODELoRATrainer ignores {', '.join(unused)}: its optimizer is ODELoRA (options: odelora_kwargs)", UserWarning)
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self._loss_counts is None and batches and "labels" in batches[0] and hasattr(self, "_get_num_items_in_batch"):
-            self._loss_counts = self._loss_divides_by_count(batches[0])
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        batches, count = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        device = args[0] if args else kwargs.get("device")  # (transformers < 4.50 passes none, nor counts labels)
+        if self._loss_counts is None and device is not None and hasattr(self, "_get_num_items_in_batch"):
+            answer = self._loss_divides_by_count(batches[0]) if batches and "labels" in batches[0] else None
+            self._loss_counts = self._agreed(answer)
             if self._loss_counts:
                 self.model_accepts_loss_kwargs = True
                 count = self._get_num_items_in_batch(batches, device)
         return batches, count
 
-    def _loss_divides_by_count(self, batch: dict) -> bool:
+    def _agreed(self, answer: bool | None) -> bool | None:
+        """One answer for all processes (they must count labels alike, or the count's gather waits
+        forever): no where any says no, undecided (ask again) where any could not tell."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return answer
+        code = torch.tensor([{False: 0, None: 1, True: 2}[answer]], device=self.args.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MIN)
+        return {0: False, 1: None, 2: True}[int(code)]
+
+    def _loss_divides_by_count(self, batch: dict) -> bool | None:
         """Whether the model's loss on ``batch`` halves when ``num_items_in_batch`` doubles (same
         random state for both forwards, which leave no gradient and no trace in the generators or
-        the buffers: batch norms' running statistics are put back)."""
+        the buffers: batch norms' running statistics are put back); None where the batch cannot
+        tell (a zero or non-finite loss: every label masked, say)."""
         inputs, rng, losses = self._prepare_inputs(copy.copy(batch)), _rng_state(), []
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         try:
@@ -186,7 +202,9 @@ class ODELoRATrainer(Trainer):
                 for b, saved in buffers:
                     b.copy_(saved)
         one, two = losses
-        return bool(torch.isfinite(one) & (one != 0) & ((one - 2 * two).abs() <= 1e-3 * one.abs()))
+        if not bool(torch.isfinite(one) & torch.isfinite(two) & (one != 0)):
+            return None
+        return bool((one - 2 * two).abs() <= 1e-3 * one.abs())
 
     def train(self, *args, **kwargs):
         self._steps_seen = None  # a new run's first step (resuming on this trainer) records its own loss
