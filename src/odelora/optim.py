@@ -630,16 +630,23 @@ class ODELoRA(torch.optim.Optimizer):
     def _overflow(self, y: list[Factors]) -> str | None:
         """The dtype of the parameters that the new factors would overflow (or that would take a
         NaN: a step too long for float32 factors too), if any; one host sync for all buckets."""
-        fits = []
+        # Factors stored as computed overflow only where a step adds to them: factor-space steps and
+        # per-coordinate preconditioners. A retraction refactors a decomposition of the stepped
+        # product, and one of a non-finite product fails as a rejected try.
+        added = self.retraction.velocity == "factors" or self.preconditioner.per_coordinate
+        checked, fits = [], []
         for b, x in zip(self.store.buckets, y):
-            if b.exact:  # stored as computed: only inf or NaN (or sums of entries near the dtype's limit) fail
+            if b.exact and not added:
+                continue
+            checked.append(b)
+            if b.exact:  # only inf or NaN (or sums of entries near the dtype's limit) fail
                 fits.append(torch.isfinite(x.B.sum() + x.A.sum()))
             else:
                 big = torch.finfo(b.Bs[0].dtype).max
                 fits.append((x.B.abs().amax() <= big) & (x.A.abs().amax() <= big))  # False at NaN too
-        if bool(torch.stack(fits).all()):
+        if not fits or bool(torch.stack(fits).all()):
             return None
-        bad = next(b for b, ok in zip(self.store.buckets, fits) if not bool(ok))
+        bad = next(b for b, ok in zip(checked, fits) if not bool(ok))
         return str(bad.Bs[0].dtype).replace("torch.", "")
 
     def _step_companion(self, fld: _Field) -> None:
