@@ -1483,6 +1483,11 @@ def test_a_float32_step_that_would_overflow_is_skipped_untouched():
         opt.step(closure)
     assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
     assert not opt.last_step.accepted and opt.last_step.nonfinite == 1
+    # the truncation's decomposition of a non-finite product fails, and the message says where
+    opt = ODELoRA([(B, A)], lr=1e38)
+    with pytest.warns(RuntimeWarning, match=r"non-finite \(at the step's retraction: .*non-finite.*\) in all 11 tries"):
+        opt.step(closure)
+    assert torch.equal(B.detach(), before[0]) and torch.equal(A.detach(), before[1])
 
 
 def two_ranks(monkeypatch, opt, want, act) -> list:

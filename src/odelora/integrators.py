@@ -309,6 +309,7 @@ class Attempt:
     nonfinite: int = 0
     ratios: Tensor | None = None  # error ratios of the last try (adaptive methods)
     accepted: bool = False
+    nonfinite_what: str | None = None  # what the last non-finite try met
     rejected_at: tuple[float, float] | None = None  # (h, error norm) of the last finite rejected try, where none was accepted
     why: str | None = None  # why no try was accepted, where the caller knows better than the counts
 
@@ -361,6 +362,7 @@ def attempt(
                 raise
             out.nonfinite += 1
             out.rejected += 1
+            out.nonfinite_what = f"at the step's retraction: {exc}" if exc.stage >= tableau.stages else str(exc)
             first = exc.stages[0]
             h = max(controller.h_min, h * controller.shrink)
             out.h_next = h

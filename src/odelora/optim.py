@@ -697,7 +697,7 @@ class ODELoRA(torch.optim.Optimizer):
         """Why no try of a step was accepted."""
         tries = "the one try" if res.rejected == 1 else f"all {res.rejected} tries"
         if res.nonfinite == res.rejected:  # every try hit NaN/inf at a later stage
-            return (f"a later stage was non-finite (loss, gradient or velocity) in {tries}"
+            return (f"a later stage was non-finite ({res.nonfinite_what or 'loss, gradient or velocity'}) in {tries}"
                     + (f", the step shrinking {1 / self.controller.shrink:g}-fold each time" if res.rejected > 1 else ""))
         why = (f"no step met rtol={self.controller.rtol}, atol={self.controller.atol} in {tries}"
                + (f", {res.nonfinite} of them non-finite at a later stage" if res.nonfinite else "")
