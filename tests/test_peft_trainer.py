@@ -390,6 +390,43 @@ def test_trainer_accumulated_steps_equal_one_batch_for_a_causal_lm_whose_loss_ta
     assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-12 * moved
 
 
+def test_an_accumulated_first_step_whose_first_micro_batch_is_masked_asks_the_next_one(tmp_path):
+    """With gradient accumulation the model is asked at the step's first micro-batch that can
+    answer: one whose labels are all masked cannot (its loss is 0 or 0/0 whatever the count), and
+    asking only it left the first step a mean of micro-batch means, 0/0, skipped. Now the step
+    equals one batch of 8 with the same labels."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    class InOrder(ODELoRATrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    finals = []
+    for batch, accumulate in ((8, 1), (4, 2)):
+        data = TokenDataset()
+        data.labels[:4] = -100  # the first micro-batch of batch 4
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                          intermediate_size=48, max_position_embeddings=32)
+        model = get_peft_model(LlamaForCausalLM(cfg).double(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        args = TrainingArguments(output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, max_steps=1,
+                                 gradient_accumulation_steps=accumulate, learning_rate=0.1, report_to=[], save_strategy="no",
+                                 use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
+        trainer = InOrder(model=model, args=args, train_dataset=data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no skipped step
+            trainer.train()
+        assert trainer._loss_counts is True
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n})
+    moved = max(float(p.abs().max()) for p in finals[0].values())
+    assert moved > 1e-4
+    assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-12 * moved
+
+
 def test_the_loss_count_question_waits_for_a_batch_that_can_answer_and_ranks_agree(tmp_path, monkeypatch):
     """A first micro-batch whose labels are all masked has loss 0 (or 0/0) whatever the count: the
     question stays open and the next batch answers it. Processes agree on one answer (a rank that

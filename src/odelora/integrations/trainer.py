@@ -96,7 +96,7 @@ class ODELoRATrainer(Trainer):
     under DDP. A loss that ignores the count (sequence classification heads) is then that many
     times too large, and so is the step; one that divides by it (causal LMs through
     transformers' loss functions) is the exact mean over the labels of all micro-batches. So
-    this Trainer asks the model, at its first batch with labels: two forwards without gradients,
+    this Trainer asks the model, at the first micro-batch with unmasked labels: two forwards without gradients,
     with counts 1 and 2, from the same random state. Where the loss halves, the Trainer's
     accumulation stays as it is; elsewhere (unless a ``compute_loss_func`` or label smoothing
     computes the loss) ``model_accepts_loss_kwargs`` is set False: every batch's loss is the
@@ -124,8 +124,8 @@ class ODELoRATrainer(Trainer):
             raise TypeError(f"ODELoRATrainer trains with ODELoRA, and was given a {type(self.optimizer).__name__}: pass "
                             "optimizers=(ODELoRA(...), scheduler) or no optimizer, or use transformers' Trainer")
         self._warn_unused_optimizer_args()
-        # whether the model's loss divides by the label count it is given: asked at the first batch
-        # with labels (label smoothing computes its own loss, which transformers < 5 leaves undivided)
+        # whether the model's loss divides by the label count it is given: asked at the first micro-batch
+        # that can tell (label smoothing computes its own loss, which transformers < 5 leaves undivided)
         ask = self.model_accepts_loss_kwargs and self.compute_loss_func is None and self.label_smoother is None
         self._loss_counts = None if ask else False
         if self.compute_loss_func is None:
@@ -162,7 +162,10 @@ class ODELoRATrainer(Trainer):
         batches, count = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         device = args[0] if args else kwargs.get("device")  # (transformers < 4.50 passes none, nor counts labels)
         if self._loss_counts is None and device is not None and hasattr(self, "_get_num_items_in_batch"):
-            answer = self._loss_divides_by_count(batches[0]) if batches and "labels" in batches[0] else None
+            answer = None
+            for batch in batches:  # the first micro-batch that can tell (one with every label masked cannot)
+                if "labels" in batch and (answer := self._loss_divides_by_count(batch)) is not None:
+                    break
             self._loss_counts = self._agreed(answer)
             if self._loss_counts:
                 self.model_accepts_loss_kwargs = True
