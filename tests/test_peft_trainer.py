@@ -362,41 +362,9 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
-def test_trainer_accumulated_steps_equal_one_batch_for_a_causal_lm_whose_loss_takes_the_label_count(tmp_path):
-    """A causal LM's loss divides by the label count the Trainer gives it: the accumulated
-    micro-batches then sum to the mean over all their labels, which the Trainer keeps (the
-    model is asked at the first batch). Setting ``model_accepts_loss_kwargs = False`` for every
-    model, as for classification heads, made the step a mean of micro-batch means: 11% off
-    batch 8 with two micro-batches of 32 and 38 label tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
-
-    from odelora.integrations.trainer import ODELoRATrainer
-
-    finals = []
-    for batch, accumulate in ((8, 1), (4, 2)):
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                          intermediate_size=48, max_position_embeddings=32)
-        model = get_peft_model(LlamaForCausalLM(cfg).double(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        args = TrainingArguments(output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, max_steps=1,
-                                 gradient_accumulation_steps=accumulate, learning_rate=0.1, report_to=[], save_strategy="no",
-                                 use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
-        trainer = ODELoRATrainer(model=model, args=args, train_dataset=TokenDataset())
-        trainer.train()
-        assert trainer._loss_counts and trainer.model_accepts_loss_kwargs
-        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n})
-    moved = max(float(p.abs().max()) for p in finals[0].values())
-    assert moved > 1e-4
-    assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-12 * moved
-
-
-def test_an_accumulated_first_step_whose_first_micro_batch_is_masked_asks_the_next_one(tmp_path):
-    """With gradient accumulation the model is asked at the step's first micro-batch that can
-    answer: one whose labels are all masked cannot (its loss is 0 or 0/0 whatever the count), and
-    asking only it left the first step a mean of micro-batch means, 0/0, skipped. Now the step
-    equals one batch of 8 with the same labels."""
-    import warnings
-
+def _tiny_llama_trainer(out, data, batch: int, accumulate: int = 1, layers: int = 1, max_steps: int = 1, in_order: bool = False,
+                       dtype=torch.float64):
+    """An ODELoRATrainer of a tiny PEFT Llama (seed 0) on ``data``, in the dataset's order if ``in_order``."""
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
     from odelora.integrations.trainer import ODELoRATrainer
@@ -405,26 +373,55 @@ def test_an_accumulated_first_step_whose_first_micro_batch_is_masked_asks_the_ne
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                      intermediate_size=48, max_position_embeddings=32)
+    model = get_peft_model(LlamaForCausalLM(cfg).to(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=max_steps,
+                             gradient_accumulation_steps=accumulate, learning_rate=0.1, report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
+    return (InOrder if in_order else ODELoRATrainer)(model=model, args=args, train_dataset=data)
+
+
+def _assert_batch_4x2_steps_as_batch_8(tmp_path, make_data, **kw) -> None:
+    """One step of batch 8 and one of batch 4 with 2 accumulation steps move the LoRA factors alike
+    (float64), with no skipped step, the model having said that its loss takes the label count."""
+    import warnings
+
     finals = []
     for batch, accumulate in ((8, 1), (4, 2)):
-        data = TokenDataset()
-        data.labels[:4] = -100  # the first micro-batch of batch 4
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                          intermediate_size=48, max_position_embeddings=32)
-        model = get_peft_model(LlamaForCausalLM(cfg).double(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        args = TrainingArguments(output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, max_steps=1,
-                                 gradient_accumulation_steps=accumulate, learning_rate=0.1, report_to=[], save_strategy="no",
-                                 use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
-        trainer = InOrder(model=model, args=args, train_dataset=data)
+        trainer = _tiny_llama_trainer(tmp_path / str(batch), make_data(), batch, accumulate, **kw)
         with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # no skipped step
+            warnings.simplefilter("error", RuntimeWarning)  # a skipped step warns
             trainer.train()
-        assert trainer._loss_counts is True
-        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n})
+        assert trainer._loss_counts is True and trainer.model_accepts_loss_kwargs
+        finals.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n})
     moved = max(float(p.abs().max()) for p in finals[0].values())
     assert moved > 1e-4
     assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-12 * moved
+
+
+def _masked_first(n: int = 4) -> "TokenDataset":
+    data = TokenDataset()
+    data.labels[:n] = -100  # the first micro-batch of batch n
+    return data
+
+
+def test_trainer_accumulated_steps_equal_one_batch_for_a_causal_lm_whose_loss_takes_the_label_count(tmp_path):
+    """A causal LM's loss divides by the label count the Trainer gives it: the accumulated
+    micro-batches then sum to the mean over all their labels, which the Trainer keeps (the
+    model is asked at the first batch). Setting ``model_accepts_loss_kwargs = False`` for every
+    model, as for classification heads, made the step a mean of micro-batch means: 11% off
+    batch 8 with two micro-batches of 32 and 38 label tokens."""
+    _assert_batch_4x2_steps_as_batch_8(tmp_path, TokenDataset, layers=2)
+
+
+def test_an_accumulated_first_step_whose_first_micro_batch_is_masked_asks_the_next_one(tmp_path):
+    """With gradient accumulation the model is asked at the step's first micro-batch that can
+    answer: one whose labels are all masked cannot (its loss is 0 or 0/0 whatever the count), and
+    asking only it left the first step a mean of micro-batch means, 0/0, skipped. Now the step
+    equals one batch of 8 with the same labels."""
+    _assert_batch_4x2_steps_as_batch_8(tmp_path, _masked_first, in_order=True)
 
 
 def test_the_loss_count_question_waits_for_a_batch_that_can_answer_and_ranks_agree(tmp_path, monkeypatch):
@@ -433,23 +430,8 @@ def test_the_loss_count_question_waits_for_a_batch_that_can_answer_and_ranks_agr
     counted labels alone would wait forever in the count's gather): no where any says no,
     undecided where any could not tell."""
     import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-    from odelora.integrations.trainer import ODELoRATrainer
-
-    data = TokenDataset()
-    data.labels[:4] = -100  # the first micro-batch of batch 4
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                      intermediate_size=48, max_position_embeddings=32)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.1, report_to=[],
-                             save_strategy="no", use_cpu=True, disable_tqdm=True)
-    class InOrder(ODELoRATrainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    trainer = InOrder(model=model, args=args, train_dataset=data)
+    trainer = _tiny_llama_trainer(tmp_path, _masked_first(), 4, max_steps=2, in_order=True, dtype=torch.float32)
     asked = []
     ask = trainer._loss_divides_by_count
     monkeypatch.setattr(trainer, "_loss_divides_by_count", lambda batch: asked.append(ask(batch)) or asked[-1])
