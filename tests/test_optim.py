@@ -1325,6 +1325,61 @@ def test_bad_options_and_inputs_fail_at_construction_with_what_to_do():
         assert ODELoRA([(B, A)], lr=lr).param_groups[0]["lr"] == pytest.approx(0.1)
 
 
+def test_group_keys_the_optimizer_keeps_tensor_betas_and_sync_ranks_are_checked():
+    """Keys ODELoRA fills itself are refused in a group (they clashed inside the group's dict);
+    a group may hold one LoRAPair; tensor betas, which torch's foreach AdamW refuses at the first
+    step, are taken as floats; sync_ranks other than True/False/None (0 turned syncing on) is refused."""
+    Y, B, A = problem(22, dtype=torch.float32)
+    for key, value in (("scales", [2.0]), ("names", ["x"]), ("t", float("nan"))):
+        with pytest.raises(ValueError, match=rf"a param group sets \['{key}'\], which ODELoRA keeps itself"):
+            ODELoRA([{"pairs": [(B, A)], key: value}])
+    assert ODELoRA([{"pairs": LoRAPair(B, A, 2.0, "fc")}]).pairs[0].name == "fc"
+    opt = ODELoRA([(B, A)], lr=0.05, preconditioner="adam", betas=torch.tensor([0.9, 0.99]), eps=torch.tensor(1e-8))
+    assert opt.param_groups[0]["betas"] == (pytest.approx(0.9), pytest.approx(0.99))
+    assert all(type(v) is float for v in (*opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]))
+    opt.step(make_closure(opt, B, A, Y))
+    assert opt.stats.steps == 1 and opt.stats.skipped == 0
+    C, D = torch.zeros(12, 2, requires_grad=True), torch.randn(2, 9).requires_grad_()
+    opt.add_param_group({"pairs": [(C, D)], "betas": torch.tensor([0.8, 0.9])})
+    assert all(type(v) is float for v in opt.param_groups[-1]["betas"])
+    for bad in (0, "no", 1):
+        with pytest.raises(ValueError, match="sync_ranks must be True, False or None"):
+            ODELoRA([(B, A)], sync_ranks=bad)
+
+
+def test_a_state_dict_of_the_same_pairs_in_another_order_does_not_hand_them_each_others_frames():
+    """Pairs listed in another order pass the load's layout check (the same shapes); the saved
+    frames then describe other pairs. With both B = 0 (PEFT's start, then a step at lr 0) the
+    frame's B matched and the next step broke on A's shape; now the frames are recomputed and the
+    step equals that of an optimizer loaded with nothing."""
+    def pairs():
+        P, R = torch.zeros(8, 2, requires_grad=True), torch.zeros(8, 2, requires_grad=True)
+        Q = torch.randn(2, 6, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        S = torch.randn(2, 5, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        return P, Q, R, S
+
+    def loss(P, Q, R, S):
+        return (P @ Q - 1).square().sum() + (R @ S - 1).square().sum()
+
+    P, Q, R, S = pairs()
+    opt = ODELoRA([(P, Q), (R, S)], lr=0.0)
+    loss(P, Q, R, S).backward()
+    opt.step()
+    results = []
+    for load in (True, False):
+        P2, Q2, R2, S2 = pairs()
+        opt2 = ODELoRA([(R2, S2), (P2, Q2)], lr=0.1)
+        if load:
+            opt2.load_state_dict(opt.state_dict())
+            opt2.param_groups[0]["lr"] = 0.1  # (the saved group's lr was 0)
+        loss(P2, Q2, R2, S2).backward()
+        opt2.step()
+        results.append([t.detach().clone() for t in (P2, Q2, R2, S2)])
+    assert float(results[1][0].abs().max()) > 1e-3
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_errors_during_a_step_leave_the_parameters_untouched():
     Y, B, A = problem(21)
     B0, A0 = B.detach().clone(), A.detach().clone()

@@ -77,7 +77,9 @@ def restored(y: list[Factors], store: PairStore) -> list[Factors] | None:
         if fr is None:
             out.append(Factors(B, A, x.scale))
             continue
-        if fr.UB.shape[:-1] != B.shape[:-1]:
+        k, j = fr.sB.shape[-1], fr.sA.shape[-1]  # a frame of other pairs' shapes (pairs listed in another order) is not theirs
+        if (fr.UB.shape, fr.PB.shape, fr.UA.shape, fr.PA.shape) != ((*B.shape[:-1], k), (*B.shape[:-2], B.shape[-1], k),
+                                                                    (*A.shape[:-2], A.shape[-1], j), (*A.shape[:-1], j)):
             return None
         rB = (fr.UB * fr.sB.unsqueeze(-2)) @ fr.PB.mT
         rA = (fr.UA * fr.sA.unsqueeze(-2)) @ fr.PA.mT

@@ -342,7 +342,7 @@ class ODELoRA(torch.optim.Optimizer):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
         if not self.preconditioner.uses_step and self.tableau.adaptive:  # the error estimate is of the RK step
             raise ValueError(f"preconditioner={self.preconditioner.name!r} needs a fixed-step method (euler, heun, midpoint, rk4)")
-        check_adam_options(self.preconditioner, betas, eps, weight_decay)
+        adam = check_adam_options(self.preconditioner, betas, eps, weight_decay)
         check_flow_options(self.flow, flow_options or {})
         self.controller = StepController(rtol=rtol, atol=atol, h_min=H_MIN, h_max=1.0)
         self._rtol = self.controller.rtol  # as asked; the controller's is raised to the factors' rounding
@@ -351,8 +351,10 @@ class ODELoRA(torch.optim.Optimizer):
         self.on_nonfinite = on_nonfinite
         self.flow_options = dict(flow_options or {})
         self.track_imbalance = track_imbalance
+        if not (sync_ranks is None or isinstance(sync_ranks, bool)):
+            raise ValueError(f"sync_ranks must be True, False or None (whenever torch.distributed is initialized), got {sync_ranks!r}")
         self.sync_ranks = sync_ranks
-        defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay, t=0.0)
+        defaults = dict(lr=float(lr), **adam, t=0.0)
         super().__init__(pair_groups(params), defaults)  # each group through add_param_group
         self._companion = None
         groups, self._companion_names = companion_groups(companion)
@@ -440,7 +442,8 @@ class ODELoRA(torch.optim.Optimizer):
         if "scales" not in param_group or 2 * len(param_group["scales"]) != len(param_group["params"]):
             raise ValueError("ODELoRA param groups are built from pairs: pass {'pairs': [...], ...}")
         opts = {**self.defaults, **param_group}
-        check_adam_options(self.preconditioner, opts["betas"], opts["eps"], opts["weight_decay"])
+        adam = check_adam_options(self.preconditioner, opts["betas"], opts["eps"], opts["weight_decay"])
+        param_group.update({k: v for k, v in adam.items() if k in param_group})
         super().add_param_group(param_group)
         self._tolerance_floor()
         self._store, self._last = None, None  # new buckets: pack from the parameters

@@ -34,7 +34,11 @@ def pair_groups(params: Any, start: int = 0) -> list[dict]:
         groups = [{"pairs": items}]
     out = []
     for g in groups:
-        pairs = as_pairs(g["pairs"], start)
+        own = sorted(set(g) & {"scales", "names", "t"})
+        if own:
+            raise ValueError(f"a param group sets {own}, which ODELoRA keeps itself: give each pair's scale and name with the "
+                             "pair, (B, A, scale) or LoRAPair(B, A, scale, name), and leave the time t to the optimizer")
+        pairs = as_pairs([g["pairs"]] if isinstance(g["pairs"], LoRAPair) else g["pairs"], start)
         if not pairs:
             raise ValueError("a param group has no pairs")
         start += len(pairs)
@@ -47,8 +51,9 @@ def pair_groups(params: Any, start: int = 0) -> list[dict]:
     return out
 
 
-def check_adam_options(preconditioner, betas, eps, weight_decay) -> None:
-    """Valid Adam options; ``weight_decay`` only for a preconditioner that reads it."""
+def check_adam_options(preconditioner, betas, eps, weight_decay) -> dict:
+    """Valid Adam options, as plain floats (torch's foreach AdamW refuses tensor betas);
+    ``weight_decay`` only for a preconditioner that reads it."""
     try:
         b1, b2 = (float(b) for b in betas)
     except (TypeError, ValueError):
@@ -63,6 +68,7 @@ def check_adam_options(preconditioner, betas, eps, weight_decay) -> None:
         raise ValueError(f"eps and weight_decay must be finite numbers >= 0, got eps={eps!r}, weight_decay={weight_decay!r}")
     if weight_decay and "weight_decay" not in preconditioner.options:
         raise ValueError("weight_decay acts only with preconditioner='adam' (decoupled, as in AdamW); plain ODE steps have none")
+    return dict(betas=(b1, b2), eps=float(eps), weight_decay=float(weight_decay))
 
 
 def check_flow_options(flow: Flow, options: dict) -> None:
