@@ -442,7 +442,9 @@ def integrate(
         raise ValueError(f"fixed-step method {tab.name!r} needs a positive step h")
     if h is not None and not (isinstance(h, numbers.Real) and not isinstance(h, bool) and 0 < h < math.inf):
         raise ValueError(f"h must be a positive finite number (the {'first' if tab.adaptive else 'fixed'} step), got {h!r}")
-    outs = sorted(float(t) for t in (t_eval if t_eval is not None else [t1]))
+    outs = [float(t) for t in (t_eval if t_eval is not None else [t1])]
+    if any(b < a for a, b in zip(outs, outs[1:])):  # ys[i] answers t_eval[i]: reordering would swap them silently
+        raise ValueError(f"t_eval must be sorted in increasing order (as scipy's solve_ivp requires), got {list(t_eval)}")
     if outs and (outs[0] < t0 or outs[-1] > t1):
         raise ValueError("t_eval must lie inside t_span")
     if controller is not None and (rtol is not None or atol is not None):
