@@ -218,13 +218,16 @@ def test_report_rebuilds_from_files_alone(tmp_path):
     assert {"torch", "numpy", "odelora", "git_revision"} <= set(meta)
 
 
-def test_config_layers_and_lock(tmp_path):
+def test_config_layers_and_lock(tmp_path, capsys):
     exp = get_experiment("matrix-sensing")
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("m: 12\nn: 9\n")
     cfg = load_config(exp, str(cfg_file), ["rank=1", "grids={lora-gd: [0.1]}"], quick=True)
     assert (cfg.m, cfg.n, cfg.rank, cfg.seeds) == (12, 9, 1, 1)
     assert cfg.grids["lora-gd"] == [0.1] and cfg.grids["odelora-euler"] == exp.QUICK["grids"]["odelora-euler"]
+    assert "learning rates given" not in capsys.readouterr().err
+    load_config(exp, sets=["methods=[adam]", "grids={lora-gd: [0.5], adam: [0.01]}"])  # a grid of a method not run
+    assert "learning rates given for lora-gd, which this run of matrix-sensing does not train (methods: adam)" in capsys.readouterr().err
     run_experiment(exp, exp.Config(**TINY["matrix-sensing"]), tmp_path / "o", progress=False)
     with pytest.raises(SystemExit, match=r"finished cases of another config \(differs in m\)"):
         run_experiment(exp, exp.Config(**{**TINY["matrix-sensing"], "m": 11}), tmp_path / "o", progress=False)

@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_reproduce, parser=s)
     s = sub.add_parser("finetune", help="fine-tune all-MiniLM-L6-v2 with LoRA on BBC News topics (odelora run finetune)",
                        description="Fine-tune all-MiniLM-L6-v2 with LoRA on BBC News topics: the lab experiment `finetune` "
-                                   "(odelora run finetune --help) with its config keys as flags; the report is runs/finetune/report.md.")
+                                   "(odelora run finetune --help) with its config keys as flags; the report is report.md in --out (default runs/finetune).")
     _finetune_arguments(s)
     s.set_defaults(func=_cmd_finetune, parser=s)
     return p

@@ -113,7 +113,11 @@ def load_config(exp: Experiment, config_file: str | None = None, sets: list[str]
     line naming the bad key."""
     data = (exp.quick_config() if quick else exp.Config()).model_dump()
 
+    given_grids: set[str] = set()
+
     def put(key, value):  # a mapping (e.g. grids) updates the preset's mapping instead of replacing it
+        if key == "grids" and isinstance(value, dict):
+            given_grids.update(value)
         data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
 
     if config_file:
@@ -130,9 +134,14 @@ def load_config(exp: Experiment, config_file: str | None = None, sets: list[str]
     for k, v in (values or {}).items():
         put(k, v)
     try:
-        return exp.Config(**data)
+        cfg = exp.Config(**data)
     except ValidationError as err:
         raise SystemExit(config_error(exp.name, exp.Config, err)) from None
+    unused = sorted(given_grids - set(getattr(cfg, "methods", given_grids)))
+    if unused:  # a grid given for a method left out of the run (a slip of --methods or of the grid's name)
+        print(f"odelora: learning rates given for {', '.join(unused)}, which this run of {exp.name} does not train "
+              f"(methods: {', '.join(cfg.methods)}); add them to the methods to use them", file=sys.stderr)
+    return cfg
 
 
 def check_out_dir(out: Path) -> Path:

@@ -20,8 +20,8 @@ seed) in place of the probe, trained with the factors: ODELoRA's methods move it
 companion, the other methods with their own optimizer (the ``finetune`` experiment).
 
 Pretrained weights, probe heads, cached hidden states and full fine-tuning updates are cached in
-``cache_dir`` (default ``runs/cache``, beside the run folders; never committed), keyed by a hash
-of everything they depend on.
+``cache_dir`` (default ``runs/cache`` in the current folder, shared by every run started there,
+whatever its ``--out``; never committed), keyed by a hash of everything they depend on.
 """
 
 from __future__ import annotations
