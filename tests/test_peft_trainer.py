@@ -516,7 +516,8 @@ def test_trainer_passes_its_adamw_arguments_to_the_companion_and_to_adam_pairs(t
 
 def test_a_checkpoint_with_one_companion_group_says_how_to_resume_it():
     """Earlier versions kept the companion in one group; with decay=names it takes two (decayed,
-    not decayed). Loading the one-group state says to pass decay=None, which then resumes it."""
+    not decayed). Loading the one-group state says to pass decay=None, which then resumes it; the
+    other way round, to pass the decay names."""
     torch.manual_seed(0)
     model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
     names = [n for n, p in model.named_parameters() if p.requires_grad and "head" in n and n.endswith("weight")]
@@ -525,6 +526,8 @@ def test_a_checkpoint_with_one_companion_group_says_how_to_resume_it():
     with pytest.raises(ValueError, match=r"companion groups: 1 saved, 2 here.*pass decay=None"):
         split.load_state_dict(saved)
     create_odelora_optimizer(model, lr=0.1, decay=None).load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"companion groups: 2 saved, 1 here.*pass decay=names.*get_decay_parameter_names"):
+        create_odelora_optimizer(model, lr=0.1).load_state_dict(split.state_dict())  # a Trainer's checkpoint, loaded by hand
 
 
 def test_create_odelora_optimizer_rejects_a_name_string_and_a_companion_of_its_own():
@@ -728,6 +731,14 @@ def test_trainer_logs_reach_every_callback_and_other_optimizers_are_refused(tmp_
         ODELoRATrainer(model=model, args=TrainingArguments(**kw), odelora_kwargs=dict(methd="rk4"))
     with pytest.warns(UserWarning, match=r"ignores optim='sgd', optim_args='momentum=0.9': its optimizer is ODELoRA"):
         ODELoRATrainer(model=model, args=TrainingArguments(**kw, optim="sgd", optim_args="momentum=0.9"))
+    default = {k: v for k, v in kw.items() if k != "learning_rate"}
+    with pytest.warns(UserWarning, match=r"learning_rate is TrainingArguments' default 5e-05, chosen for AdamW"):
+        ODELoRATrainer(model=model, args=TrainingArguments(**default))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # AdamW-like rates are right for the Adam path
+        ODELoRATrainer(model=model, args=TrainingArguments(**default), odelora_kwargs=dict(preconditioner="adam"))
 
 
 def test_a_run_resumed_on_the_same_trainer_records_its_own_first_loss(tmp_path):

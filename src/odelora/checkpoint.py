@@ -124,7 +124,11 @@ def check_state_dict(sd: dict, groups: list[dict], layout: list[list[int]], conf
         hint = (f" (companion groups: {saved} saved, {ours} here; earlier odelora versions kept the companion in one group, "
                 "where create_odelora_optimizer(..., decay=names) and ODELoRATrainer now make two, with and without weight "
                 "decay: pass decay=None, in ODELoRATrainer odelora_kwargs=dict(decay=None), to resume such a checkpoint)"
-                if saved == 1 and ours == 2 else older if ours and not saved else "")
+                if saved == 1 and ours == 2 else
+                f" (companion groups: {saved} saved, {ours} here; the checkpoint's companion is split by weight decay, as "
+                "ODELoRATrainer and create_odelora_optimizer(..., decay=names) split it: pass decay=names, with a Trainer's "
+                "names trainer.get_decay_parameter_names(model))"
+                if saved == 2 and ours == 1 else older if ours and not saved else "")
         raise ValueError(f"the state dict has {len(theirs)} param groups, this optimizer {len(mine)}: build the optimizer with "
                          f"the same pairs and groups{hint}")
     for i, (g, h) in enumerate(zip(mine, theirs)):

@@ -124,6 +124,7 @@ class ODELoRATrainer(Trainer):
             raise TypeError(f"ODELoRATrainer trains with ODELoRA, and was given a {type(self.optimizer).__name__}: pass "
                             "optimizers=(ODELoRA(...), scheduler) or no optimizer, or use transformers' Trainer")
         self._warn_unused_optimizer_args()
+        self._warn_default_learning_rate()
         # whether the model's loss divides by the label count it is given: asked at the first micro-batch
         # that can tell (label smoothing computes its own loss, which transformers < 5 leaves undivided)
         ask = self.model_accepts_loss_kwargs and self.compute_loss_func is None and self.label_smoother is None
@@ -157,6 +158,17 @@ class ODELoRATrainer(Trainer):
             unused.append("optimizer_cls_and_kwargs")
         if unused:
             warn(f"ODELoRATrainer ignores {', '.join(unused)}: its optimizer is ODELoRA (options: odelora_kwargs)", UserWarning)
+
+    def _warn_default_learning_rate(self) -> None:
+        """The Trainer's default rate suits AdamW; as ODELoRA's time step it barely moves the factors."""
+        from transformers import TrainingArguments
+
+        default = TrainingArguments.__dataclass_fields__["learning_rate"].default
+        own = self.odelora.preconditioner.name if self.odelora is not None else self.odelora_kwargs.get("preconditioner")
+        if self.args.learning_rate == default and own != "adam":
+            warn(f"learning_rate is TrainingArguments' default {default:g}, chosen for AdamW: for ODELoRATrainer it is the "
+                 "flow's time step h, in the gradient's units (steps of 0.01-0.1 are usual; the README uses 0.05); set "
+                 "learning_rate, or use odelora_kwargs=dict(preconditioner='adam') for AdamW-like rates", UserWarning)
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
         batches, count = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
