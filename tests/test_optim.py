@@ -603,6 +603,9 @@ def test_a_good_step_resets_the_skip_count_and_a_resume_keeps_it():
     sd = torch.load(saved(opt.state_dict()), weights_only=True)
     opt2 = ODELoRA([(B, A)], lr=0.1, max_skipped_steps=3)
     opt2.load_state_dict(sd)
+    assert repr(opt2.last_step) == repr(opt.last_step) and not opt2.last_step.accepted and opt2.last_step.nfe == 1  # (loss NaN)
+    older = {**sd, "odelora": {k: v for k, v in sd["odelora"].items() if k != "last_step"}}
+    ODELoRA([(B, A)], lr=0.1).load_state_dict(older)  # checkpoints of earlier versions hold none
     with pytest.raises(StepFailure, match="3 skipped steps in a row"):
         opt2.step(make_closure(opt2, B, A, Y * float("nan")))
 

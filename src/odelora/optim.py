@@ -753,7 +753,7 @@ class ODELoRA(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         extra: dict[str, Any] = dict(rho=self._rho, skips=self._skips, rejected_at=self._rejected_at, stats=asdict(self.stats),
-                                     config=self._config(), layout=self.store.layout())
+                                     last_step=asdict(self.last_step), config=self._config(), layout=self.store.layout())
         if self._last is not None:  # derived, but resuming must reproduce the same arithmetic
             extra.update(frames_entry(self._last.y))
         if self._companion is not None:
@@ -776,6 +776,8 @@ class ODELoRA(torch.optim.Optimizer):
         at = extra.get("rejected_at")
         self._rejected_at = None if at is None else (float(at[0]), float(at[1]))
         self.stats = StepTotals.from_dict(extra["stats"])
+        fields = StepRecord.__dataclass_fields__  # (checkpoints of earlier versions have no last step)
+        self.last_step = StepRecord(**{k: v for k, v in extra.get("last_step", {}).items() if k in fields})
         y = saved_frames(extra, self.store)
         self._last = None if y is None else _Committed(y, None)  # checked against the parameters at the next step
         if self._companion is not None:
