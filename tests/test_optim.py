@@ -337,7 +337,8 @@ def test_a_collapsed_adaptive_step_fails_loudly():
     Y = torch.randn(30, 3, generator=g) @ torch.randn(3, 20, generator=g)
     B = torch.zeros(30, 3, requires_grad=True)
     A = (0.1 * torch.randn(3, 20, generator=g)).requires_grad_()
-    opt = ODELoRA([(B, A)], lr=0.2, method="bs32", flow="scaled", retraction="none")
+    with pytest.warns(UserWarning, match=r"start at B = 0 \(pair0\), where this flow's adaptive factor-space steps"):
+        opt = ODELoRA([(B, A)], lr=0.2, method="bs32", flow="scaled", retraction="none")
     closure = make_closure(opt, B, A, Y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -632,7 +633,7 @@ def test_one_try_per_step_leaves_b_zero_in_a_few_skipped_steps_and_resumes_exact
         return closure
 
     closure = closure_of(opt, B, A)
-    first = float(closure())
+    first = float(closure().detach())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         opt.step(closure)
@@ -1328,6 +1329,28 @@ def test_bad_options_and_inputs_fail_at_construction_with_what_to_do():
         assert ODELoRA([(B, A)], lr=lr).param_groups[0]["lr"] == pytest.approx(0.1)
 
 
+def test_a_b_zero_start_under_adaptive_factor_space_steps_of_a_stiff_flow_is_warned_about_at_construction():
+    """bs32/dopri5 with retraction 'none' or 'balance' find no step off B = 0 for the balanced and
+    scaled flows (their factor ODE is stiff there): said when the optimizer is built, not after
+    max_skipped_steps steps. Plain LoRA GD's flow is not stiff there, and balanced starts are fine."""
+    import warnings
+
+    Y, B, A = problem(23, dtype=torch.float32)
+    with torch.no_grad():
+        B.zero_()
+    for flow, retraction in (("balanced", "none"), ("balanced", "balance"), ("scaled", "none")):
+        with pytest.warns(UserWarning, match=r"1 LoRA pair\(s\) start at B = 0 \(pair0\).*use the default retraction"):
+            ODELoRA([(B, A)], method="dopri5", flow=flow, retraction=retraction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ODELoRA([(B, A)], method="bs32", flow="gradient", retraction="none")
+        ODELoRA([(B, A)], method="bs32")  # the truncation
+        ODELoRA([(B, A)], method="euler", retraction="none")
+        with torch.no_grad():
+            B.normal_()
+        ODELoRA([(B, A)], method="bs32", retraction="none")
+
+
 def test_group_keys_the_optimizer_keeps_tensor_betas_and_sync_ranks_are_checked():
     """Keys ODELoRA fills itself are refused in a group (they clashed inside the group's dict);
     a group may hold one LoRAPair; tensor betas, which torch's foreach AdamW refuses at the first
@@ -1979,7 +2002,8 @@ def test_a_skipped_adaptive_step_says_how_many_tries_it_made():
     """The step-size floor ends the tries early: the message counts those made, not max_rejects + 1."""
     Y, B, A = problem(33)
     B = torch.zeros_like(B, requires_grad=True)
-    opt = ODELoRA([(B, A)], lr=0.5, method="dopri5", flow="scaled", retraction="none", max_rejects=30)
+    with pytest.warns(UserWarning, match=r"start at B = 0 \(pair0\), where this flow's adaptive factor-space steps"):
+        opt = ODELoRA([(B, A)], lr=0.5, method="dopri5", flow="scaled", retraction="none", max_rejects=30)
     with pytest.warns(RuntimeWarning, match="skipped a step") as rec:
         opt.step(make_closure(opt, B, A, Y))
     tries = opt.last_step.rejected

@@ -377,7 +377,8 @@ class ODELoRA(torch.optim.Optimizer):
         self._store: PairStore | None = None
         self.stats = StepTotals()
         self.last_step = StepRecord()
-        _warn_zero_pairs(self.store)
+        stiff = self.flow.default_retraction(True) != "none"  # the flows whose factor ODE is stiff off B = 0
+        _warn_about_starts(self.store, stiff and self.tableau.adaptive and self.retraction.velocity == "factors")
 
     # ------------------------------------------------------------------ pairs
     @property
@@ -810,16 +811,25 @@ class ODELoRA(torch.optim.Optimizer):
         return dict(method=self.tableau.name, flow=self.flow.name, retraction=self.retraction.name, preconditioner=self.preconditioner.name)
 
 
-def _warn_zero_pairs(store: PairStore) -> None:
-    """Warn about pairs with ``B = 0`` and ``A = 0``: the gradient reaches neither factor there, so
-    no flow ever moves them (unsharded parameters with values only; checked once)."""
-    zero = [
-        n for b in store.buckets if not b.sharded and b.Bs[0].device.type != "meta"
-        for B, A, n in zip(b.Bs, b.As, b.names) if not (bool(B.detach().any()) or bool(A.detach().any()))
-    ]
+def _warn_about_starts(store: PairStore, factor_space_adaptive: bool) -> None:
+    """Warn about starts no step will leave (unsharded parameters with values only; checked once):
+    pairs with ``B = 0`` and ``A = 0``, which the gradient reaches through neither factor, and
+    ``B = 0`` (PEFT's start) under adaptive factor-space steps, whose error estimate rejects every
+    step there."""
+    zero, b_zero = [], []
+    for b in store.buckets:
+        if b.sharded or b.Bs[0].device.type == "meta":
+            continue
+        for B, A, n in zip(b.Bs, b.As, b.names):
+            if not bool(B.detach().any()):
+                (b_zero if bool(A.detach().any()) else zero).append(n)
     if zero:
         warn(f"{len(zero)} LoRA pair(s) with B = 0 and A = 0 ({_short(zero)}): no flow moves them, since the "
              "gradient reaches neither factor; initialize A (PEFT's default) or both (odelora.init.gaussian_ or spectral_)")
+    if b_zero and factor_space_adaptive:
+        warn(f"{len(b_zero)} LoRA pair(s) start at B = 0 ({_short(b_zero)}), where this flow's adaptive factor-space "
+             "steps (retraction 'none' or 'balance') find no step and stop with StepFailure: use the default retraction "
+             "('truncate'), a fixed-step method, or start from balanced factors (odelora.init.spectral_)")
 
 
 def _start_imbalance(x: Factors) -> float:
