@@ -565,6 +565,18 @@ def test_a_failed_floor_claim_says_which_test_failed():
     assert "less than 100x" not in _floor_note(pd.Series([0.5, 0.5, 0.5], index=a), 2.0, 1.0)
 
 
+def test_adapter_selection_with_no_window_to_fit_is_inconclusive_not_failed(tmp_path):
+    """Where T1 leaves no window [2/min lambda, T1 - 1/lambda] for any alpha, no slope is
+    measured: the claim is inconclusive (it was a FAIL saying the rates differ)."""
+    exp = get_experiment("lora-mf")
+    cfg = load_config(exp, quick=True, sets=["alphas=[0.01, 0.02]", "settings=[dw<1]", "inits=[random]"])
+    run_experiment(exp, cfg, tmp_path, progress=False)
+    claims, _ = build_report(tmp_path)
+    (sel,) = [c for c in claims if "adapter selection" in c.claim]
+    assert sel.verdict == "INCONCLUSIVE" and "empty for alpha = 0.01, 0.02" in sel.measured, sel
+    assert "nothing was tested" in sel.note
+
+
 def test_gd_rate_fits_and_plots_the_minimum_over_t_below_T(tmp_path, monkeypatch):
     """Hand-made runs logged at every step t: ||grad J_t||^2 = 1/(t + 1) makes min_(t<T) = 1/T
     (exponent -1 against T = t + 1, 1/T fits exactly); a constant gradient is flat, and its
