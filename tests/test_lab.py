@@ -175,6 +175,20 @@ def test_claims_with_nothing_converged_are_inconclusive_not_fail_or_pass(tmp_pat
     assert "no count to compare" in notes and "neither method reached the target" in notes and "nothing to check" in notes
 
 
+def test_lora_gd_stopped_short_of_10x_euler_leaves_the_kappa_claim_inconclusive(tmp_path):
+    """LoRA GD stopped by the stall rule before 10x ODELoRA-Euler's count: only its projected count
+    says >= 10x, and a verdict resting on an extrapolation is inconclusive (it was a PASS)."""
+    exp, cfg = _tiny_ms()
+    run_experiment(exp, cfg, tmp_path, progress=False)
+    claims, _ = build_report(tmp_path)
+    (c,) = [c for c in claims if "slows down like kappa" in c.claim]
+    best = pd.read_csv(tmp_path / "best.csv")
+    gd = best[(best.method == "lora-gd") & (best.kappa == 100)].iloc[0]
+    euler = best[(best.method == "odelora-euler") & (best.kappa == 100)].iloc[0]
+    assert gd.status == "stalled" and euler.converged and gd.stopped < 10 * euler.iters < gd.projected, (gd, euler)
+    assert c.verdict == "INCONCLUSIVE" and "a verdict would rest on that projection" in c.note, c
+
+
 def test_a_partial_strongly_convex_report_says_not_run(tmp_path):
     """Methods without a saved case are "not run" in a partial report, not methods that did not converge."""
     exp = get_experiment("strongly-convex")
