@@ -150,6 +150,22 @@ def test_finetune_bad_input(capsys, tmp_path, args, expect):
     assert expect in one_line_error(capsys, ["finetune", "--out", str(tmp_path / "f"), *args])
 
 
+def test_a_cache_or_checkpoint_folder_that_is_a_file_and_a_damaged_cached_file_are_one_line_errors(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    err = one_line_error(capsys, ["finetune", "--out", str(tmp_path / "f"), "--cache-dir", str(afile)])
+    assert f"cache_dir: Value error, {afile} is a file, not a folder" in err
+    err = one_line_error(capsys, ["run", "pinn-poisson", "--quick", "--set", f"checkpoints={afile}/sub", "--out", str(tmp_path / "p")])
+    assert f"{afile} is a file, not a folder" in err
+    from odelora.lab.tasks import cached
+
+    damaged = tmp_path / "cache" / "x.pt"
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(SystemExit, match=r"x.pt is damaged \(\w+\); delete it and run again"):
+        cached(damaged, lambda: {})
+
+
 @pytest.mark.slow
 def test_no_traceback_from_a_real_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))

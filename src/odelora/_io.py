@@ -41,3 +41,16 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def load_cached(path: Path):
+    """``torch.load(path, weights_only=True)`` of a file the lab cached; a damaged one (a disk that
+    filled up, a copy cut short) stops the command with one line saying to delete it."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as exc:
+        raise SystemExit(f"{path} is damaged ({type(exc).__name__}); delete it and run again: it is made anew") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["OneLineParser", "positive_int", "nonnegative_int", "positive_float", "out_dir"]
+__all__ = ["OneLineParser", "positive_int", "nonnegative_int", "positive_float", "folder_problem", "out_dir"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -34,16 +34,24 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a positive number")
 
 
-def out_dir(text: str) -> str:
-    """An output folder that is not a file and whose nearest existing ancestor is a folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty folder name; leave --out out for the default folder")
+def folder_problem(text: str) -> str | None:
+    """What keeps ``text`` from being a folder that can be made (a file there or above it), or None."""
     path = Path(text)
     if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+        return f"{text} is a file, not a folder"
     parent = path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a folder")
+        return f"{text}: {parent} is a file, not a folder"
+    return None
+
+
+def out_dir(text: str) -> str:
+    """An output folder that is not a file and whose nearest existing ancestor is a folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name; leave --out out for the default folder")
+    problem = folder_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text

@@ -14,7 +14,9 @@ from typing import Annotated, ClassVar, Literal
 import pandas as pd
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
-__all__ = ["ExperimentConfig", "Experiment", "Claim", "NonEmpty", "fmt", "VERDICTS"]
+from .argtypes import folder_problem
+
+__all__ = ["ExperimentConfig", "Experiment", "Claim", "NonEmpty", "Folder", "fmt", "VERDICTS"]
 
 
 def _distinct(values: list) -> list:
@@ -22,6 +24,16 @@ def _distinct(values: list) -> list:
     if twice:
         raise ValueError(f"{twice[0]!r} is listed twice: list each value once")
     return values
+
+
+def _folder(text: str) -> str:
+    problem = folder_problem(text)
+    if problem:
+        raise ValueError(problem + ": name a folder")
+    return text
+
+
+Folder = Annotated[str, Field(min_length=1), AfterValidator(_folder)]  # a folder the lab writes in (cache, checkpoints)
 
 
 def NonEmpty(item):  # noqa: N802  (a type constructor)

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 
-from .._io import atomic_write
+from .._io import atomic_write, load_cached
 from ..optim import StepFailure
-from .core import ExperimentConfig
+from .core import ExperimentConfig, Folder
 from .methods import model_optimizer, nfe_of
 
 __all__ = ["TaskSpec", "ViTSpec", "ViT", "Task", "build_task", "start_", "train_lora", "full_finetune", "lora_updates",
@@ -69,7 +69,7 @@ def cached(path: Path, make: Callable[[], dict]) -> dict:
             buf = io.BytesIO()
             torch.save(make(), buf)
             atomic_write(path, buf.getvalue())
-    return torch.load(path, weights_only=True)
+    return load_cached(path)
 
 
 # ----------------------------------------------------------------------------------------- ViT
@@ -196,7 +196,7 @@ class TaskSpec(ExperimentConfig):
     bbc_train: int = Field(0, ge=0, description="use only this many BBC training articles (0: all 1,825)")
     bbc_eval: PositiveInt = Field(400, le=1000, description="held-out BBC articles (the fixed split)")
     probe_l2: PositiveFloat = Field(1e-3, description="L2 weight of the linear-probe head")
-    cache_dir: str = Field("runs/cache", description="pretrained weights, probe heads, cached activations")
+    cache_dir: Folder = Field("runs/cache", description="pretrained weights, probe heads, cached activations")
 
     def vit(self) -> ViTSpec:
         return ViTSpec(self.vit_dim, self.vit_depth, self.vit_heads, self.vit_mlp)

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
-from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt, merged_with
+from ..core import Claim, Experiment, ExperimentConfig, Folder, NonEmpty, fmt, merged_with
 from ..methods import ModelMethodName
 from ..tasks import TaskSpec, build_task, train_lora
 from ._common import save_fig
@@ -62,7 +62,7 @@ class Config(ExperimentConfig):
     head_lr: PositiveFloat = Field(2e-3, description="AdamW rate of the head for the ODELoRA methods (the others use their own rate)")
     train_docs: NonNegativeInt = Field(0, description="use only this many training articles (0: all not held out)")
     eval_docs: PositiveInt = Field(400, le=1000, description="held-out articles (the fixed split)")
-    cache_dir: str = Field("runs/cache", description="cached MiniLM states below the adapted layers")
+    cache_dir: Folder = Field("runs/cache", description="cached MiniLM states below the adapted layers")
 
     _merge = merged_with("grids", DEFAULT_GRIDS)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, fmt, merged_with
+from ..core import Claim, Experiment, ExperimentConfig, Folder, NonEmpty, fmt, merged_with
 from ._common import save_csv, save_fig
 
 PinnMethod = Literal[
@@ -66,7 +66,7 @@ class PinnConfig(ExperimentConfig):
     target_below: float = Field(0.2, gt=0, le=1, description="target error = target_below x the start error")
     quorum: float = Field(0.8, gt=0, le=1, description="a rate is in a method's window if at least this fraction of its seeds is stable")
     spike_factor: float = Field(10.0, gt=1, description="a loss spike: a step whose loss exceeds spike_factor x the best loss so far")
-    checkpoints: str | None = Field(None, description="folder of the cached pretrained networks, shared by all methods and seeds (default: pretrained/ in the output folder)")
+    checkpoints: Folder | None = Field(None, description="folder of the cached pretrained networks, shared by all methods and seeds (default: pretrained/ in the output folder)")
     seeds: PositiveInt = Field(5, description="seeds (collocation points and LoRA start)")
 
     _merge_grids = merged_with("grids", DEFAULT_GRIDS)

@@ -25,7 +25,7 @@ os.environ.setdefault("DDE_BACKEND", "pytorch")
 import numpy as np
 import torch
 
-from ..._io import atomic_write
+from ..._io import atomic_write, load_cached
 from ...optim import NonFiniteError, ODELoRA, StepFailure
 from .problems import Family, _dde
 
@@ -109,7 +109,7 @@ def load_or_pretrain(folder: Path, family: Family, net: Net, points: int, **kw) 
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = Path(folder) / f"{family.name}-{digest}.pt"
     if path.exists():
-        saved = torch.load(path, weights_only=True)
+        saved = load_cached(path)
         return saved["state"], json.loads(saved["info"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these networks are small: more threads only contend
