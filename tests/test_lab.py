@@ -678,3 +678,17 @@ def test_step_rules_draws_the_fits_it_reports(tmp_path, monkeypatch):
     (line,) = [x for x in figs[0].axes[1].get_lines() if x.get_label() == "a/T fit (theory k=1)"]
     T, y = line.get_data()
     assert T[0] == 11 and np.allclose(y, 1 / T)
+
+
+def test_progress_in_a_log_is_timed_lines_not_a_disabled_bar(capsys):
+    """Where stderr is not a terminal (nohup, CI, `> log 2>&1`) the bar was disabled, and hours of
+    cases went by without a line: a line now comes at most every minute."""
+    from odelora.lab.runner import _LogProgress, _progress
+
+    bar = _progress("exp", 5, 1, True)
+    assert isinstance(bar, _LogProgress)
+    bar.every = 0.0
+    bar.update()
+    bar.update(3)  # the last case: the summary that follows says it
+    assert capsys.readouterr().err.splitlines() == ["exp: 2 of 5 cases saved, 0 s"]
+    assert not isinstance(_progress("exp", 5, 1, False), _LogProgress)

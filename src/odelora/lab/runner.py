@@ -408,6 +408,32 @@ def _save_meta(out: Path, meta: dict, *, interrupted: bool, cases: int, ran: int
     atomic_write(out / "meta.json", json.dumps(meta, indent=2))
 
 
+class _LogProgress:
+    """Progress where stderr is not a terminal (a log file, nohup, CI): one line at most every
+    ``every`` seconds, instead of a bar that would be disabled or fill the log with redraws."""
+
+    def __init__(self, name: str, total: int, done: int, every: float = 60.0):
+        self.name, self.total, self.done, self.every = name, total, done, every
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every and self.done < self.total:
+            print(f"{self.name}: {self.done} of {self.total} cases saved, {now - self.t0:.0f} s", file=sys.stderr, flush=True)
+            self.last = now
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(name: str, total: int, done: int, show: bool):
+    """A progress bar on a terminal, timed lines in a log, nothing without ``show``."""
+    if show and not sys.stderr.isatty():
+        return _LogProgress(name, total, done)
+    return tqdm(total=total, initial=done, desc=name, unit="case", disable=not show, leave=False, mininterval=2.0)
+
+
 def run_experiment(
     exp: Experiment, cfg: ExperimentConfig, out: Path, *, jobs: int = 1, progress: bool = True
 ) -> pd.DataFrame:
@@ -438,8 +464,7 @@ def run_experiment(
     prepared = time.process_time() - c0  # CPU seconds: this process prepares, the workers run the cases
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
-    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc=exp.name, unit="case", disable=None if progress else True,
-               leave=False, mininterval=2.0)
+    bar = _progress(exp.name, len(cases), len(cases) - len(todo), progress)
     cfg_data = cfg.model_dump()
     tasks = [(exp, cfg_data, c) for c in todo]
     pool = None
