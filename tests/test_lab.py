@@ -273,7 +273,11 @@ def test_reproduce_writes_one_readable_report(tmp_path, monkeypatch, capsys):
     assert (out / "report.md").read_text() == text
     capsys.readouterr()
     assert cli(["reproduce", "--quick", "--only", *names, "--out", str(out), "--jobs", "1", "--no-progress"]) == 0
-    assert "expected about 0 s" in capsys.readouterr().out.splitlines()[0]  # every case saved: nothing to estimate
+    again = capsys.readouterr().out
+    assert "expected about 0 s" in again.splitlines()[0]  # every case saved: nothing to estimate
+    assert again.count("every case was saved: reported from them (they took") == len(names)  # not as if run again
+    assert f"(this command: " in again and f"{len(names)} experiment(s) reported from saved cases)" in again
+    assert "every case was saved" not in printed and "this command" not in printed
 
 
 def test_a_run_that_gives_back_its_progress_is_told_apart():

@@ -239,18 +239,22 @@ def _reproduce(root: Path, names: list[str], suites, args) -> int:
         print(f"  left out: the {suite} suite ({', '.join(e.name for e, *_ in rest)}; about "
               f"{_minutes(sum(s for *_, s in rest))} more); add --suites {' '.join((*suites, suite))} or --all", flush=True)
     wall = cpu = 0.0
+    start, reused = time.perf_counter(), 0
     for exp, cfg, est in plan:
         print(f"== {exp.name} (expected {_minutes(est)})", flush=True)
         with folder_lock(check_out_dir(root / exp.name)):
+            ran = bool(pending_cases(exp, cfg, root / exp.name))
             run_experiment(exp, cfg, root / exp.name, jobs=args.jobs, progress=not args.no_progress)
             claims, _ = build_report(root / exp.name)
         _print_claims(claims)
-        w, c = run_seconds(root / exp.name)
-        wall, cpu = wall + w, cpu + c
-        print(f"   {w:.0f} s ({c:.0f} s of CPU time)", flush=True)
+        w, c = run_seconds(root / exp.name)  # every run that made its saved cases
+        wall, cpu, reused = wall + w, cpu + c, reused + (not ran)
+        print(f"   {w:.0f} s ({c:.0f} s of CPU time)" if ran else
+              f"   every case was saved: reported from them (they took {w:.0f} s, {c:.0f} s of CPU time)", flush=True)
     counts, report = build_overview(root, [e.name for e, *_ in plan])
+    took = f" (this command: {time.perf_counter() - start:.0f} s; {reused} experiment(s) reported from saved cases)" if reused else ""
     print(f"\n{counts_text(counts)}; "
-          f"{wall:.0f} s wall, {cpu:.0f} s of CPU time; report: {report}")
+          f"{wall:.0f} s wall, {cpu:.0f} s of CPU time{took}; report: {report}")
     return 0
 
 
