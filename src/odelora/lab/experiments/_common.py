@@ -57,6 +57,12 @@ def method_styles(names: list[str]) -> dict[str, dict]:
     return {m: dict(color=f"C{i % 10}", marker="osD^vP*Xh"[i % 9], ms=10 - 1.5 * (i % 5)) for i, m in enumerate(names)}
 
 
+def curve_styles(n: int) -> list[dict]:
+    """n curves told apart: the ten colours of tab10, then again with another line style (tab20's
+    pairs of one hue, sampled evenly, gave neighbouring curves near-equal colours)."""
+    return [dict(color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[(i // 10) % 4]) for i in range(n)]
+
+
 def gave_back_progress(loss: pd.Series) -> bool:
     """Whether a run ended having given back more than half of its best decrease of the loss
     (a blow-up, then a flat region): a convergence rate would describe the collapse."""

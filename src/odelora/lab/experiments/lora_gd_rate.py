@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
-from ._common import gave_back_progress, save_csv, save_fig
+from ._common import curve_styles, gave_back_progress, save_csv, save_fig
 
 RULES = {
     "theory": "k / (4 sqrt(2) L (||V||^2 + ||grad_W L||)), k a multiple of the theory step (capped at 1 before k)",
@@ -322,12 +322,12 @@ class LoraGDRate(Experiment):
             sub = ts[ts.problem == p]
             groups = [(key, g) for key, g in sub.groupby(["rule", "c"])
                       if key[0] != "theory" or key[1] in (1.0, 16.0, 256.0, sub[sub.rule == "theory"].c.max())]
-            colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(groups), 2)))
+            styles = curve_styles(len(groups))
             for i, ((rule, c), g) in enumerate(groups):
                 lab = f"{rule} {'k' if rule == 'theory' else 'c'}={c:g}"
-                ax[0].loglog(g.t + 1, g.loss, label=lab, color=colors[i])
-                ax[1].loglog(g.t + 1, g.min_g2, label=lab, color=colors[i])
-                ax[2].loglog(g.t + 1, g.V2, label=lab, color=colors[i])
+                ax[0].loglog(g.t + 1, g.loss, label=lab, **styles[i])
+                ax[1].loglog(g.t + 1, g.min_g2, label=lab, **styles[i])
+                ax[2].loglog(g.t + 1, g.V2, label=lab, **styles[i])
                 if rule == "theory" and c == 1.0:
                     J0 = g.loss.iloc[0]
                     ok = g.sum_eta > 0

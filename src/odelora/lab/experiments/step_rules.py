@@ -25,7 +25,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from ...init import adapted_layers
 from ..core import Claim, Experiment, NonEmpty, fmt, merged_with
 from ..tasks import TaskSpec, build_task
-from ._common import save_csv, save_fig
+from ._common import curve_styles, save_csv, save_fig
 from .lora_gd_rate import FLAT, RULES, Rule, _log_times, _step_sizes, fit_rate, fit_text
 
 DEFAULT_CONSTANTS = {
@@ -191,12 +191,12 @@ class StepRules(Experiment):
             None, "Mu & Klabjan"))
         fig, ax = plt.subplots(1, 3, figsize=(17, 4.4))
         groups = list(ts.groupby(["rule", "c"]))
-        colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(groups), 2)))
+        styles = curve_styles(len(groups))
         for i, ((rule, c), g) in enumerate(groups):
             lab = f"{rule} {'k' if rule == 'theory' else 'c'}={c:g}"
-            ax[0].loglog(g.t + 1, g.loss, label=lab, color=colors[i])
-            ax[1].loglog(g.t + 1, g.min_g2, label=lab, color=colors[i])
-            ax[2].loglog(g.t + 1, g.V2, label=lab, color=colors[i])
+            ax[0].loglog(g.t + 1, g.loss, label=lab, **styles[i])
+            ax[1].loglog(g.t + 1, g.min_g2, label=lab, **styles[i])
+            ax[2].loglog(g.t + 1, g.V2, label=lab, **styles[i])
             if rule == "theory" and c == 1.0 and len(fits) and ((fits.rule == rule) & (fits.c == c)).any():
                 used = (g.t >= 10) & np.isfinite(g.min_g2) & (g.min_g2 > 0)  # the rows and the T that fit_rate used
                 T, y = g.t[used].to_numpy(float) + 1, g.min_g2[used].to_numpy()
