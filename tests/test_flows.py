@@ -7,7 +7,6 @@ from hypothesis import given, settings, strategies as st
 
 import odelora
 from odelora import flows
-from odelora.geometry import balance
 
 from conftest import damped_projection_reference, projection_reference, random_factor
 

@@ -276,7 +276,7 @@ def test_reproduce_writes_one_readable_report(tmp_path, monkeypatch, capsys):
     again = capsys.readouterr().out
     assert "expected about 0 s" in again.splitlines()[0]  # every case saved: nothing to estimate
     assert again.count("every case was saved: reported from them (they took") == len(names)  # not as if run again
-    assert f"(this command: " in again and f"{len(names)} experiment(s) reported from saved cases)" in again
+    assert "(this command: " in again and f"{len(names)} experiment(s) reported from saved cases)" in again
     assert "every case was saved" not in printed and "this command" not in printed
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from odelora.init import adapted_layers
 from odelora.lab.tasks import TaskSpec, build_task, full_finetune, lora_updates, start_, train_lora
-from test_lab import REAL, REAL_CACHE
+from test_lab import REAL
 
 pytestmark = pytest.mark.fashion_mnist
 SPEC = TaskSpec(**{k: v for k, v in REAL.items() if k != "tasks"})

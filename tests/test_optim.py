@@ -1605,7 +1605,7 @@ def test_the_first_step_warns_when_the_ranks_are_not_replicas(monkeypatch, other
         elif other.startswith("NaN"):
             t[-1] = 1.0  # the flag another rank raises at a non-finite value
 
-    ops = two_ranks(monkeypatch, opt, dist.ReduceOp.MAX, act)
+    two_ranks(monkeypatch, opt, dist.ReduceOp.MAX, act)
     opt._replicas_checked = False
     closure = make_closure(opt, B, A, Y)
     with warnings.catch_warnings(record=True) as seen:

@@ -332,7 +332,7 @@ class LoraMF(Experiment):
                     f"{tag} misaligned pretrained weights: at T1, F points along (W2 W2^T u, v), not (u, v)",
                     f"1 - cos at T1 -> (1 - cos(W2 W2^T u, u))/2 = {lim:.3g} as alpha -> 0 (within 20% at the smallest alpha); "
                     "the talk's O(alpha^c) alignment does not apply",
-                    f"median 1 - cos at T1: " + ", ".join(f"a={r.alpha:g}: {r.mis:.2e}" for r in per.itertuples()),
+                    "median 1 - cos at T1: " + ", ".join(f"a={r.alpha:g}: {r.mis:.2e}" for r in per.itertuples()),
                     ok, "derivation", note="" if ok else "the misalignment at T1 does not approach the derived limit"))
             # F, G. adapter selection
             pred = 4 * (l1 - l2)

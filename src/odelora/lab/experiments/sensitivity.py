@@ -16,8 +16,6 @@ import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
