@@ -739,6 +739,7 @@ def test_trainer_logs_reach_every_callback_and_other_optimizers_are_refused(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # AdamW-like rates are right for the Adam path
         ODELoRATrainer(model=model, args=TrainingArguments(**default), odelora_kwargs=dict(preconditioner="adam"))
+        ODELoRATrainer(model=model, args=TrainingArguments(**default), optimizers=(create_odelora_optimizer(model, lr=0.1), None))
 
 
 def test_a_run_resumed_on_the_same_trainer_records_its_own_first_loss(tmp_path):

@@ -164,8 +164,8 @@ class ODELoRATrainer(Trainer):
         from transformers import TrainingArguments
 
         default = TrainingArguments.__dataclass_fields__["learning_rate"].default
-        own = self.odelora.preconditioner.name if self.odelora is not None else self.odelora_kwargs.get("preconditioner")
-        if self.args.learning_rate == default and own != "adam":
+        given = self.odelora is not None  # optimizers=(ODELoRA(..., lr=...), scheduler): its own lr
+        if not given and self.args.learning_rate == default and self.odelora_kwargs.get("preconditioner") != "adam":
             warn(f"learning_rate is TrainingArguments' default {default:g}, chosen for AdamW: for ODELoRATrainer it is the "
                  "flow's time step h, in the gradient's units (steps of 0.01-0.1 are usual; the README uses 0.05); set "
                  "learning_rate, or use odelora_kwargs=dict(preconditioner='adam') for AdamW-like rates", UserWarning)
