@@ -189,6 +189,20 @@ def test_lora_gd_stopped_short_of_10x_euler_leaves_the_kappa_claim_inconclusive(
     assert c.verdict == "INCONCLUSIVE" and "a verdict would rest on that projection" in c.note, c
 
 
+def test_need_bounds_decide_from_what_was_run():
+    """At least what each run ran (infinite where it diverged), at most what it took where it
+    converged; medians over seeds per rate, the best rate's: two seeds converged at 60 and one at
+    the cap decide < 10x (a FAIL the projection rule had called undecided); runs that all diverged
+    bound nothing from below but infinity, which the claim reads as no rate to compare."""
+    from odelora.lab.experiments.matrix_sensing import _need_bounds
+
+    runs = pd.DataFrame(dict(lr=[0.5] * 3 + [0.9] * 3, status=["converged", "converged", "cap", "stalled", "stalled", "diverged"],
+                             iters=[60, 60, 800, 200, 210, 3]))
+    assert _need_bounds(runs) == (60.0, 60.0)
+    assert _need_bounds(runs[runs.lr == 0.9]) == (210.0, float("inf"))
+    assert _need_bounds(runs.assign(status="diverged")) == (float("inf"), float("inf"))
+
+
 def test_a_partial_strongly_convex_report_says_not_run(tmp_path):
     """Methods without a saved case are "not run" in a partial report, not methods that did not converge."""
     exp = get_experiment("strongly-convex")
