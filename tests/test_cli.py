@@ -157,13 +157,52 @@ def test_a_cache_or_checkpoint_folder_that_is_a_file_and_a_damaged_cached_file_a
     assert f"cache_dir: Value error, {afile} is a file, not a folder" in err
     err = one_line_error(capsys, ["run", "pinn-poisson", "--quick", "--set", f"checkpoints={afile}/sub", "--out", str(tmp_path / "p")])
     assert f"{afile} is a file, not a folder" in err
+    from odelora._io import DamagedFile
     from odelora.lab.tasks import cached
 
     damaged = tmp_path / "cache" / "x.pt"
     damaged.parent.mkdir()
     damaged.write_bytes(b"PK\x03\x04 cut short")
-    with pytest.raises(SystemExit, match=r"x.pt is damaged \(\w+\); delete it and run again"):
+    with pytest.raises(DamagedFile, match=r"x.pt is damaged \(\w+\); delete it and run again"):
         cached(damaged, lambda: {})
+
+
+DAMAGED_IN_A_WORKER = """
+import sys
+from pathlib import Path
+from odelora._io import load_cached
+from odelora.lab.core import Experiment, ExperimentConfig
+from odelora.lab.runner import run_experiment
+
+class Config(ExperimentConfig):
+    path: str = ""
+
+class Reads(Experiment):
+    name, summary, Config, QUICK = "reads-cache", "a case that loads a cached file", Config, {}
+    def cases(self, cfg):
+        return [dict(i=i) for i in range(2)]
+    def case_cost(self, cfg, case):
+        return 1.0
+    def run_case(self, cfg, case):
+        load_cached(Path(cfg.path))
+        return [dict(x=1)]
+
+if __name__ == "__main__":
+    run_experiment(Reads(), Config(path=sys.argv[1]), Path(sys.argv[2]), jobs=int(sys.argv[3]), progress=False)
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_damaged_cached_file_read_by_a_case_ends_the_run_in_one_line(tmp_path, jobs):
+    """A case that reads a damaged cached file stops the run with one line, also where the case
+    runs in a pool's worker (a SystemExit raised there ended the worker and left the pool waiting)."""
+    (tmp_path / "reads.py").write_text(DAMAGED_IN_A_WORKER)
+    bad = tmp_path / "full-x.pt"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{tmp_path}")
+    p = subprocess.run([sys.executable, str(tmp_path / "reads.py"), str(bad), str(tmp_path / "out"), str(jobs)],
+                       capture_output=True, text=True, env=env, timeout=180)
+    assert p.returncode == 1 and p.stderr.strip() == f"{bad} is damaged (RuntimeError); delete it and run again: it is made anew", p.stderr
 
 
 @pytest.mark.slow

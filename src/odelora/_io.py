@@ -43,9 +43,15 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
+class DamagedFile(Exception):
+    """A cached file that cannot be read; the message says which and what to do. (Not a
+    SystemExit: raised in a pool's worker, that would end the worker and leave the pool waiting.)"""
+
+
 def load_cached(path: Path):
     """``torch.load(path, weights_only=True)`` of a file the lab cached; a damaged one (a disk that
-    filled up, a copy cut short) stops the command with one line saying to delete it."""
+    filled up, a copy cut short) raises :class:`DamagedFile`, which the lab's runner reports in
+    one line."""
     import pickle
 
     import torch
@@ -53,4 +59,4 @@ def load_cached(path: Path):
     try:
         return torch.load(path, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as exc:
-        raise SystemExit(f"{path} is damaged ({type(exc).__name__}); delete it and run again: it is made anew") from None
+        raise DamagedFile(f"{path} is damaged ({type(exc).__name__}); delete it and run again: it is made anew") from None

@@ -37,7 +37,7 @@ import yaml
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from .._io import atomic_write
+from .._io import DamagedFile, atomic_write
 from .core import Experiment, ExperimentConfig
 
 __all__ = [
@@ -460,7 +460,10 @@ def run_experiment(
     if todo:
         for stale in ("report.md", "claims.json"):  # a report of fewer cases than the folder will hold
             (out / stale).unlink(missing_ok=True)
-        exp.prepare(cfg)
+        try:
+            exp.prepare(cfg)
+        except DamagedFile as exc:
+            raise SystemExit(str(exc)) from None
     prepared = time.process_time() - c0  # CPU seconds: this process prepares, the workers run the cases
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -481,6 +484,10 @@ def run_experiment(
             _write_case(out, cid, case, rows)
             timings[cid], cpu[cid] = dt, dc
             bar.update()
+    except DamagedFile as exc:  # raised in a worker: the pool hands it over and is stopped below
+        _save_meta(out, meta, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
+                   prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
+        raise SystemExit(str(exc)) from None
     except KeyboardInterrupt:
         done = len(cases) - len(todo) + len(timings)
         _save_meta(out, meta, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
