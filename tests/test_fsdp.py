@@ -179,3 +179,13 @@ def test_checkpoint_of_a_ddp_model_loads_into_the_bare_model(tmp_path):
     step(m, opt)
     step(m2, opt2)
     assert torch.equal(m2.B, m.B) and torch.equal(m2.A, m.A) and opt2.stats.steps == 2
+
+
+def test_the_trainers_loss_count_question_is_asked_in_step_across_fsdp2_ranks(tmp_path):
+    """Rank 0's first micro-batch cannot answer (every label masked), rank 1's can: both ask two
+    micro-batches and agree, where asking until each could tell hung in FSDP's gathers."""
+    import json
+
+    torchrun(Path(__file__).parent / "trainer_probe_worker.py", [str(tmp_path / "out")], tmp_path / "log.txt", timeout=150)
+    got = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
+    assert got == [dict(answer=True, asked=2)] * 2, got

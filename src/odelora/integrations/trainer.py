@@ -174,11 +174,11 @@ class ODELoRATrainer(Trainer):
         batches, count = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         device = args[0] if args else kwargs.get("device")  # (transformers < 4.50 passes none, nor counts labels)
         if self._loss_counts is None and device is not None and hasattr(self, "_get_num_items_in_batch"):
-            answer = None
-            for batch in batches:  # the first micro-batch that can tell (one with every label masked cannot)
-                if "labels" in batch and (answer := self._loss_divides_by_count(batch)) is not None:
+            for batch in batches:  # the first micro-batch that can tell (one with every label masked cannot),
+                answer = self._loss_divides_by_count(batch) if "labels" in batch else None
+                self._loss_counts = self._agreed(answer)  # in step across processes: FSDP's forwards gather together
+                if self._loss_counts is not None:
                     break
-            self._loss_counts = self._agreed(answer)
             if self._loss_counts:
                 self.model_accepts_loss_kwargs = True
                 count = self._get_num_items_in_batch(batches, device)
