@@ -2,7 +2,8 @@
 checks that a loaded one fits the optimizer.
 
 The ``"odelora"`` entry of ``ODELoRA.state_dict()`` holds the adaptive step fraction ``rho``, the
-count of skipped steps in a row, the statistics, the configuration (method, flow, retraction,
+count of skipped steps in a row and the last rejected try, the statistics and the last step's
+record (``last_step``), the configuration (method, flow, retraction,
 preconditioner), the pairs' layout, the companion AdamW's state, and the frames of the last
 committed state with their memory layouts: frames are derived from the factors, but a resumed run
 must compute exactly what the saved one would have.
