@@ -17,7 +17,7 @@ from odelora.lab.runner import case_id, damaged_cases, folder_lock, load_config,
 
 TINY = {
     "matrix-sensing": dict(
-        m=10, n=10, rank=2, kappas=[1, 100], starts=["spectral"], seeds=1, max_iters=800, log_every=20,
+        m=10, n=10, rank=2, kappas=[1, 100], starts=["spectral"], seeds=1, max_iters=3000, log_every=20,  # LoRA GD runs 3000 > 10x Euler's
         methods=["odelora-euler", "scaled-gd", "lora-gd"],
         grids={"odelora-euler": [0.6, 0.8, 1.0], "scaled-gd": [0.4, 0.6, 0.8], "lora-gd": [0.3, 0.5, 0.7]},
     ),
@@ -85,7 +85,7 @@ def test_experiment_claims_at_tiny_scale(name, tmp_path):
     for key in MUST_PASS[name]:
         hits = [c for c in claims if key in c.claim]
         assert hits, (key, [c.claim for c in claims])
-        assert all(c.passed for c in hits), [(c.claim, c.measured, c.note) for c in hits]
+        assert all(c.verdict == "PASS" for c in hits), [(c.claim, c.measured, c.note) for c in hits]
     assert all(c.note for c in claims if c.verdict in ("FAIL", "INCONCLUSIVE", "FINDING"))
     assert "**Measured:**" in text and not BARE_NONFINITE.search(text.split("## Config")[0]), text
     figs = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
@@ -179,7 +179,7 @@ def test_lora_gd_stopped_short_of_10x_euler_leaves_the_kappa_claim_inconclusive(
     """LoRA GD stopped by the stall rule before 10x ODELoRA-Euler's count: only its projected count
     says >= 10x, and a verdict resting on an extrapolation is inconclusive (it was a PASS)."""
     exp, cfg = _tiny_ms()
-    run_experiment(exp, cfg, tmp_path, progress=False)
+    run_experiment(exp, cfg.model_copy(update=dict(max_iters=800)), tmp_path, progress=False)  # stalls at 200, projecting ~6000
     claims, _ = build_report(tmp_path)
     (c,) = [c for c in claims if "slows down like kappa" in c.claim]
     best = pd.read_csv(tmp_path / "best.csv")
