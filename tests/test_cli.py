@@ -165,6 +165,15 @@ def test_a_cache_or_checkpoint_folder_that_is_a_file_and_a_damaged_cached_file_a
     damaged.write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(DamagedFile, match=r"x.pt is damaged \(\w+\); delete it and run again"):
         cached(damaged, lambda: {})
+    import numpy as np
+
+    from odelora._io import load_cached
+    from odelora.lab.data import _mnist_arrays
+
+    for name, load in (("emb.npy", np.load), ("mnist.npz", _mnist_arrays)):  # the data caches
+        (tmp_path / name).write_bytes(b"PK\x03\x04 cut short")
+        with pytest.raises(DamagedFile, match=rf"{name} is damaged"):
+            load_cached(tmp_path / name, load)
 
 
 DAMAGED_IN_A_WORKER = """

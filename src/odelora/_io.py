@@ -48,15 +48,16 @@ class DamagedFile(Exception):
     SystemExit: raised in a pool's worker, that would end the worker and leave the pool waiting.)"""
 
 
-def load_cached(path: Path):
-    """``torch.load(path, weights_only=True)`` of a file the lab cached; a damaged one (a disk that
-    filled up, a copy cut short) raises :class:`DamagedFile`, which the lab's runner reports in
-    one line."""
+def load_cached(path: Path, load=None):
+    """``load(path)`` (default ``torch.load(path, weights_only=True)``) of a file the lab cached; a
+    damaged one (a disk that filled up, a copy cut short) raises :class:`DamagedFile`, which the
+    lab's runner reports in one line."""
     import pickle
+    import zipfile
 
     import torch
 
     try:
-        return torch.load(path, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as exc:
+        return load(path) if load is not None else torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError) as exc:
         raise DamagedFile(f"{path} is damaged ({type(exc).__name__}); delete it and run again: it is made anew") from None

