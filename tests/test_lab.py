@@ -97,6 +97,35 @@ def _tiny_ms():
     return exp, exp.Config(**TINY["matrix-sensing"])
 
 
+def test_a_run_killed_outright_keeps_the_times_of_its_saved_cases(tmp_path, monkeypatch):
+    """meta.json is written after every case: a run stopped with no chance to clean up (SIGKILL;
+    here an exception no handler catches) leaves its cases' times on record, as an interrupted
+    run, and the next run lists it among the earlier ones."""
+    exp, cfg = _tiny_ms()
+    cfg = cfg.model_copy(update=dict(kappas=[1, 10, 100]))
+    original, calls = type(exp).run_case, {"n": 0}
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, cfg, case):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed
+        return original(self, cfg, case)
+
+    monkeypatch.setattr(type(exp), "run_case", killed)
+    with pytest.raises(Killed):
+        run_experiment(exp, cfg, tmp_path, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["interrupted"] and meta["ran"] == 2 and len(meta["case_times"]) == 2 and "earlier_runs" not in meta
+    monkeypatch.setattr(type(exp), "run_case", original)
+    run_experiment(exp, cfg, tmp_path, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert not meta["interrupted"] and len(meta["case_times"]) == len(exp.cases(cfg))
+    assert [r["ran"] for r in meta["earlier_runs"]] == [2] and meta["earlier_runs"][0]["interrupted"]
+
+
 def test_interrupted_sweep_resumes_without_lost_or_duplicated_rows(tmp_path, monkeypatch):
     exp, cfg = _tiny_ms()
     cfg = cfg.model_copy(update=dict(kappas=[1, 10, 100]))

@@ -387,24 +387,33 @@ def estimate_seconds(exp: Experiment, cfg: ExperimentConfig, cases: list[dict], 
     return speed * (max(lanes) + (exp.prepare_cost(cfg) if cases else 0.0))
 
 
-def _save_meta(out: Path, meta: dict, *, interrupted: bool, cases: int, ran: int, timings: dict, cpu: dict,
+def _earlier(out: Path) -> dict:
+    """What the folder's meta.json holds of the runs before this one: their summaries and every
+    case's times (read once, as the run starts: this run's own saves must not count as earlier)."""
+    try:
+        before = json.loads((out / "meta.json").read_text())
+        runs = before.pop("earlier_runs", []) + [
+            {k: before.get(k) for k in ("started", "finished", "interrupted", "ran", "case_seconds", "case_cpu_seconds",
+                                        "prepare_cpu_seconds", "wall_seconds", "jobs")}]
+        return dict(earlier_runs=runs, case_times=before.get("case_times", {}), case_cpu_times=before.get("case_cpu_times", {}))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _save_meta(out: Path, meta: dict, earlier: dict, *, interrupted: bool, cases: int, ran: int, timings: dict, cpu: dict,
                prepared: float, wall: float, jobs: int) -> None:
     """Write meta.json: this run's provenance and times, with the earlier (interrupted or partial)
-    runs of the folder kept on record and every case's time, whichever run saved it."""
+    runs of the folder kept on record and every case's time, whichever run saved it. Written after
+    every case too (as interrupted until the run ends): a run killed outright keeps its times."""
     meta = dict(meta, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), interrupted=interrupted, cases=cases, ran=ran,
                 case_seconds=round(sum(timings.values()), 2), case_cpu_seconds=round(sum(cpu.values()), 2),
                 prepare_cpu_seconds=round(prepared, 2), wall_seconds=round(wall, 2), jobs=jobs,
                 case_times={cid: round(dt, 2) for cid, dt in sorted(timings.items())},
                 case_cpu_times={cid: round(dc, 2) for cid, dc in sorted(cpu.items())})
-    try:
-        before = json.loads((out / "meta.json").read_text())
-        meta["earlier_runs"] = before.pop("earlier_runs", []) + [
-            {k: before.get(k) for k in ("started", "finished", "interrupted", "ran", "case_seconds", "case_cpu_seconds",
-                                        "prepare_cpu_seconds", "wall_seconds", "jobs")}]
+    if earlier:
+        meta["earlier_runs"] = earlier["earlier_runs"]
         for key in ("case_times", "case_cpu_times"):
-            meta[key] = dict(sorted({**before.get(key, {}), **meta[key]}.items()))
-    except (OSError, ValueError, TypeError):
-        pass
+            meta[key] = dict(sorted({**earlier[key], **meta[key]}.items()))
     atomic_write(out / "meta.json", json.dumps(meta, indent=2))
 
 
@@ -442,6 +451,7 @@ def run_experiment(
     claim_folder(out, exp, cfg)
     exp.out = out
     meta = dict(experiment=exp.name, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
+    earlier = _earlier(out)
     todo = pending_cases(exp, cfg, out)
     ids = {case_id(c) for c in cases}
     others = len(finished_cases(out)) - len(finished_cases(out, cases))
@@ -483,14 +493,16 @@ def run_experiment(
         for cid, case, rows, (dt, dc) in results:
             _write_case(out, cid, case, rows)
             timings[cid], cpu[cid] = dt, dc
+            _save_meta(out, meta, earlier, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
+                       prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
             bar.update()
     except DamagedFile as exc:  # raised in a worker: the pool hands it over and is stopped below
-        _save_meta(out, meta, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
+        _save_meta(out, meta, earlier, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
                    prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
         raise SystemExit(str(exc)) from None
     except KeyboardInterrupt:
         done = len(cases) - len(todo) + len(timings)
-        _save_meta(out, meta, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
+        _save_meta(out, meta, earlier, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
                    prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
         raise RunInterrupted(
             f"interrupted: {done} of {len(cases)} cases of {exp.name} are saved in {out}; rerun the same command to resume"
@@ -501,7 +513,7 @@ def run_experiment(
             pool.terminate()
             pool.join()
         bar.close()
-    _save_meta(out, meta, interrupted=False, cases=len(cases), ran=len(todo), timings=timings, cpu=cpu,
+    _save_meta(out, meta, earlier, interrupted=False, cases=len(cases), ran=len(todo), timings=timings, cpu=cpu,
                prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
     df = read_results(out, cases)
     atomic_write(out / "results.csv", df.to_csv(index=False))
