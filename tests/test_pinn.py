@@ -266,3 +266,24 @@ def test_windows_of_equal_width_on_shifted_grids_are_a_tie(tmp_path):
     cfg = exp.Config(methods=list(spec), grids={"odelora-rk4": rk4, "lora-adam": adam}, ranks=[4], seeds=1, budget=60, eval_every=5)
     c = next(c for c in exp.report(_grid_runs(spec), cfg, tmp_path)[0] if c.claim.startswith("odelora-rk4: stable"))
     assert c.verdict == "INCONCLUSIVE" and "odelora-rk4's window reaches the smallest rate of its grid" in c.note, c.note
+
+
+def test_a_partial_run_decides_no_comparison_and_reports_a_method_whose_runs_all_diverged(tmp_path):
+    """A report built before every case finished: grid rates without runs broke windows and
+    methods without runs dropped out of the baselines, so comparisons came out PASS or FAIL on
+    what happened to run; now they wait (inconclusive). A method whose only finished rate diverged
+    crashed the report's table (its best rate was a grid rate that never ran)."""
+    from odelora.lab.experiments.pinn import PINN_EXPERIMENTS
+
+    exp = PINN_EXPERIMENTS[0]()
+    cfg = exp.Config(**tiny(tmp_path, grids={"odelora-rk4": [1e-3, 1e3], "lora-adam": [1e-2, 3e-2]}))
+    out = tmp_path / "out"
+    run_experiment(exp, cfg, out, jobs=1, progress=False)
+    for f in (out / "cases").glob("*.csv"):  # keep rk4's diverging rate and one lora-adam rate
+        if "odelora-rk4" in f.name and "lr=0.001_" in f.name or "lora-adam" in f.name and "lr=0.03" in f.name:
+            f.unlink()
+    claims, report = build_report(out)
+    decided = [c for c in claims if c.verdict in ("PASS", "FAIL")]
+    assert not decided, [(c.claim, c.verdict) for c in decided]
+    assert any(c.note.startswith("partial run (2 of 4 cases finished)") for c in claims), claims
+    assert "**Partial run:**" in report.read_text()
