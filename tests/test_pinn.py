@@ -191,7 +191,7 @@ def _grid_runs(spec, budget=60, every=5):
                 e = 1.0 if nfe == 0 else 0.1 if reach is not None and nfe >= reach else final if reach is None else 0.5
                 rows.append(dict(method=m, rank=4, seed=0, lr=lr, nfe=nfe, error=e, loss=e, final=nfe == budget, finite=True,
                                  reason="", spikes=0, steps=nfe, rejected=0, t=np.nan, start_error=1.0, pretrained_error=0.01,
-                                 case=f"{m}-0"))
+                                 case=f"{m}-{lr}-0"))
     return pd.DataFrame(rows)
 
 
@@ -226,10 +226,12 @@ def test_window_and_evaluation_claims_that_measure_nothing_are_inconclusive(tmp_
 def test_evaluation_counts_less_than_one_logging_interval_apart_are_a_tie(tmp_path):
     """Errors logged every 10 evaluations, at whole steps: odelora-rk4 logs at multiples of 6,
     lora-adam at multiples of 7. 18 against 21 lie in different tens but 3 apart: a tie; 6 against
-    21: a PASS; 42 against 21: a FAIL."""
+    21: a PASS; 42 against 21: a FAIL. The loser's fastest rate at an end of its grid is a bound
+    (a rate beyond it might get there sooner): nothing is decided."""
     exp = PINN_EXPERIMENTS[0]()
-    grid = [1e-3, 1e-2]
-    spec = {"odelora-rk4": {1e-3: (18, None), 1e-2: (None, 0.3)}, "lora-adam": {1e-3: (21, None), 1e-2: (None, 0.3)}}
+    grid = [1e-4, 1e-3, 1e-2]
+    spec = {"odelora-rk4": {1e-4: (None, 0.3), 1e-3: (18, None), 1e-2: (None, 0.3)},
+            "lora-adam": {1e-4: (None, 0.3), 1e-3: (21, None), 1e-2: (None, 0.3)}}
     cfg = exp.Config(methods=list(spec), grids={m: grid for m in spec}, ranks=[4], seeds=1, budget=60, eval_every=10)
     evals = lambda: next(c for c in exp.report(_grid_runs(spec, every={"odelora-rk4": 6, "lora-adam": 7}), cfg, tmp_path)[0]
                          if c.claim.startswith("odelora-rk4 reaches"))
@@ -239,6 +241,9 @@ def test_evaluation_counts_less_than_one_logging_interval_apart_are_a_tie(tmp_pa
     assert evals().verdict == "PASS"
     spec["odelora-rk4"][1e-3] = (42, None)
     assert evals().verdict == "FAIL"
+    spec["odelora-rk4"][1e-2] = (35, None)  # its fastest rate is now the largest of its grid
+    c = evals()
+    assert c.verdict == "INCONCLUSIVE" and "odelora-rk4's fastest rate, 0.01, is the largest rate of its grid" in c.note, c.note
 
 
 def test_a_window_pass_over_a_baseline_cut_off_by_its_grid_is_inconclusive(tmp_path):

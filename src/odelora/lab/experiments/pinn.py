@@ -163,6 +163,12 @@ def fastest(rates: pd.DataFrame) -> tuple[float, float]:
     return float(r.to_target), float(r.lr)
 
 
+def _grid_end(lr: float, grid: list[float]) -> str:
+    """Which end of ``grid`` the rate ``lr`` is ("smallest", "largest", or "" inside; a one-rate grid: both)."""
+    ends = [name for name, x in (("smallest", min(grid)), ("largest", max(grid))) if math.isclose(lr, x, rel_tol=1e-9)]
+    return " and ".join(ends) + (" rate" if ends else "")
+
+
 def _win_text(w: dict) -> str:
     if not w["stable"]:
         return "no stable rate"
@@ -344,13 +350,19 @@ class PinnExperiment(Experiment):
             n, nb = fast[v][0], fast[best][0]
             undecided = not np.isfinite(n) and not np.isfinite(nb) or abs(n - nb) < cfg.eval_every
             ok = bool(n < nb) and not undecided
+            # the loser's fastest rate at an end of its grid: a rate beyond might get there sooner (a bound, not a count)
+            loser = None if undecided else best if ok else v
+            end = _grid_end(fast[loser][1], cfg.grids[loser]) if loser and np.isfinite(fast[loser][0]) else ""
+            undecided = undecided or bool(end)
             claims.append(Claim(
                 f"{v} reaches the target error in fewer gradient evaluations than the best LoRA baseline{tag}",
                 f"fewer evaluations to reach relative L2 error {target:.3g} and stay below it (median over seeds, best rate of each grid) "
                 f"than {best}, the fastest of {', '.join(base)}, counted at the logged errors (every {cfg.eval_every} evaluations)",
                 f"{v}: {_evals_text(*fast[v])}; {best}: {_evals_text(*fast[best])}",
                 None if undecided else ok, "Gao & Tan 2026 (abstract)", inconclusive=undecided,
-                note="" if ok else ("no rate of either reached the target for most seeds: nothing was tested" if not np.isfinite(n)
+                note=(f"{loser}'s fastest rate, {fast[loser][1]:g}, is the {end} of its grid: a rate beyond it might reach the target "
+                      f"sooner, so its {int(fast[loser][0])} evaluations are a bound and decide nothing") if end else
+                "" if ok else ("no rate of either reached the target for most seeds: nothing was tested" if not np.isfinite(n)
                                     and not np.isfinite(nb)
                                     else f"both reach it less than one logging interval apart ({int(n)} and {int(nb)}; errors are logged about every "
                                          f"{cfg.eval_every} evaluations), so the counts cannot tell which got there first" if undecided
