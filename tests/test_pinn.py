@@ -261,6 +261,22 @@ def test_a_window_pass_over_a_baseline_cut_off_by_its_grid_is_inconclusive(tmp_p
     assert window().verdict == "PASS"
 
 
+def test_a_shorter_stable_run_at_a_grid_end_leaves_a_window_fail_undecided(tmp_path):
+    """odelora-rk4's window [1e-2, 1e-1] is narrower than lora-adam's [1e-3, 1e-1], but rk4 is also
+    stable at 1e-4, the bottom of its grid: rates below could widen that run past lora-adam's, so
+    the FAIL rests on a bound (it was given, the short run ignored); without it, a FAIL."""
+    exp = PINN_EXPERIMENTS[0]()
+    grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    spec = {"odelora-rk4": {1e-4: (None, 0.3), 1e-3: (None, 0.8), 1e-2: (None, 0.3), 1e-1: (None, 0.3), 1.0: (None, 2.0)},
+            "lora-adam": {1e-4: (None, 0.8), 1e-3: (None, 0.3), 1e-2: (None, 0.3), 1e-1: (None, 0.3), 1.0: (None, 2.0)}}
+    cfg = exp.Config(methods=list(spec), grids={m: grid for m in spec}, ranks=[4], seeds=1, budget=60, eval_every=5)
+    window = lambda: next(c for c in exp.report(_grid_runs(spec), cfg, tmp_path)[0] if c.claim.startswith("odelora-rk4: stable"))
+    c = window()
+    assert c.verdict == "INCONCLUSIVE" and "odelora-rk4 is also stable at the smallest rate of its grid (0.0001)" in c.note, c.note
+    spec["odelora-rk4"][1e-4] = (None, 0.8)
+    assert window().verdict == "FAIL"
+
+
 def test_windows_of_equal_width_on_shifted_grids_are_a_tie(tmp_path):
     """[1e-6, 3e-3] and [1e-5, 3e-2] both span log10(3000) decades, though the two logarithms differ
     in the last bit: no PASS; the variant's window at its grid's end makes the tie a lower bound."""

@@ -136,7 +136,7 @@ def window(rates: pd.DataFrame, quorum: float, column: str = "stable", grid: lis
         g = pd.DataFrame({"lr": sorted(grid)}).assign(k=lambda d: key(d.lr)).merge(
             g.drop(columns="lr").assign(k=key(g.lr)), on="k", how="left").drop(columns="k")
     ok = (g[column] >= quorum - 1e-9).to_numpy()
-    best_span, span = None, None
+    best_span, span, spans = None, None, []
     for i, good in enumerate(ok):
         if good:
             span = (span[0], i) if span else (i, i)
@@ -144,7 +144,8 @@ def window(rates: pd.DataFrame, quorum: float, column: str = "stable", grid: lis
             if best_span is None or cand > best_span[0]:
                 best_span = (cand, span)
         else:
-            span = None
+            spans, span = spans + ([span] if span else []), None
+    spans += [span] if span else []
     if best_span is None:  # the best rate among those that ran (a partial run's grid holds rates without runs)
         ran = g[g["seeds"].notna()] if "seeds" in g else g
         b = ran.loc[ran["median"].idxmin()] if np.isfinite(ran["median"]).any() else ran.iloc[0]
@@ -153,7 +154,11 @@ def window(rates: pd.DataFrame, quorum: float, column: str = "stable", grid: lis
     inside = g.iloc[i:j + 1]
     b = inside.loc[inside["median"].idxmin()]
     edge = ", ".join(w for w, hit in (("smallest", i == 0), ("largest", j == len(g) - 1)) if hit)
-    return dict(width=math.log10(g.lr[j] / g.lr[i]), lo=float(g.lr[i]), hi=float(g.lr[j]), edge=edge, best=float(b.lr), stable=True)
+    # a shorter stable run at a grid end could widen past the grid: the window's width is then a lower bound too
+    beyond = [(w, float(g.lr[k])) for w, k in (("smallest", 0), ("largest", len(g) - 1))
+              if any(s != (i, j) and s[0] <= k <= s[1] for s in spans)]
+    return dict(width=math.log10(g.lr[j] / g.lr[i]), lo=float(g.lr[i]), hi=float(g.lr[j]), edge=edge, best=float(b.lr), stable=True,
+                beyond=beyond)
 
 
 def fastest(rates: pd.DataFrame) -> tuple[float, float]:
@@ -175,8 +180,17 @@ def _win_text(w: dict) -> str:
     return f"{w['width']:.1f} decades [{w['lo']:g}, {w['hi']:g}]" + (f" (at the {w['edge']} grid rate)" if w["edge"] else "")
 
 
+def _open(w: dict) -> bool:
+    """Whether ``w``'s width is a lower bound: its window, or another run of stable rates, reaches a grid end."""
+    return bool(w["stable"] and (w["edge"] or w.get("beyond")))
+
+
 def _cut_text(m: str, w: dict, other: str, wo: dict) -> str:
     """Which end of its grid cuts ``m``'s window off, and what would decide the comparison."""
+    if not w["edge"]:  # a shorter run of stable rates at a grid end
+        return " ".join(f"{m} is also stable at the {e} rate of its grid ({x:g}), apart from its window: rates "
+                        f"{'below' if e == 'smallest' else 'above'} {x:g} could make that run wider than {other}'s "
+                        f"{_win_text(wo)} and would decide it." for e, x in w["beyond"])
     ends = [(e, w[k], side) for e, k, side in (("smallest", "lo", "below"), ("largest", "hi", "above")) if e in w["edge"]]
     return (f"{m}'s window reaches the " + " and the ".join(f"{e} rate of its grid ({x:g})" for e, x, _ in ends)
             + f", so its {w['width']:.1f} decades are a lower bound, not shown to be narrower than {other}'s {_win_text(wo)}: "
@@ -325,7 +339,7 @@ class PinnExperiment(Experiment):
             widest = max(base, key=lambda m: width(wins[m]))
             ok = bool(width(wins[v]) > width(wins[widest]))
             # a verdict resting on a lower bound decides nothing: a FAIL on the variant's, a PASS on a baseline's
-            cut_by = ([v] if wins[v]["edge"] else []) if not ok else [m for m in base if wins[m]["stable"] and wins[m]["edge"]]
+            cut_by = ([v] if _open(wins[v]) else []) if not ok else [m for m in base if _open(wins[m])]
             cut = bool(cut_by)
             none = not wins[v]["stable"] and not wins[widest]["stable"]  # nor does one where no method has a stable rate
             kw = max(base, key=lambda m: width(kept[m]))
