@@ -246,15 +246,20 @@ def test_evaluation_counts_less_than_one_logging_interval_apart_are_a_tie(tmp_pa
     assert c.verdict == "INCONCLUSIVE" and "odelora-rk4's fastest rate, 0.01, is the largest rate of its grid" in c.note, c.note
 
 
+def _rk4_window_claim(spec, tmp_path):
+    """odelora-rk4's window claim from hand-made runs (``_grid_runs``) on the grid 1e-4 to 1."""
+    exp = PINN_EXPERIMENTS[0]()
+    cfg = exp.Config(methods=list(spec), grids={m: [1e-4, 1e-3, 1e-2, 1e-1, 1.0] for m in spec}, ranks=[4], seeds=1, budget=60,
+                     eval_every=5)
+    return next(c for c in exp.report(_grid_runs(spec), cfg, tmp_path)[0] if c.claim.startswith("odelora-rk4: stable"))
+
+
 def test_a_window_pass_over_a_baseline_cut_off_by_its_grid_is_inconclusive(tmp_path):
     """odelora-rk4's interior window [1e-3, 1e-1] is wider than lora-adam's one stable rate; at the
     bottom of lora-adam's grid that one rate is a lower bound (not a PASS), inside it a PASS."""
-    exp = PINN_EXPERIMENTS[0]()
-    grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
     spec = {"odelora-rk4": {1e-4: (None, 0.8), 1e-3: (None, 0.3), 1e-2: (None, 0.3), 1e-1: (None, 0.3), 1.0: (None, 2.0)},
             "lora-adam": {1e-4: (None, 0.3), 1e-3: (None, 0.8), 1e-2: (None, 0.8), 1e-1: (None, 2.0), 1.0: (None, 2.0)}}
-    cfg = exp.Config(methods=list(spec), grids={m: grid for m in spec}, ranks=[4], seeds=1, budget=60, eval_every=5)
-    window = lambda: next(c for c in exp.report(_grid_runs(spec), cfg, tmp_path)[0] if c.claim.startswith("odelora-rk4: stable"))
+    window = lambda: _rk4_window_claim(spec, tmp_path)
     c = window()
     assert c.verdict == "INCONCLUSIVE" and "lora-adam's window reaches the smallest rate of its grid (0.0001)" in c.note, c.note
     spec["lora-adam"][1e-4], spec["lora-adam"][1e-3] = (None, 0.8), (None, 0.3)
@@ -265,12 +270,9 @@ def test_a_shorter_stable_run_at_a_grid_end_leaves_a_window_fail_undecided(tmp_p
     """odelora-rk4's window [1e-2, 1e-1] is narrower than lora-adam's [1e-3, 1e-1], but rk4 is also
     stable at 1e-4, the bottom of its grid: rates below could widen that run past lora-adam's, so
     the FAIL rests on a bound (it was given, the short run ignored); without it, a FAIL."""
-    exp = PINN_EXPERIMENTS[0]()
-    grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
     spec = {"odelora-rk4": {1e-4: (None, 0.3), 1e-3: (None, 0.8), 1e-2: (None, 0.3), 1e-1: (None, 0.3), 1.0: (None, 2.0)},
             "lora-adam": {1e-4: (None, 0.8), 1e-3: (None, 0.3), 1e-2: (None, 0.3), 1e-1: (None, 0.3), 1.0: (None, 2.0)}}
-    cfg = exp.Config(methods=list(spec), grids={m: grid for m in spec}, ranks=[4], seeds=1, budget=60, eval_every=5)
-    window = lambda: next(c for c in exp.report(_grid_runs(spec), cfg, tmp_path)[0] if c.claim.startswith("odelora-rk4: stable"))
+    window = lambda: _rk4_window_claim(spec, tmp_path)
     c = window()
     assert c.verdict == "INCONCLUSIVE" and "odelora-rk4 is also stable at the smallest rate of its grid (0.0001)" in c.note, c.note
     spec["odelora-rk4"][1e-4] = (None, 0.8)
