@@ -345,6 +345,46 @@ def test_trainer_accumulated_steps_equal_one_batch_for_models_taking_loss_kwargs
                        train_dataset=ListDataset(ids, y), odelora_kwargs=dict(method="rk4"))
 
 
+def test_a_subclass_loss_that_divides_by_the_label_count_is_given_it(tmp_path):
+    """transformers' way to customize the loss: override ``compute_loss``, normalize by
+    ``num_items_in_batch`` and say so with ``loss_is_scaled_for_ga = True``. The count question
+    goes through that ``compute_loss`` (it went to the model's own mean loss, which ignores the
+    count: the override then got None, fell back to the micro-batch's size, and with two
+    accumulation steps every step was twice as long)."""
+    from transformers import TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    counts = []
+
+    class SumLoss(ODELoRATrainer):
+        loss_is_scaled_for_ga = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            out = model(**inputs)
+            counts.append(num_items_in_batch)
+            n = num_items_in_batch if num_items_in_batch is not None else labels.numel()
+            loss = torch.nn.functional.cross_entropy(out["logits"], labels, reduction="sum") / n
+            return (loss, out) if return_outputs else loss
+
+    ids, y = data(64)
+    finals = []
+    for batch, accumulate in ((16, 1), (8, 2)):
+        torch.manual_seed(0)
+        model = get_peft_model(KwargsNet(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+        args = TrainingArguments(output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, max_steps=3,
+                                 gradient_accumulation_steps=accumulate, learning_rate=0.5, report_to=[], save_strategy="no",
+                                 use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
+        trainer = SumLoss(model=model, args=args, train_dataset=ListDataset(ids, y))
+        trainer.train()
+        assert trainer._loss_counts is True and counts[-1] is not None and int(counts[-1]) > 0
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    moved = max(float(p.abs().max()) for n, p in finals[0].items() if "lora_B" in n)
+    assert moved > 1e-3
+    assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-6 * max(1.0, moved)
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Sequences of 2 to 12 label tokens (the rest -100): micro-batches of unequal label counts."""
 

@@ -96,8 +96,9 @@ class ODELoRATrainer(Trainer):
     under DDP. A loss that ignores the count (sequence classification heads) is then that many
     times too large, and so is the step; one that divides by it (causal LMs through
     transformers' loss functions) is the exact mean over the labels of all micro-batches. So
-    this Trainer asks the model, at the first micro-batch with unmasked labels: two forwards without gradients,
-    with counts 1 and 2, from the same random state. Where the loss halves, the Trainer's
+    this Trainer asks the loss (``compute_loss``: a subclass's own, where it overrides it), at the
+    first micro-batch with unmasked labels: two forwards without gradients, with counts 1 and 2,
+    from the same random state. Where the loss halves, the Trainer's
     accumulation stays as it is; elsewhere (unless a ``compute_loss_func`` or label smoothing
     computes the loss) ``model_accepts_loss_kwargs`` is set False: every batch's loss is the
     model's mean, divided by the accumulation steps, as for a model without ``**kwargs``."""
@@ -196,22 +197,24 @@ class ODELoRATrainer(Trainer):
         return {0: False, 1: None, 2: True}[int(code)]
 
     def _loss_divides_by_count(self, batch: dict) -> bool | None:
-        """Whether the model's loss on ``batch`` halves when ``num_items_in_batch`` doubles (same
+        """Whether the loss on ``batch`` halves when ``num_items_in_batch`` doubles, asked through
+        ``compute_loss`` (a subclass's own loss too) as the Trainer will compute it (same
         random state for both forwards, which leave no gradient and no trace in the generators or
         the buffers: batch norms' running statistics are put back); None where the batch cannot
         tell (a zero or non-finite loss: every label masked, say)."""
         inputs, rng, losses = self._prepare_inputs(copy.copy(batch)), _rng_state(), []
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        accepts, self.model_accepts_loss_kwargs = self.model_accepts_loss_kwargs, True  # compute_loss passes the count on
         try:
             with torch.no_grad(), self.compute_loss_context_manager():
                 for count in (1.0, 2.0):
                     _set_rng_state(rng)
-                    out = self.model(**inputs, num_items_in_batch=torch.tensor(count, device=self.args.device))
-                    loss = out.get("loss") if isinstance(out, dict) else out[0] if isinstance(out, (tuple, list)) else None
+                    loss = self.compute_loss(self.model, dict(inputs), num_items_in_batch=torch.tensor(count, device=self.args.device))
                     if not (torch.is_tensor(loss) and loss.numel() == 1):
                         return False
                     losses.append(loss.detach().double())
         finally:
+            self.model_accepts_loss_kwargs = accepts
             _set_rng_state(rng)
             with torch.no_grad():
                 for b, saved in buffers:
