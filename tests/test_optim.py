@@ -2445,3 +2445,19 @@ def test_a_checkpoint_without_a_frozen_companion_tensor_says_how_to_resume_it():
     sd = ODELoRA([(B, A)], lr=0.1, companion=[W]).state_dict()
     with pytest.raises(ValueError, match="the state dict has 1 tensors, this optimizer 2.*earlier odelora.*required grad"):
         ODELoRA([(B, A)], lr=0.1, companion=[W, frozen]).load_state_dict(sd)
+
+
+def test_tied_tensors_are_refused_naming_both():
+    """A companion tensor over a factor's memory (PEFT's ensure_weight_tying makes the embedding's
+    LoRA tensors views of lm_head's factors) would be stepped by AdamW and then overwritten by the
+    pair's commit: its gradient was dropped without a word. The same for two pairs sharing a factor."""
+    torch.manual_seed(0)
+    B, A = torch.nn.Parameter(torch.randn(6, 2)), torch.nn.Parameter(torch.randn(2, 5))
+    tied = torch.nn.Parameter(B.data.t())  # another Parameter on B's storage, transposed as an embedding's would be
+    with pytest.raises(ValueError, match=r"companion tensor emb\.lora shares memory with pair head .*tied weights"):
+        ODELoRA([LoRAPair(B, A, 1.0, "head")], lr=0.1, companion=[("emb.lora", tied)])
+    B2 = torch.nn.Parameter(A.data[:, :2].t())  # a view of A's storage
+    with pytest.raises(ValueError, match="pair second shares memory with pair first"):
+        ODELoRA([LoRAPair(B, A, 1.0, "first"), LoRAPair(B2, torch.nn.Parameter(torch.randn(2, 3)), 1.0, "second")], lr=0.1)
+    untied = torch.nn.Parameter(B.data.t().clone())
+    ODELoRA([LoRAPair(B, A, 1.0, "head")], lr=0.1, companion=[untied])  # a copy is fine

@@ -225,6 +225,28 @@ def test_fsdp_flat_parameters_get_a_clear_error():
         ODELoRA([(B, torch.nn.Parameter(torch.zeros(2, 4)))])
 
 
+def test_tied_embedding_and_head_lora_is_refused():
+    """PEFT's ensure_weight_tying=True makes lm_head's LoRA factors and the embedding's LoRA
+    tensors two Parameters over one storage: the embedding's went to the companion, whose step the
+    pair's commit then overwrote (its gradient was lost, companion_lr had no effect). Refused with
+    the way out; untied LoRA trains."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def model(tie: bool):
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["wte", "lm_head"], ensure_weight_tying=tie))
+
+    with pytest.raises(ValueError, match=r"wte\.lora_embedding_A\.default shares memory with pair .*lm_head.*ensure_weight_tying=False"):
+        create_odelora_optimizer(model(True), lr=0.1)
+    untied = model(False)
+    opt = create_odelora_optimizer(untied, lr=0.1)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    untied(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert float(untied.base_model.model.lm_head.lora_B["default"].weight.abs().max()) > 0
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, ids, y):
         self.ids, self.y = ids, y

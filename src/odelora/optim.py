@@ -362,6 +362,7 @@ class ODELoRA(torch.optim.Optimizer):
         factors = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in factors for p in companion):
             raise ValueError("a companion parameter is also a factor of a LoRA pair: list each tensor once (pairs or companion)")
+        _refuse_shared_memory(self.pairs, companion, self._companion_names)
         if companion:
             self._companion = torch.optim.AdamW(groups, lr=companion_lr, **companion_options(companion, companion_kwargs))
             for g in self._companion.param_groups:  # shared dicts: LR schedulers reach them too
@@ -809,6 +810,33 @@ class ODELoRA(torch.optim.Optimizer):
 
     def _config(self) -> dict[str, str]:
         return dict(method=self.tableau.name, flow=self.flow.name, retraction=self.retraction.name, preconditioner=self.preconditioner.name)
+
+
+def _memory(t: Tensor) -> int | None:
+    """The address of the storage ``t`` (this rank's part of it) views; None where it holds none."""
+    t = local(t)
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    return t.untyped_storage().data_ptr()
+
+
+def _refuse_shared_memory(pairs: list[LoRAPair], companion: list[Tensor], names: list[str | None]) -> None:
+    """Distinct tensors over one storage (tied weights) get an update each, and the last write
+    wins: a pair's commit erased the companion's step of the tensor tied to it, and with it that
+    tensor's gradient. Refused, naming both."""
+    owner: dict[int, str] = {}
+    items = [(f"pair {p.name}", t) for p in pairs for t in (p.B, p.A)]
+    items += [(f"companion tensor {n or f'#{i}'}", t) for i, (n, t) in enumerate(zip(names, companion))]
+    for label, t in items:
+        key = _memory(t)
+        if key is None:
+            continue
+        if key in owner and owner[key] != label:
+            raise ValueError(
+                f"{label} shares memory with {owner[key]} (tied weights, such as PEFT's ensure_weight_tying=True): each "
+                "would get its own update and the last write would erase the other with its gradient; give ODELoRA "
+                "untied tensors (ensure_weight_tying=False, or only one of the tied layers among the LoRA targets)")
+        owner.setdefault(key, label)
 
 
 def _warn_about_starts(store: PairStore, factor_space_adaptive: bool) -> None:
