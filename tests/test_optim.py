@@ -1352,7 +1352,8 @@ def test_a_b_zero_start_under_adaptive_factor_space_steps_of_a_stiff_flow_is_war
 
 
 def test_group_keys_the_optimizer_keeps_tensor_betas_and_sync_ranks_are_checked():
-    """Keys ODELoRA fills itself are refused in a group (they clashed inside the group's dict);
+    """Keys ODELoRA fills itself are refused in a group (they clashed inside the group's dict), and
+    so are other optimizers' options set to act (maximize=True was accepted and ignored);
     a group may hold one LoRAPair; tensor betas, which torch's foreach AdamW refuses at the first
     step, are taken as floats; sync_ranks other than True/False/None (0 turned syncing on) is refused."""
     Y, B, A = problem(22, dtype=torch.float32)
@@ -1360,6 +1361,10 @@ def test_group_keys_the_optimizer_keeps_tensor_betas_and_sync_ranks_are_checked(
         with pytest.raises(ValueError, match=rf"a param group sets \['{key}'\], which ODELoRA keeps itself"):
             ODELoRA([{"pairs": [(B, A)], key: value}])
     assert ODELoRA([{"pairs": LoRAPair(B, A, 2.0, "fc")}]).pairs[0].name == "fc"
+    for key, value in (("maximize", True), ("momentum", 0.9), ("amsgrad", True)):  # were passed through, and ignored
+        with pytest.raises(ValueError, match=rf"sets \['{key}'\], options of other torch optimizers"):
+            ODELoRA([{"pairs": [(B, A)], key: value}])
+    ODELoRA([{"pairs": [(B, A)], "maximize": False, "momentum": 0}])  # their defaults say nothing
     opt = ODELoRA([(B, A)], lr=0.05, preconditioner="adam", betas=torch.tensor([0.9, 0.99]), eps=torch.tensor(1e-8))
     assert opt.param_groups[0]["betas"] == (pytest.approx(0.9), pytest.approx(0.99))
     assert all(type(v) is float for v in (*opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]))

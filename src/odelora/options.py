@@ -17,6 +17,9 @@ from .store import is_sharded
 __all__ = ["pair_groups", "check_lr", "check_count", "check_adam_options", "check_flow_options", "companion_groups", "companion_options"]
 
 
+_FOREIGN = ("maximize", "momentum", "nesterov", "dampening", "amsgrad")  # set (truthy) in a group: refused, not ignored
+
+
 def pair_groups(params: Any, start: int = 0) -> list[dict]:
     """Param groups of pairs; unnamed pairs are numbered from ``start`` across the groups."""
     items = list(params) if not isinstance(params, (LoRAPair, dict)) else [params]
@@ -38,6 +41,11 @@ def pair_groups(params: Any, start: int = 0) -> list[dict]:
         if own:
             raise ValueError(f"a param group sets {own}, which ODELoRA keeps itself: give each pair's scale and name with the "
                              "pair, (B, A, scale) or LoRAPair(B, A, scale, name), and leave the time t to the optimizer")
+        foreign = sorted(k for k in _FOREIGN if g.get(k))
+        if foreign:
+            raise ValueError(f"a param group sets {foreign}, options of other torch optimizers that ODELoRA does not have "
+                             "(it would ignore them): ODELoRA descends along the flow (negate the loss to ascend); for "
+                             "Adam-like steps use preconditioner='adam'")
         pairs = as_pairs([g["pairs"]] if isinstance(g["pairs"], LoRAPair) else g["pairs"], start)
         if not pairs:
             raise ValueError("a param group has no pairs")
