@@ -247,6 +247,18 @@ def test_tied_embedding_and_head_lora_is_refused():
     assert float(untied.base_model.model.lm_head.lora_B["default"].weight.abs().max()) > 0
 
 
+def test_merged_adapters_are_refused_until_unmerged():
+    """After merge_adapter() the forward reads the base weights only: the factors got no gradient
+    and the step failed saying that no pair had one, without naming the merge."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights=False))
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"merged into their base weights \(.*fc1\[default\].*unmerge_adapter\(\)"):
+        create_odelora_optimizer(model, lr=0.1)
+    model.unmerge_adapter()
+    assert len(create_odelora_optimizer(model, lr=0.1).pairs) == 2
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, ids, y):
         self.ids, self.y = ids, y

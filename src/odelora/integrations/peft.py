@@ -93,6 +93,8 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     biases, heads and ``modules_to_save``. The factors of adapters
     outside ``adapter`` (a name or list of names; default all) keep their trainable flags but are
     moved by nothing: they are listed in ``left``, with a warning where they are trainable.
+    Adapters merged into their base weights (``merge_adapter()``) are refused: the forward pass
+    no longer reads their factors.
     """
     try:
         from peft.tuners.lora.layer import LoraLayer
@@ -106,10 +108,11 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     reasons: dict[int, str] = {}
     unselected: set[int] = set()
     adapters: set[str] = set()
-    half_frozen, experts, variants = [], [], []
+    half_frozen, experts, variants, merged = [], [], [], []
     for mname, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
+        merged += [f"{mname}[{ad}]" for ad in getattr(module, "merged_adapters", []) if wanted is None or ad in wanted]
         adapters.update(module.lora_A.keys())
         adapters.update(getattr(module, "lora_embedding_A", {}).keys())
         for ad in module.lora_A.keys():
@@ -159,6 +162,9 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
                     unselected.add(id(p))
                 else:
                     reasons[id(p)] = "DoRA magnitude vector"
+    if merged:  # their factors are in the base weights: the forward no longer reads them
+        raise ValueError(f"adapters merged into their base weights ({', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''}): the forward pass no longer reads "
+                         "their factors; call model.unmerge_adapter() before training (and merge_adapter() after)")
     if wanted is not None:
         found = {p.name.rsplit("[", 1)[1].rstrip("]") for p in part.pairs}
         missing = wanted - found
