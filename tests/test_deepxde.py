@@ -79,3 +79,25 @@ def test_odelora_finetunes_a_pinn_through_deepxde(pretrained, method, iterations
     for n, p in net.named_parameters():
         changed = not torch.equal(p.detach(), before[n])
         assert changed == ("lora_B" in n or "lora_A" in n), n
+
+
+def test_an_inverse_problems_variable_trains_as_a_companion():
+    """DeepXDE hands a given optimizer through as it is, so ``compile``'s
+    ``external_trainable_variables`` never reach it (the variable stayed at its start): the
+    documented way is ``companion=[C]``, which moves it with AdamW while the pairs follow the flow."""
+    C = dde.Variable(2.0)  # the true diffusion coefficient is 1
+    geom = dde.geometry.Interval(-1, 1)
+
+    def pde(x, u):
+        return -C * dde.grad.hessian(u, x) - np.pi**2 * torch.sin(np.pi * x)
+
+    xo = np.linspace(-1, 1, 20)[:, None]
+    bcs = [dde.icbc.DirichletBC(geom, lambda x: 0 * x, lambda x, on: on), dde.icbc.PointSetBC(xo, np.sin(np.pi * xo))]
+    data = dde.data.PDE(geom, pde, bcs, num_domain=40, num_boundary=2, anchors=xo)
+    dde.config.set_random_seed(0)
+    net = add_lora(dde.nn.FNN([1, 16, 16, 1], "tanh", "Glorot normal"), r=2)
+    model = dde.Model(data, net)
+    model.compile(ODELoRA(lora_pairs(net), lr=5e-3, method="rk4", companion=[C], companion_lr=1e-2),
+                  external_trainable_variables=[C])
+    model.train(iterations=30, display_every=10**6, verbose=0)
+    assert abs(float(C) - 2.0) > 0.1  # 30 AdamW steps of 1e-2 from 2.0

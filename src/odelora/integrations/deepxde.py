@@ -5,8 +5,12 @@
     model = dde.Model(data, net); model.compile(opt); model.train(iterations=500)
 
 DeepXDE's pytorch ``train_step`` already calls ``optimizer.step(closure)``, so every RK stage
-re-evaluates the PDE residual on the same collocation points. Set ``DDE_BACKEND=pytorch`` before
-importing deepxde (this module does it when it is imported first).
+re-evaluates the PDE residual on the same collocation points. DeepXDE uses a given optimizer as
+it is: ``compile``'s ``lr``, the network's regularization and ``external_trainable_variables``
+do not reach it. An inverse problem's ``dde.Variable``s train as ODELoRA's companions:
+``ODELoRA(lora_pairs(net), lr=..., companion=[C], companion_lr=1e-2)`` (AdamW on them).
+``compile``'s ``decay`` works (a torch scheduler on the optimizer). Set ``DDE_BACKEND=pytorch``
+before importing deepxde (this module does it when it is imported first).
 """
 
 from __future__ import annotations
