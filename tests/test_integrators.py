@@ -105,6 +105,8 @@ def test_errors_are_clear():
         integrate(f, [torch.ones(2)], (0, 1), method="rk4")
     with pytest.raises(ValueError, match="t_eval"):
         integrate(f, [torch.ones(2)], (0, 1), method="rk4", h=0.1, t_eval=[2.0])
+    with pytest.raises(TypeError, match=r"y0 must be a list of tensors.*pass \[y\]"):  # f was handed the rows of the tensor
+        integrate(f, torch.ones(2, 3), (0, 1), method="rk4", h=0.1)
     with pytest.raises(ValueError, match=r"t_eval must be sorted in increasing order.*\[0.5, 0.2\]"):  # was reordered silently
         integrate(f, [torch.ones(2)], (0, 1), method="dopri5", t_eval=[0.5, 0.2])
     for method, h in [("rk4", float("nan")), ("rk4", math.inf), ("rk4", -0.1), ("dopri5", -0.1), ("dopri5", float("nan")), ("dopri5", 0.0)]:

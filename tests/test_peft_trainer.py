@@ -95,7 +95,7 @@ def test_the_summary_names_pairs_frozen_when_the_optimizer_is_built():
     assert opt.partition.frozen == ["base_model.model.fc2[default]"]
     assert ("1 LoRA pair is frozen (inactive adapters, frozen layers: base_model.model.fc2[default]) and not in the "
             "optimizer: unfrozen later, it stays as it is until the optimizer is built again") in opt.partition.summary()
-    assert "frozen" not in create_odelora_optimizer(get_peft_model(Net(), LoraConfig(r=4, target_modules=["fc1"]))).partition.summary()
+    assert "frozen" not in create_odelora_optimizer(get_peft_model(Net(), LoraConfig(r=4, target_modules=["fc1"])), lr=0.1).partition.summary()
     model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["fc1"], modules_to_save=["head"]))
     opt = create_odelora_optimizer(model, lr=0.1, decay=[])
     ids, y = data(8)
@@ -119,13 +119,13 @@ def test_half_frozen_and_frozen_adapters_are_named():
     assert [(n.split(".")[-3], why) for n, _, why in part.others] == [("lora_B", "LoRA factor whose partner lora_A is frozen")]
     model.base_model.model.fc2.lora_A["default"].weight.requires_grad_(False)  # LoRA-FA: every lora_A frozen
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="every LoRA layer has one factor frozen.*AdamW"):
-        create_odelora_optimizer(model)
+        create_odelora_optimizer(model, lr=0.1)
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match=r"LoRA adapters \(default\) have no pair with both factors trainable"):
-        create_odelora_optimizer(model)
+        create_odelora_optimizer(model, lr=0.1)
     with pytest.raises(ValueError, match="no LoRA layers; wrap it with peft.get_peft_model"):
-        create_odelora_optimizer(Net())
+        create_odelora_optimizer(Net(), lr=0.1)
 
 
 def test_create_odelora_optimizer_trains_everything_trainable_and_resumes():
@@ -686,7 +686,7 @@ def test_stacked_experts_embedding_and_conv_lora_are_no_pairs():
     assert sorted(why for _, _, why in part.others) == 2 * ["LoRA factors of 3 experts, whose products (not B @ A) enter the model"]
     only = get_peft_model(Experts(), LoraConfig(r=2, lora_alpha=2, target_parameters=["experts.weight"]))
     with pytest.warns(UserWarning, match="stacked experts"), pytest.raises(ValueError, match="stacked-expert LoRA, AdaLoRA or a LoRA variant"):
-        create_odelora_optimizer(only)
+        create_odelora_optimizer(only, lr=0.1)
 
     class Conv(torch.nn.Module):
         def __init__(self):
@@ -696,7 +696,7 @@ def test_stacked_experts_embedding_and_conv_lora_are_no_pairs():
     for target in ("conv", "emb"):
         odd = get_peft_model(Conv(), LoraConfig(r=4, lora_alpha=8, target_modules=[target]))
         with pytest.raises(ValueError, match="embedding, convolution or stacked-expert LoRA, AdaLoRA or a LoRA variant other than DoRA"):
-            create_odelora_optimizer(odd)
+            create_odelora_optimizer(odd, lr=0.1)
         with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] have no matrix pair"):
             partition(odd, "default")
 
@@ -715,7 +715,7 @@ def test_adalora_and_lora_variants_other_than_dora_are_no_pairs_and_other_tuners
         part = partition(ada)
     assert not part.pairs and sum("LoRA factors of AdaLoRA" in why for _, _, why in part.others) == 4
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="AdaLoRA or a LoRA variant other than DoRA"):
-        create_odelora_optimizer(ada)
+        create_odelora_optimizer(ada, lr=0.1)
     kasa = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"], kasa_config=KasaConfig()))
     with pytest.warns(UserWarning, match=r"1 LoRA layer\(s\) whose update is not .*\(the Kasa variant\)"):
         part = partition(kasa)
@@ -725,7 +725,7 @@ def test_adalora_and_lora_variants_other_than_dora_are_no_pairs_and_other_tuners
     assert [p.name for p in partition(alora).pairs] == ["base_model.model.fc1[default]"]
     loha = get_peft_model(Net(), LoHaConfig(r=4, target_modules=["fc1"]))
     with pytest.raises(ValueError, match="the model's PEFT adapters are LOHA, not LoRA"):
-        create_odelora_optimizer(loha)
+        create_odelora_optimizer(loha, lr=0.1)
 
 
 def test_an_unselected_adapters_embedding_and_dora_tensors_are_left_as_they_are():

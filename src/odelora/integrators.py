@@ -451,6 +451,9 @@ def integrate(
         raise ValueError("integrate: pass rtol and atol to the StepController, or leave controller out")
     ctrl = controller or StepController(rtol=1e-6 if rtol is None else rtol, atol=1e-9 if atol is None else atol)
     space = space or VectorSpace()
+    if isinstance(y0, Tensor):  # iterating it would hand f a list of its rows
+        raise TypeError("y0 must be a list of tensors, the parts of the state (f takes and returns such a list): for one "
+                        "tensor y pass [y], and read result.y[0]")
     y = [t.clone() for t in y0] if isinstance(space, VectorSpace) else list(y0)
     parts = len(y)
     stats = SolverStats()

@@ -255,7 +255,7 @@ class ODELoRA(torch.optim.Optimizer):
         retraction: how factors move (``odelora.retractions``): ``"truncate"`` (steps on the
             rank-r matrices, balanced factors; the default for ``balanced``), ``"split"`` (the
             same steps with the cheaper projector-splitting retraction), ``"balance"``
-            (factor-space steps, then rebalancing of the result; like ``"none"``, too stiff off
+            (factor-space steps, then rebalancing of the result; like ``"none"``, too stiff near
             ``B = 0`` for ``bs32`` and ``dopri5``) or ``"none"`` (factor-space steps; the default
             for ``gradient``, and for ``scaled`` with fixed-step methods: scaled GD; ``scaled``
             with ``bs32`` or ``dopri5`` defaults to ``"truncate"``, see ``odelora.flows.Flow``).
@@ -378,7 +378,7 @@ class ODELoRA(torch.optim.Optimizer):
         self._store: PairStore | None = None
         self.stats = StepTotals()
         self.last_step = StepRecord()
-        stiff = self.flow.default_retraction(True) != "none"  # the flows whose factor ODE is stiff off B = 0
+        stiff = self.flow.default_retraction(True) != "none"  # the flows whose factor ODE is stiff near B = 0
         _warn_about_starts(self.store, stiff and self.tableau.adaptive and self.retraction.velocity == "factors")
 
     # ------------------------------------------------------------------ pairs

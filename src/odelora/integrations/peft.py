@@ -210,7 +210,7 @@ def lora_pairs(model: torch.nn.Module, adapter: str | list[str] | None = None) -
     return partition(model, adapter).pairs
 
 
-def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapter: str | list[str] | None = None,
+def create_odelora_optimizer(model: torch.nn.Module, lr: float, *, adapter: str | list[str] | None = None,
                              decay: Collection[str] | None = None, **kwargs) -> ODELoRA:
     """An :class:`~odelora.ODELoRA` for every trainable parameter of a PEFT model (in the style of
     PEFT's ``create_loraplus_optimizer``): the LoRA pairs, found by module with each layer's own
@@ -219,7 +219,9 @@ def create_odelora_optimizer(model: torch.nn.Module, lr: float = 1e-3, *, adapte
     of the companion's tensors that take its weight decay, the others none (transformers' Trainer
     leaves biases and norms out: ``trainer.get_decay_parameter_names(model)``); default: all.
     Other keyword arguments go to ``ODELoRA``; ``optimizer.partition.summary()`` says which tensor
-    went where.
+    went where. ``lr`` (the flow's time step h, in the gradient's units) has no default, as in
+    PEFT's helper; the companion's weight decay is AdamW's default 0.01 unless
+    ``companion_kwargs`` says otherwise (``ODELoRATrainer`` passes ``args.weight_decay``).
 
         opt = create_odelora_optimizer(peft_model, lr=0.05, method="rk4", companion_lr=2e-3)
     """
