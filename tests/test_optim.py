@@ -2466,3 +2466,4 @@ def test_tied_tensors_are_refused_naming_both():
         ODELoRA([LoRAPair(B, A, 1.0, "first"), LoRAPair(B2, torch.nn.Parameter(torch.randn(2, 3)), 1.0, "second")], lr=0.1)
     untied = torch.nn.Parameter(B.data.t().clone())
     ODELoRA([LoRAPair(B, A, 1.0, "head")], lr=0.1, companion=[untied])  # a copy is fine
+    ODELoRA([LoRAPair(B, A, 1.0, "head")], lr=0.1, companion=[untied, torch.nn.Parameter(untied.data)])  # as torch's AdamW takes them

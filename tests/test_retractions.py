@@ -143,6 +143,37 @@ def test_factor_space_runge_kutta_orders_from_unbalanced_factors_against_scipy(m
     assert slope > order - 0.3, (method, slope, errs)
 
 
+@pytest.mark.parametrize("method", ["bs32", "dopri5"])
+def test_balancing_does_not_cut_the_first_adaptive_step_of_unbalanced_factors_short(method, rng):
+    """The balancing retraction rebalances a step's result, not its stages. The last stage of
+    these (FSAL) pairs was evaluated at the rebalanced result, and the error estimate then
+    combined a velocity of another factorization with the start's: the first step from
+    unbalanced factors was rejected three times and accepted at 1/200 of lr. Now it is accepted at
+    most once rejected, longer than lr / 3, and lands on the projected flow (scipy) within the
+    tolerance, balanced."""
+    m, n, r, lr = 10, 8, 2, 0.05
+    Y = rng.standard_normal((m, n))
+    B = torch.tensor(rng.standard_normal((m, r)) * 0.1, requires_grad=True)
+    A = torch.tensor(rng.standard_normal((r, n)) * 3.0, requires_grad=True)
+    X0 = (B @ A).detach().numpy()
+    opt = ODELoRA([(B, A)], lr=lr, method=method, retraction="balance", rtol=1e-3, atol=1e-6)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((B @ A) - torch.from_numpy(Y)).pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    h = opt.last_step.h
+    assert opt.last_step.rejected <= 1 and h > lr / 3, (h, opt.last_step.rejected)
+    ref = solve_ivp(projected_flow_numpy(Y, r), (0, h), X0.ravel(), method="DOP853", rtol=1e-12, atol=1e-12).y[:, -1].reshape(m, n)
+    X = (B @ A).detach().numpy()
+    assert np.linalg.norm(X - ref) <= 1e-3 * np.linalg.norm(ref)
+    Bd, Ad = B.detach().numpy(), A.detach().numpy()
+    assert np.linalg.norm(Bd.T @ Bd - Ad @ Ad.T) <= 1e-10 * np.linalg.norm(Bd.T @ Bd)
+
+
 @pytest.mark.parametrize("retraction", ["truncate", "split"])
 @pytest.mark.parametrize("method", ["bs32", "dopri5"])
 def test_projected_adaptive_pairs_meet_their_tolerance(method, retraction, rng):

@@ -205,6 +205,14 @@ class VectorSpace:
         return torch.tensor([math.sqrt(total / max(count, 1))])
 
 
+def reuses_last_stage(tableau: Tableau, space: Space) -> bool:
+    """Whether a step's last stage is its result's velocity (FSAL), for the next step to reuse:
+    not in a space whose stages differ from its results (``space.stage``: the balancing
+    retraction rebalances only results, and the error estimate combines that stage with the
+    others, which are velocities of the start's factorization)."""
+    return tableau.fsal and not hasattr(space, "stage")
+
+
 def rk_step(
     f: Callable[[Any], Any], y0: Any, h: Sequence[float], tableau: Tableau, space: Space, first: Stage | None = None,
     combine: bool = True,
@@ -224,15 +232,16 @@ def rk_step(
         return err
 
     inside = getattr(space, "stage", space.combine)
+    at_result = reuses_last_stage(tableau, space)
     for i in range(len(stages), tableau.stages):
-        last = tableau.fsal and i == tableau.stages - 1  # evaluated at the step's result
+        last = at_result and i == tableau.stages - 1  # evaluated at the step's result
         try:
             yi = y0 if i == 0 else (space.combine if last else inside)(y0, h, tableau.a[i], stages)
             k = f(yi)
         except (NonFiniteError, torch.linalg.LinAlgError) as exc:
             raise failed(exc, i) from None
         stages.append(Stage(yi, k))
-    if tableau.fsal:  # the last stage was evaluated at the new state
+    if at_result:  # the last stage was evaluated at the new state
         return stages[-1].y, stages
     if not combine:
         return None, stages
@@ -481,7 +490,7 @@ def integrate(
             stats.accepted += 1
             y, t = res.y, t + res.h
             step = res.h_next if tab.adaptive else step
-            first = res.stages[-1] if tab.fsal else None
+            first = res.stages[-1] if reuses_last_stage(tab, space) else None
             if callback is not None:
                 callback(t, y)
         if target in outs:

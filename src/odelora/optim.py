@@ -821,22 +821,24 @@ def _memory(t: Tensor) -> int | None:
 
 
 def _refuse_shared_memory(pairs: list[LoRAPair], companion: list[Tensor], names: list[str | None]) -> None:
-    """Distinct tensors over one storage (tied weights) get an update each, and the last write
-    wins: a pair's commit erased the companion's step of the tensor tied to it, and with it that
-    tensor's gradient. Refused, naming both."""
-    owner: dict[int, str] = {}
-    items = [(f"pair {p.name}", t) for p in pairs for t in (p.B, p.A)]
-    items += [(f"companion tensor {n or f'#{i}'}", t) for i, (n, t) in enumerate(zip(names, companion))]
-    for label, t in items:
+    """A pair's factors are written by copying the new factors in, so a distinct tensor over the
+    same memory (tied weights) loses whatever its own update wrote (the companion's AdamW step,
+    and with it that tensor's gradient; another pair's step). Refused, naming both. (Tied
+    companion tensors are left as torch's AdamW takes them: its in-place steps add up.)"""
+    owner: dict[int, tuple[str, int]] = {}
+    items = [(f"pair {p.name}", t, True) for p in pairs for t in (p.B, p.A)]
+    items += [(f"companion tensor {n or f'#{i}'}", t, False) for i, (n, t) in enumerate(zip(names, companion))]
+    for label, t, factor in items:
         key = _memory(t)
         if key is None:
             continue
-        if key in owner and owner[key] != label:
+        if key in owner and owner[key][0] != label and owner[key][1] != id(t):
             raise ValueError(
-                f"{label} shares memory with {owner[key]} (tied weights, such as PEFT's ensure_weight_tying=True): each "
-                "would get its own update and the last write would erase the other with its gradient; give ODELoRA "
-                "untied tensors (ensure_weight_tying=False, or only one of the tied layers among the LoRA targets)")
-        owner.setdefault(key, label)
+                f"{label} shares memory with {owner[key][0]} (tied weights, such as PEFT's ensure_weight_tying=True): "
+                "the pair's step overwrites that memory and would erase the other's update with its gradient; give "
+                "ODELoRA untied tensors (ensure_weight_tying=False, or only one of the tied layers among the LoRA targets)")
+        if factor:
+            owner.setdefault(key, (label, id(t)))
 
 
 def _warn_about_starts(store: PairStore, factor_space_adaptive: bool) -> None:
