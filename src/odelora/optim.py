@@ -812,33 +812,38 @@ class ODELoRA(torch.optim.Optimizer):
         return dict(method=self.tableau.name, flow=self.flow.name, retraction=self.retraction.name, preconditioner=self.preconditioner.name)
 
 
-def _memory(t: Tensor) -> int | None:
-    """The address of the storage ``t`` (this rank's part of it) views; None where it holds none."""
+def _memory(t: Tensor) -> tuple[int, int] | None:
+    """The bytes ``[start, end)`` that ``t`` (this rank's part of it) spans; None where it holds none."""
     t = local(t)
     if t.numel() == 0 or t.device.type == "meta":
         return None
-    return t.untyped_storage().data_ptr()
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    low = t.data_ptr() - t.element_size() * sum((n - 1) * -st for n, st in zip(t.shape, t.stride()) if st < 0)
+    return low, low + span * t.element_size()
 
 
 def _refuse_shared_memory(pairs: list[LoRAPair], companion: list[Tensor], names: list[str | None]) -> None:
     """A pair's factors are written by copying the new factors in, so a distinct tensor over the
     same memory (tied weights) loses whatever its own update wrote (the companion's AdamW step,
-    and with it that tensor's gradient; another pair's step). Refused, naming both. (Tied
-    companion tensors are left as torch's AdamW takes them: its in-place steps add up.)"""
-    owner: dict[int, tuple[str, int]] = {}
+    and with it that tensor's gradient; another pair's step). Refused, naming both. Tensors that
+    merely live in one buffer side by side pass; so do tied companion tensors, as torch's AdamW
+    takes them (its in-place steps add up)."""
     items = [(f"pair {p.name}", t, True) for p in pairs for t in (p.B, p.A)]
     items += [(f"companion tensor {n or f'#{i}'}", t, False) for i, (n, t) in enumerate(zip(names, companion))]
-    for label, t, factor in items:
-        key = _memory(t)
-        if key is None:
-            continue
-        if key in owner and owner[key][0] != label and owner[key][1] != id(t):
+    spans = sorted((span, label, factor, id(t)) for label, t, factor in items if (span := _memory(t)) is not None)
+    reach = {True: (0, "", 0, True), False: (0, "", 0, True)}  # the furthest end so far, of factors and of any tensor
+    for (low, high), label, factor, tid in spans:
+        end, other, oid, other_factor = reach[not factor]
+        if low < end and other != label and oid != tid:
+            (a, _), (b, _) = sorted([(label, factor), (other, other_factor)], key=lambda x: x[1])  # a companion first
             raise ValueError(
-                f"{label} shares memory with {owner[key][0]} (tied weights, such as PEFT's ensure_weight_tying=True): "
-                "the pair's step overwrites that memory and would erase the other's update with its gradient; give "
-                "ODELoRA untied tensors (ensure_weight_tying=False, or only one of the tied layers among the LoRA targets)")
-        if factor:
-            owner.setdefault(key, (label, id(t)))
+                f"{a} shares memory with {b} (tied weights, such as PEFT's ensure_weight_tying=True): the pair's step "
+                "overwrites that memory and would erase the other's update with its gradient; give ODELoRA untied "
+                "tensors (ensure_weight_tying=False, or only one of the tied layers among the LoRA targets)")
+        if factor and high > reach[True][0]:
+            reach[True] = (high, label, tid, True)
+        if high > reach[False][0]:
+            reach[False] = (high, label, tid, factor)
 
 
 def _warn_about_starts(store: PairStore, factor_space_adaptive: bool) -> None:
