@@ -384,7 +384,8 @@ def test_a_subclass_loss_that_divides_by_the_label_count_is_given_it(tmp_path):
     ``num_items_in_batch`` and say so with ``loss_is_scaled_for_ga = True``. The count question
     goes through that ``compute_loss`` (it went to the model's own mean loss, which ignores the
     count: the override then got None, fell back to the micro-batch's size, and with two
-    accumulation steps every step was twice as long)."""
+    accumulation steps every step was twice as long). The question is asked with gradients on: a
+    loss may take gradients itself (a gradient penalty)."""
     from transformers import TrainingArguments
 
     from odelora.integrations.trainer import ODELoRATrainer
@@ -400,6 +401,8 @@ def test_a_subclass_loss_that_divides_by_the_label_count_is_given_it(tmp_path):
             counts.append(num_items_in_batch)
             n = num_items_in_batch if num_items_in_batch is not None else labels.numel()
             loss = torch.nn.functional.cross_entropy(out["logits"], labels, reduction="sum") / n
+            (slope,) = torch.autograd.grad(loss, out["logits"], create_graph=True)  # a penalty needs gradients in the probe too
+            loss = loss + 0.0 * slope.square().sum()
             return (loss, out) if return_outputs else loss
 
     ids, y = data(64)

@@ -97,8 +97,8 @@ class ODELoRATrainer(Trainer):
     times too large, and so is the step; one that divides by it (causal LMs through
     transformers' loss functions) is the exact mean over the labels of all micro-batches. So
     this Trainer asks the loss (``compute_loss``: a subclass's own, where it overrides it), at the
-    first micro-batch with unmasked labels: two forwards without gradients, with counts 1 and 2,
-    from the same random state. Where the loss halves, the Trainer's
+    first micro-batch with unmasked labels: two more calls of ``compute_loss`` (counters it keeps
+    see them), without backward, with counts 1 and 2, from the same random state. Where the loss halves, the Trainer's
     accumulation stays as it is; elsewhere (unless a ``compute_loss_func`` or label smoothing
     computes the loss) ``model_accepts_loss_kwargs`` is set False: every batch's loss is the
     model's mean, divided by the accumulation steps, as for a model without ``**kwargs``."""
@@ -206,7 +206,7 @@ class ODELoRATrainer(Trainer):
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         accepts, self.model_accepts_loss_kwargs = self.model_accepts_loss_kwargs, True  # compute_loss passes the count on
         try:
-            with torch.no_grad(), self.compute_loss_context_manager():
+            with torch.enable_grad(), self.compute_loss_context_manager():  # a loss may take gradients itself (a penalty)
                 for count in (1.0, 2.0):
                     _set_rng_state(rng)
                     loss = self.compute_loss(self.model, dict(inputs), num_items_in_batch=torch.tensor(count, device=self.args.device))
