@@ -257,6 +257,10 @@ def test_merged_adapters_are_refused_until_unmerged():
         create_odelora_optimizer(model, lr=0.1)
     model.unmerge_adapter()
     assert len(create_odelora_optimizer(model, lr=0.1).pairs) == 2
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["fc1"]))
+    model.base_model.merge_adapter(["default"])  # fc1 now runs its base layer alone, adapter b's factors unread too
+    with pytest.raises(ValueError, match=r"merged into their base weights \(.*fc1\[default\]"):
+        create_odelora_optimizer(model, lr=0.1, adapter="b")
 
 
 class ListDataset(torch.utils.data.Dataset):

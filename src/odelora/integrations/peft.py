@@ -112,7 +112,8 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
     for mname, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        merged += [f"{mname}[{ad}]" for ad in getattr(module, "merged_adapters", []) if wanted is None or ad in wanted]
+        if wanted is None or wanted & set(module.lora_A.keys()):  # a merged layer runs its base layer alone, for every adapter
+            merged += [f"{mname}[{ad}]" for ad in getattr(module, "merged_adapters", [])]
         adapters.update(module.lora_A.keys())
         adapters.update(getattr(module, "lora_embedding_A", {}).keys())
         for ad in module.lora_A.keys():
