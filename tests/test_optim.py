@@ -2455,7 +2455,9 @@ def test_a_checkpoint_without_a_frozen_companion_tensor_says_how_to_resume_it():
 def test_tied_tensors_are_refused_naming_both():
     """A companion tensor over a factor's memory (PEFT's ensure_weight_tying makes the embedding's
     LoRA tensors views of lm_head's factors) would be stepped by AdamW and then overwritten by the
-    pair's commit: its gradient was dropped without a word. The same for two pairs sharing a factor."""
+    pair's commit: its gradient was dropped without a word. The same for two pairs sharing a factor
+    (also one added later by add_param_group, refused before it is added) and for a pair's own B
+    and A; tensors side by side in one buffer pass."""
     torch.manual_seed(0)
     B, A = torch.nn.Parameter(torch.randn(6, 2)), torch.nn.Parameter(torch.randn(2, 5))
     tied = torch.nn.Parameter(B.data.t())  # another Parameter on B's storage, transposed as an embedding's would be
@@ -2467,6 +2469,12 @@ def test_tied_tensors_are_refused_naming_both():
     untied = torch.nn.Parameter(B.data.t().clone())
     ODELoRA([LoRAPair(B, A, 1.0, "head")], lr=0.1, companion=[untied])  # a copy is fine
     ODELoRA([LoRAPair(B, A, 1.0, "head")], lr=0.1, companion=[untied, torch.nn.Parameter(untied.data)])  # as torch's AdamW takes them
+    opt = ODELoRA([LoRAPair(B, A, 1.0, "head")], lr=0.1)
+    with pytest.raises(ValueError, match="pair (head|later) shares memory with pair (head|later)"):
+        opt.add_param_group({"pairs": [LoRAPair(torch.nn.Parameter(B.data[:3]), torch.nn.Parameter(torch.randn(2, 4)), 1.0, "later")]})
+    assert len(opt.param_groups) == 1  # refused before it was added
+    with pytest.raises(ValueError, match="pair self shares memory with pair self"):  # B and A of one pair
+        ODELoRA([LoRAPair(torch.nn.Parameter(A.data.t()), A, 1.0, "self")], lr=0.1)
     flat = torch.zeros(6 * 2 + 2 * 5 + 7)  # one buffer holding every tensor side by side, as some frameworks allocate them
     B3, A3 = (torch.nn.Parameter(flat[:12].view(6, 2)), torch.nn.Parameter(flat[12:22].view(2, 5)))
     ODELoRA([LoRAPair(B3, A3, 1.0, "flat")], lr=0.1, companion=[torch.nn.Parameter(flat[22:])])

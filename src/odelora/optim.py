@@ -446,6 +446,9 @@ class ODELoRA(torch.optim.Optimizer):
         opts = {**self.defaults, **param_group}
         adam = check_adam_options(self.preconditioner, opts["betas"], opts["eps"], opts["weight_decay"])
         param_group.update({k: v for k, v in adam.items() if k in param_group})
+        if hasattr(self, "_companion_names"):  # after construction, which checks once all groups are in
+            companion = self._companion_params() if self._companion else []
+            _refuse_shared_memory(PairStore.pairs([*self.param_groups, param_group]), companion, self._companion_names)
         super().add_param_group(param_group)
         self._tolerance_floor()
         self._store, self._last = None, None  # new buckets: pack from the parameters
@@ -834,7 +837,7 @@ def _refuse_shared_memory(pairs: list[LoRAPair], companion: list[Tensor], names:
     reach = {True: (0, "", 0, True), False: (0, "", 0, True)}  # the furthest end so far, of factors and of any tensor
     for (low, high), label, factor, tid in spans:
         end, other, oid, other_factor = reach[not factor]
-        if low < end and other != label and oid != tid:
+        if low < end and oid != tid:
             (a, _), (b, _) = sorted([(label, factor), (other, other_factor)], key=lambda x: x[1])  # a companion first
             raise ValueError(
                 f"{a} shares memory with {b} (tied weights, such as PEFT's ensure_weight_tying=True): the pair's step "
