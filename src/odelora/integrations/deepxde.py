@@ -6,7 +6,7 @@
 
 DeepXDE's pytorch ``train_step`` already calls ``optimizer.step(closure)``, so every RK stage
 re-evaluates the PDE residual on the same collocation points. DeepXDE uses a given optimizer as
-it is: ``compile``'s ``lr``, the network's regularization and ``external_trainable_variables``
+it is: ``compile``'s ``lr``, the network's L2 regularization and ``external_trainable_variables``
 do not reach it. An inverse problem's ``dde.Variable``s train as ODELoRA's companions:
 ``ODELoRA(lora_pairs(net), lr=..., companion=[C], companion_lr=1e-2)`` (AdamW on them).
 ``compile``'s ``decay`` works (a torch scheduler on the optimizer). Set ``DDE_BACKEND=pytorch``
