@@ -2480,3 +2480,17 @@ def test_tied_tensors_are_refused_naming_both():
     ODELoRA([LoRAPair(B3, A3, 1.0, "flat")], lr=0.1, companion=[torch.nn.Parameter(flat[22:])])
     with pytest.raises(ValueError, match="companion tensor #0 shares memory with pair flat"):
         ODELoRA([LoRAPair(B3, A3, 1.0, "flat")], lr=0.1, companion=[torch.nn.Parameter(flat[20:])])  # A3's last two entries
+
+
+def test_repr_shows_the_method_and_the_options_each_group_acts_on():
+    """torch's repr listed Adam's betas, eps and weight_decay for plain steps, where they do
+    nothing (and a weight decay is refused); now the method heads it and each group shows what
+    it acts on."""
+    B, A = torch.zeros(6, 2, requires_grad=True), torch.randn(2, 5, requires_grad=True)
+    plain = repr(ODELoRA([LoRAPair(B, A, 1.0, "fc")], lr=0.1, method="rk4"))
+    assert plain.startswith("ODELoRA (method=rk4, flow=balanced, retraction=truncate") and "1 pair(s): fc" in plain
+    assert "lr: 0.1" in plain and not any(k in plain for k in ("betas", "eps", "weight_decay"))
+    adam = repr(ODELoRA([(B, A)], lr=0.1, preconditioner="adam", weight_decay=0.1, companion=[torch.randn(3, requires_grad=True)]))
+    group0, group1 = adam.split("Parameter Group 1")
+    assert "weight_decay: 0.1" in group0 and "betas: (0.9, 0.999)" in group0
+    assert "companion AdamW" in group1 and "lr: 0.001" in group1

@@ -814,6 +814,17 @@ class ODELoRA(torch.optim.Optimizer):
     def _config(self) -> dict[str, str]:
         return dict(method=self.tableau.name, flow=self.flow.name, retraction=self.retraction.name, preconditioner=self.preconditioner.name)
 
+    def __repr__(self) -> str:
+        """The method, then each group with the options it acts on (Adam's only with the Adam
+        preconditioner), its pairs counted; companion groups as torch's AdamW shows them."""
+        lines = [f"ODELoRA ({', '.join(f'{k}={v}' for k, v in self._config().items())}"]
+        skip = {"params", "names", "scales"} | ({"betas", "eps", "weight_decay"} - set(self.preconditioner.options))
+        for i, g in enumerate(self.param_groups):
+            head = "companion AdamW" if g.get("companion") else f"{len(g['scales'])} pair(s): {_short(g['names'])}"
+            lines.append(f"Parameter Group {i}, {head}")
+            lines += [f"    {k}: {g[k]}" for k in sorted(g) if k not in skip and k != "companion"]
+        return "\n".join(lines) + "\n)"
+
 
 def _memory(t: Tensor) -> tuple[int, int] | None:
     """The bytes ``[start, end)`` that ``t`` (this rank's part of it) spans; None where it holds none."""
