@@ -7,7 +7,8 @@ nonlinearity between the second LoRA layer and the 2-output head, so that layer'
 rank 2 < r. MODE ``resume``: train 3 steps, save a distributed checkpoint, train 3 more, then
 rebuild model and optimizer from scratch, load the checkpoint and train the last 3 steps again:
 both endings are saved. MODE ``load``: load CKPT
-(written with any number of ranks) and train 3 steps. MODE ``fsdp1``: what building the optimizer
+(written with any number of ranks) and train 3 steps. MODE ``nanrank``: as ``train``, with a NaN
+in one sample of rank 1's part of step 2. MODE ``fsdp1``: what building the optimizer
 on FSDP1-wrapped copies of the model says (rank 0; FSDP1 is not supported).
 
 Also importable: ``build``, ``batches`` and ``train`` give the single-process reference."""
@@ -116,6 +117,11 @@ def main(out, mode, method, ckpt=None):
         load_checkpoint(ckpt, model2, opt2)
         train(model2, opt2, X, Y, range(3, STEPS), lo, hi)
         result["resumed"] = full_params(model2)
+    elif mode == "nanrank":  # a NaN in one sample of rank 1's half of step 2's batch: every rank skips that step
+        if rank == 1:
+            X[2, lo, 0] = float("nan")
+        train(model, opt, X, Y, range(STEPS), lo, hi)
+        result.update(params=full_params(model), skipped=opt.stats.skipped)
     elif mode == "load":
         load_checkpoint(ckpt, model, opt)
         train(model, opt, X, Y, range(3, STEPS), lo, hi)

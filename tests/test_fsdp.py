@@ -55,6 +55,18 @@ def test_fsdp2_checkpoint_resume_is_bit_identical_and_reshards(method, tmp_path)
     assert worst(one, got["continued"]) < 1e-10
 
 
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(method, tmp_path):
+    """The ranks agree to skip a step with a NaN in one rank's batch; only the ranks that saw it
+    then say what it was, and that must not communicate: the rank whose loss was NaN said so
+    directly while the other gathered its NaN gradients again, alone, and gloo aborted the job.
+    Now the job goes on: the same factors as one process that leaves that step out."""
+    torchrun(WORKER, [str(tmp_path / "out.pt"), "nanrank", method], tmp_path / "log.txt")
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert got["skipped"] == 1
+    assert worst(got["params"], reference(method, steps=[k for k in range(fsdp_worker.STEPS) if k != 2])) < 1e-6
+
+
 def test_fsdp1_is_refused_with_what_to_use():
     """FSDP1 flattens parameters (with ``use_orig_params=True``, which a frozen base needs, the
     factors are 1-D views of flat shards): the error names FSDP2 and DDP, not missing LoRA pairs."""

@@ -180,7 +180,7 @@ class _Field:
             total = total + sum(x.to(total).sum() for x in also) * 0
         ok = torch.isfinite(total)  # one sync: NaN/inf anywhere makes the sum so
         if not bool(opt._agree_all(ok)):
-            raise NonFiniteError(self._describe(loss, v) if not bool(ok) else "a non-finite loss or gradient on another rank")
+            raise NonFiniteError(self._describe(loss, grads, v) if not bool(ok) else "a non-finite loss or gradient on another rank")
         return v
 
     def taking_part(self) -> Tensor | None:
@@ -205,11 +205,13 @@ class _Field:
         extra = {"frame": x.ensure_frame()} if flow.uses_frame else {}
         return flow(x.B, x.A, gB, gA, scale=x.scale, **extra, **self.options)
 
-    def _describe(self, loss, v) -> str:
+    def _describe(self, loss, grads, v) -> str:
+        """What was not finite, from what this rank holds: only the ranks that saw it get here, so
+        nothing here may communicate (gathering a sharded gradient again left the others waiting)."""
         if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
             return f"the loss is {float(torch.as_tensor(loss).detach().sum())}"
         store = self.opt.store
-        bad_g = store.names_where([~(torch.isfinite(gB).flatten(1).all(1) & torch.isfinite(gA).flatten(1).all(1)) for gB, gA in store.grads()])
+        bad_g = store.names_where([~(torch.isfinite(gB).flatten(1).all(1) & torch.isfinite(gA).flatten(1).all(1)) for gB, gA in grads])
         if bad_g:
             return f"non-finite gradient in {_short(bad_g)}"
         names = self.opt._companion_names
