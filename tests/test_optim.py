@@ -2494,3 +2494,41 @@ def test_repr_shows_the_method_and_the_options_each_group_acts_on():
     group0, group1 = adam.split("Parameter Group 1")
     assert "weight_decay: 0.1" in group0 and "betas: (0.9, 0.999)" in group0
     assert "companion AdamW" in group1 and "lr: 0.001" in group1
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_torchs_optimizer_state_dict_helpers_change_nothing_and_loading_theirs_says_what_to_use(method):
+    """torch.distributed.checkpoint's get_optimizer_state_dict (what accelerate's FSDP checkpoints
+    call) makes an optimizer with an empty ``state`` take a step at lr 0 on zero gradients: Euler
+    counted it and stepped the companion's moments, RK4 raised for want of a closure and left every
+    lr at 0. Such a step now does nothing. What that helper returns lacks ODELoRA's own entry, and
+    loading it says where an exact resume comes from."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def run(call: bool):
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict(dict(B=torch.nn.Linear(2, 6, bias=False), A=torch.nn.Linear(4, 2, bias=False), head=torch.nn.Linear(6, 3)))
+        with torch.no_grad():
+            model["B"].weight.mul_(0.1)
+        opt = ODELoRA([(model["B"].weight, model["A"].weight)], lr=0.1, method=method, companion=model["head"].parameters(), companion_lr=0.01)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(4, 8, 4, generator=g), torch.randn(4, 8, 3, generator=g)
+        for k in range(4):
+            def closure():
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model["head"](model["B"](model["A"](x[k]))), y[k])
+                loss.backward()
+                return loss
+            opt.step(closure)
+            opt.zero_grad(set_to_none=True)
+            if call and k == 1:
+                before = (opt.stats.steps, [g["lr"] for g in opt.param_groups],
+                          opt._companion.state[model["head"].weight]["exp_avg"].clone())
+                saved = get_optimizer_state_dict(model, opt)
+                assert (opt.stats.steps, [g["lr"] for g in opt.param_groups]) == before[:2]
+                assert torch.equal(opt._companion.state[model["head"].weight]["exp_avg"], before[2])
+                with pytest.raises(ValueError, match="get_optimizer_state_dict.*save_checkpoint / load_checkpoint"):
+                    set_optimizer_state_dict(model, opt, saved)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(True), run(False))

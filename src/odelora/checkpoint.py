@@ -112,8 +112,11 @@ def check_state_dict(sd: dict, groups: list[dict], layout: list[list[int]], conf
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("not an optimizer state dict: expected the keys 'state' and 'param_groups' (from ODELoRA.state_dict())")
     if "odelora" not in sd:
-        raise ValueError("not an ODELoRA state dict (no 'odelora' entry; another optimizer's?): ODELoRA resumes only from "
-                         "ODELoRA.state_dict(); start the new optimizer from scratch instead")
+        raise ValueError("not an ODELoRA state dict (no 'odelora' entry): another optimizer's, or one that passed through "
+                         "torch.distributed.checkpoint.state_dict's get_optimizer_state_dict, which keeps only 'state' and "
+                         "'param_groups' (accelerate's FSDP checkpoints use it). ODELoRA resumes from ODELoRA.state_dict(), and "
+                         "distributed runs from odelora.integrations.distributed.save_checkpoint / load_checkpoint; otherwise "
+                         "start the new optimizer from scratch")
     extra = sd["odelora"]
     _check_layout(extra, layout)  # first: other shapes or ranks explain most other mismatches
     mine, theirs = groups, sd["param_groups"]

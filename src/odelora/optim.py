@@ -463,6 +463,8 @@ class ODELoRA(torch.optim.Optimizer):
         Without a closure the first stage is the gradients already in ``.grad``: enough for Euler;
         other methods need a closure, passed here or by :meth:`set_stage_closure`.
         """
+        if closure is None and self._stage_closure is None and self._idle_probe():
+            return None
         self._follow_moves()
         source = self._stage_source(closure)
         fld = _Field(self, self._start_state(), *source)
@@ -477,6 +479,20 @@ class ODELoRA(torch.optim.Optimizer):
             return self._skip(fld, res)
         self._commit(move, fld, res)
         return fld.loss
+
+    def _idle_probe(self) -> bool:
+        """Whether this step has nothing to do at all: every group's lr (the companion's too) 0 and
+        every gradient zero or missing, on every rank. It then does nothing, counts nothing and
+        steps no companion: torch.distributed.checkpoint's ``get_optimizer_state_dict`` calls such
+        a step to make a stateless optimizer build its state, and left a multi-stage method,
+        which raised for want of a closure, with every lr 0."""
+        if any(g["lr"] != 0 for g in self.param_groups):
+            return False
+        params = [p for g in self.param_groups for p in g["params"]]
+        zero = all(p.grad is None or not bool(local(p.grad).any()) for p in params)
+        if self._ranks() == 1:
+            return zero
+        return bool(self._agree_all(torch.tensor(zero, device=local(params[0]).device)))  # on the collectives' device
 
     @contextmanager
     def _put_back_on_error(self, y0: list[Factors]):
