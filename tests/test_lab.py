@@ -468,6 +468,7 @@ def test_signals_wait_while_workers_start(tmp_path):
     code = """
 import os, signal, threading, time
 from odelora.lab.runner import _workers_starting
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground run (a job a script starts with & ignores Ctrl-C)
 for sig in (signal.SIGINT, signal.SIGTERM):
     got = []
     signal.signal(signal.SIGTERM, lambda s, f: got.append(s))

@@ -355,13 +355,10 @@ class KwargsNet(Net):
         return super().forward(ids, labels)
 
 
-def test_trainer_accumulated_steps_equal_one_batch_for_models_taking_loss_kwargs(tmp_path):
-    """Batch 8 x 2 accumulation steps moves the factors as batch 16 does (one Euler step is
-    ``-lr`` times the mean gradient), also for a model whose forward takes ``**kwargs``, to which
-    the Trainer would otherwise leave the accumulation's division."""
+def _assert_batch_8x2_steps_as_batch_16(tmp_path, trainer_class):
+    """Three Euler steps of batch 16 and of batch 8 with 2 accumulation steps move a KwargsNet's
+    factors alike; returns the second trainer."""
     from transformers import TrainingArguments
-
-    from odelora.integrations.trainer import ODELoRATrainer
 
     ids, y = data(64)
     finals = []
@@ -371,12 +368,25 @@ def test_trainer_accumulated_steps_equal_one_batch_for_models_taking_loss_kwargs
         args = TrainingArguments(output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, max_steps=3,
                                  gradient_accumulation_steps=accumulate, learning_rate=0.5, report_to=[], save_strategy="no",
                                  use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
-        trainer = ODELoRATrainer(model=model, args=args, train_dataset=ListDataset(ids, y))
+        trainer = trainer_class(model=model, args=args, train_dataset=ListDataset(ids, y))
         trainer.train()
         finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
     moved = max(float(p.abs().max()) for n, p in finals[0].items() if "lora_B" in n)
     assert moved > 1e-3
     assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-6 * max(1.0, moved)
+    return trainer
+
+
+def test_trainer_accumulated_steps_equal_one_batch_for_models_taking_loss_kwargs(tmp_path):
+    """Batch 8 x 2 accumulation steps moves the factors as batch 16 does (one Euler step is
+    ``-lr`` times the mean gradient), also for a model whose forward takes ``**kwargs``, to which
+    the Trainer would otherwise leave the accumulation's division."""
+    from transformers import TrainingArguments
+
+    from odelora.integrations.trainer import ODELoRATrainer
+
+    trainer = _assert_batch_8x2_steps_as_batch_16(tmp_path, ODELoRATrainer)
+    model, (ids, y) = trainer.model, data(64)
     assert trainer._loss_counts is False and not trainer.model_accepts_loss_kwargs  # the model's mean ignores the count
     with pytest.raises(ValueError, match="fp16 loss scaling"):
         ODELoRATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), fp16=True, report_to=[], use_cpu=True),
@@ -390,8 +400,6 @@ def test_a_subclass_loss_that_divides_by_the_label_count_is_given_it(tmp_path):
     count: the override then got None, fell back to the micro-batch's size, and with two
     accumulation steps every step was twice as long). The question is asked with gradients on: a
     loss may take gradients itself (a gradient penalty)."""
-    from transformers import TrainingArguments
-
     from odelora.integrations.trainer import ODELoRATrainer
 
     counts = []
@@ -409,21 +417,8 @@ def test_a_subclass_loss_that_divides_by_the_label_count_is_given_it(tmp_path):
             loss = loss + 0.0 * slope.square().sum()
             return (loss, out) if return_outputs else loss
 
-    ids, y = data(64)
-    finals = []
-    for batch, accumulate in ((16, 1), (8, 2)):
-        torch.manual_seed(0)
-        model = get_peft_model(KwargsNet(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
-        args = TrainingArguments(output_dir=str(tmp_path / str(batch)), per_device_train_batch_size=batch, max_steps=3,
-                                 gradient_accumulation_steps=accumulate, learning_rate=0.5, report_to=[], save_strategy="no",
-                                 use_cpu=True, disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=0.0)
-        trainer = SumLoss(model=model, args=args, train_dataset=ListDataset(ids, y))
-        trainer.train()
-        assert trainer._loss_counts is True and counts[-1] is not None and int(counts[-1]) > 0
-        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
-    moved = max(float(p.abs().max()) for n, p in finals[0].items() if "lora_B" in n)
-    assert moved > 1e-3
-    assert max(float((finals[0][n] - finals[1][n]).abs().max()) for n in finals[0]) < 1e-6 * max(1.0, moved)
+    trainer = _assert_batch_8x2_steps_as_batch_16(tmp_path, SumLoss)
+    assert trainer._loss_counts is True and counts[-1] is not None and int(counts[-1]) > 0
 
 
 class TokenDataset(torch.utils.data.Dataset):

@@ -228,7 +228,7 @@ def _workers_starting():
     try:
         yield
     finally:
-        for s, handler in previous.items():
+        for s, handler in reversed(previous.items()):  # SIGINT last: a Ctrl-C meanwhile leaves SIGTERM restored
             signal.signal(s, handler)
         for s in dict.fromkeys(held):
             signal.raise_signal(s)
