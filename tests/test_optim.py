@@ -2494,6 +2494,9 @@ def test_repr_shows_the_method_and_the_options_each_group_acts_on():
     group0, group1 = adam.split("Parameter Group 1")
     assert "weight_decay: 0.1" in group0 and "betas: (0.9, 0.999)" in group0
     assert "companion AdamW" in group1 and "lr: 0.001" in group1
+    head = repr(ODELoRA([(B, A)], lr=0.1, companion=[torch.randn(3, requires_grad=True)],
+                        companion_kwargs=dict(weight_decay=0.5, betas=(0.8, 0.9)))).split("Parameter Group 1")[1]
+    assert "weight_decay: 0.5" in head and "betas: (0.8, 0.9)" in head  # the companion's AdamW reads them
 
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])
@@ -2532,3 +2535,16 @@ def test_torchs_optimizer_state_dict_helpers_change_nothing_and_loading_theirs_s
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert torch.equal(run(True), run(False))
+
+    B, A = torch.zeros(5, 2, requires_grad=True), torch.randn(2, 4, requires_grad=True)
+    opt = ODELoRA([(B, A)], lr=0.0, method=method)
+    with pytest.raises((RuntimeError, ValueError)):  # no gradient at all (a forgotten backward; rk4: no closure) still fails at lr 0
+        opt.step()
+    B.grad, A.grad = torch.zeros_like(B), torch.zeros_like(A)
+    opt.set_stage_closure(None, loss=123.0)
+    assert opt.step() is None and opt.stats.steps == 0  # nothing to do: the pending loss is taken with it
+    B.grad, A.grad = torch.ones_like(B), torch.ones_like(A)
+    opt.param_groups[0]["lr"] = 0.1
+    if method == "euler":
+        opt.step()
+        assert opt.last_step.loss is None and opt.stats.steps == 1

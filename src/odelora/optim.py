@@ -464,6 +464,7 @@ class ODELoRA(torch.optim.Optimizer):
         other methods need a closure, passed here or by :meth:`set_stage_closure`.
         """
         if closure is None and self._stage_closure is None and self._idle_probe():
+            self._stage_loss = None  # taken, as a step takes it
             return None
         self._follow_moves()
         source = self._stage_source(closure)
@@ -482,14 +483,15 @@ class ODELoRA(torch.optim.Optimizer):
 
     def _idle_probe(self) -> bool:
         """Whether this step has nothing to do at all: every group's lr (the companion's too) 0 and
-        every gradient zero or missing, on every rank. It then does nothing, counts nothing and
-        steps no companion: torch.distributed.checkpoint's ``get_optimizer_state_dict`` calls such
-        a step to make a stateless optimizer build its state, and left a multi-stage method,
-        which raised for want of a closure, with every lr 0."""
+        every trainable tensor's gradient there and zero, on every rank. It then does nothing,
+        counts nothing and steps no companion: torch.distributed.checkpoint's
+        ``get_optimizer_state_dict`` calls such a step to make a stateless optimizer build its
+        state, and left a multi-stage method, which raised for want of a closure, with every lr 0.
+        (Missing gradients still fail as in any other step: a forgotten backward.)"""
         if any(g["lr"] != 0 for g in self.param_groups):
             return False
-        params = [p for g in self.param_groups for p in g["params"]]
-        zero = all(p.grad is None or not bool(local(p.grad).any()) for p in params)
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        zero = bool(params) and all(p.grad is not None and not bool(local(p.grad).any()) for p in params)
         if self._ranks() == 1:
             return zero
         return bool(self._agree_all(torch.tensor(zero, device=local(params[0]).device)))  # on the collectives' device
@@ -836,11 +838,13 @@ class ODELoRA(torch.optim.Optimizer):
         """The method, then each group with the options it acts on (Adam's only with the Adam
         preconditioner), its pairs counted; companion groups as torch's AdamW shows them."""
         lines = [f"ODELoRA ({', '.join(f'{k}={v}' for k, v in self._config().items())}"]
-        skip = {"params", "names", "scales"} | ({"betas", "eps", "weight_decay"} - set(self.preconditioner.options))
+        unread = {"params", "names", "scales"} | ({"betas", "eps", "weight_decay"} - set(self.preconditioner.options))
         for i, g in enumerate(self.param_groups):
-            head = "companion AdamW" if g.get("companion") else f"{len(g['scales'])} pair(s): {_short(g['names'])}"
+            companion = bool(g.get("companion"))
+            head = "companion AdamW" if companion else f"{len(g['scales'])} pair(s): {_short(g['names'])}"
             lines.append(f"Parameter Group {i}, {head}")
-            lines += [f"    {k}: {g[k]}" for k in sorted(g) if k not in skip and k != "companion"]
+            skip = {"params", "companion"} if companion else unread
+            lines += [f"    {k}: {g[k]}" for k in sorted(g) if k not in skip]
         return "\n".join(lines) + "\n)"
 
 
