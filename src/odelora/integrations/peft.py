@@ -164,8 +164,9 @@ def partition(model: torch.nn.Module, adapter: str | list[str] | None = None) ->
                 else:
                     reasons[id(p)] = "DoRA magnitude vector"
     if merged:  # their factors are in the base weights: the forward no longer reads them
-        raise ValueError(f"adapters merged into their base weights ({', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''}): the forward pass no longer reads "
-                         "their factors; call model.unmerge_adapter() before training (and merge_adapter() after)")
+        named = ", ".join(merged[:3]) + (", ..." if len(merged) > 3 else "")
+        raise ValueError(f"adapters merged into their base weights ({named}): the forward pass no longer reads their "
+                         "factors; call model.unmerge_adapter() before training (and merge_adapter() after)")
     if wanted is not None:
         found = {p.name.rsplit("[", 1)[1].rstrip("]") for p in part.pairs}
         missing = wanted - found
