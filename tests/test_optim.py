@@ -661,6 +661,56 @@ def test_nan_gradient_without_closure_is_skipped():
     assert torch.equal(B.detach(), B0)
 
 
+def test_grad_scaler_steps_as_unscaled_gradients_skips_infs_and_refuses_closures():
+    """fp16 loss scaling (torch.amp.GradScaler): scaler.step(opt) takes the step of the unscaled
+    gradients (power-of-two scales: the same bits as without a scaler), the companion's too, also
+    after scaler.unscale_(opt) for clipping; an inf gradient skips the step untouched and halves
+    the scale; a closure, whose backward the scaler would scale unseen, is refused (it took steps
+    65536 times too long with Euler)."""
+    Y, B, A = problem(7, dtype=torch.float32)
+    bias = torch.zeros(9, requires_grad=True)
+
+    def loss_of(B, A, bias):
+        return 0.5 * ((B.double() @ A.double() + bias.double() - Y) ** 2).sum()
+
+    def build(B, A, bias, **kw):
+        return ODELoRA([(B, A)], lr=0.05, companion=[bias], companion_lr=0.1, **kw)
+
+    ref = [t.detach().clone().requires_grad_() for t in (B, A, bias)]
+    ref_opt = build(*ref)
+    opt = build(B, A, bias)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for i in range(3):
+        ref_opt.zero_grad()
+        loss_of(*ref).backward()
+        ref_opt.step()
+        opt.zero_grad()
+        scaler.scale(loss_of(B, A, bias)).backward()
+        if i == 2:
+            scaler.unscale_(opt)  # as before clipping
+        scaler.step(opt)
+        scaler.update()
+        assert all(torch.equal(t.detach(), r.detach()) for t, r in zip((B, A, bias), ref))
+    assert opt.stats.steps == 3
+
+    before = [t.detach().clone() for t in (B, A, bias)]
+    opt.zero_grad()
+    scaler.scale(loss_of(B, A, bias) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(t.detach(), b) for t, b in zip((B, A, bias), before))
+    assert scaler.get_scale() == 2.0**15 and opt.stats.steps == 3
+
+    for method in ("euler", "rk4"):
+        o = build(B, A, bias, method=method)
+        o.zero_grad()
+        scaler.scale(loss_of(B, A, bias)).backward()
+        with pytest.raises(ValueError, match="GradScaler.*closure.*bfloat16"):
+            scaler.step(o, make_closure(o, B, A, Y))
+        assert all(torch.equal(t.detach(), b) for t, b in zip((B, A, bias), before))
+        scaler.update()
+
+
 def test_closure_returning_none_is_allowed():
     Y, B, A = problem(5)
     opt = ODELoRA([(B, A)], lr=0.2, method="rk4")

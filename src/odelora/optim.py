@@ -383,6 +383,10 @@ class ODELoRA(torch.optim.Optimizer):
         stiff = self.flow.default_retraction(True) != "none"  # the flows whose factor ODE is stiff near B = 0
         _warn_about_starts(self.store, stiff and self.tableau.adaptive and self.retraction.velocity == "factors")
 
+    # GradScaler.step (fp16) gives this step the loss scale and the inf/NaN flag as attributes
+    # instead of unscaling .grad itself, so that the step can refuse closures (_scaler_skips)
+    _step_supports_amp_scaling = True
+
     # ------------------------------------------------------------------ pairs
     @property
     def store(self) -> PairStore:
@@ -463,8 +467,8 @@ class ODELoRA(torch.optim.Optimizer):
         Without a closure the first stage is the gradients already in ``.grad``: enough for Euler;
         other methods need a closure, passed here or by :meth:`set_stage_closure`.
         """
-        if closure is None and self._stage_closure is None and self._idle_probe():
-            self._stage_loss = None  # taken, as a step takes it
+        if self._scaler_skips(closure) or (closure is None and self._stage_closure is None and self._idle_probe()):
+            self._stage_closure, self._stage_loss = None, None  # taken, as a step takes them
             return None
         self._follow_moves()
         source = self._stage_source(closure)
@@ -480,6 +484,32 @@ class ODELoRA(torch.optim.Optimizer):
             return self._skip(fld, res)
         self._commit(move, fld, res)
         return fld.loss
+
+    def _scaler_skips(self, closure) -> bool:
+        """Under ``GradScaler.step`` (fp16 loss scaling; see ``_step_supports_amp_scaling``): whether
+        the scaler found inf/NaN in the gradients, on any rank that steps with this one; the step
+        is then skipped, as the scaler skips any optimizer's, and the scaler lowers its scale.
+        Otherwise the gradients in ``.grad`` (the companion's too) are divided by the scale, unless
+        ``scaler.unscale_(optimizer)`` did so already. Closures are refused there: the gradients
+        of their backward come scaled by a factor that this step cannot know."""
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step for the call only
+        if found_inf is None:
+            return False
+        if closure is not None or self._stage_closure is not None or self.tableau.stages > 1:
+            raise ValueError(
+                "GradScaler.step(optimizer, ...) with a closure or a multi-stage method: each stage's backward would be "
+                "scaled by a factor this step cannot see. With fp16 loss scaling use method='euler' and "
+                "scaler.step(optimizer) without a closure; for other methods train in bfloat16 (no scaler needed) "
+                "or float32"
+            )
+        finite = found_inf.detach().reshape(-1).sum() == 0
+        if not bool(self._agree_all(finite)):
+            return True
+        scale = getattr(self, "grad_scale", None)  # None where scaler.unscale_(optimizer) ran before
+        if scale is not None:
+            grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / float(scale))
+        return False
 
     def _idle_probe(self) -> bool:
         """Whether this step has nothing to do at all: every group's lr (the companion's too) 0 and
