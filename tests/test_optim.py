@@ -709,6 +709,16 @@ def test_grad_scaler_steps_as_unscaled_gradients_skips_infs_and_refuses_closures
             scaler.step(o, make_closure(o, B, A, Y))
         assert all(torch.equal(t.detach(), b) for t, b in zip((B, A, bias), before))
         scaler.update()
+    # a refused scaler step leaves nothing behind: the same optimizer steps without a scaler as a new one
+    copies = [t.detach().clone().requires_grad_() for t in (B, A, bias)]
+    fresh = build(*copies, method="rk4")
+    fresh.step(make_closure(fresh, *copies[:2], Y))
+    o.step(make_closure(o, B, A, Y))
+    assert all(torch.equal(t.detach(), c.detach()) for t, c in zip((B, A), copies[:2]))
+    o = build(B, A, bias)  # a forgotten backward under the scaler: ODELoRA's own message
+    o.zero_grad()
+    with pytest.raises(RuntimeError, match="no gradients on the LoRA pairs"):
+        scaler.step(o)
 
 
 def test_closure_returning_none_is_allowed():

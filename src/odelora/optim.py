@@ -467,6 +467,14 @@ class ODELoRA(torch.optim.Optimizer):
         Without a closure the first stage is the gradients already in ``.grad``: enough for Euler;
         other methods need a closure, passed here or by :meth:`set_stage_closure`.
         """
+        try:
+            return self._step(closure)
+        except BaseException:
+            for key in ("grad_scale", "found_inf"):  # set by GradScaler.step, which deletes them only on return
+                self.__dict__.pop(key, None)
+            raise
+
+    def _step(self, closure):
         if self._scaler_skips(closure) or (closure is None and self._stage_closure is None and self._idle_probe()):
             self._stage_closure, self._stage_loss = None, None  # taken, as a step takes them
             return None
@@ -502,12 +510,12 @@ class ODELoRA(torch.optim.Optimizer):
                 "scaler.step(optimizer) without a closure; for other methods train in bfloat16 (no scaler needed) "
                 "or float32"
             )
-        finite = found_inf.detach().reshape(-1).sum() == 0
+        finite = torch.as_tensor(found_inf).sum() == 0  # (the int 0 where no parameter had a gradient)
         if not bool(self._agree_all(finite)):
             return True
         scale = getattr(self, "grad_scale", None)  # None where scaler.unscale_(optimizer) ran before
-        if scale is not None:
-            grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if scale is not None and grads:
             torch._foreach_mul_(grads, 1.0 / float(scale))
         return False
 
