@@ -276,6 +276,28 @@ def test_euler_rate_is_judged_only_where_every_seed_converged(tmp_path):
     assert rate.note.startswith("Euler did not reach the target at h = 1/L in every seed")
 
 
+def test_runs_too_fast_or_too_short_to_fit_a_rate_leave_the_rate_claims_inconclusive(tmp_path):
+    """kappa = 1 reaches 1e-10 in 5 steps (no rate to fit; it was a FAIL saying the target was
+    not reached); a cap of 1 iteration decides nothing either (a FAIL too); a trajectory shorter
+    than the reference's accuracy fits no order (a FAIL saying the error does not fall like h^p)."""
+    exp = get_experiment("strongly-convex")
+    for update, why in [(dict(cond=1.0, steps_times_L=[1.0]), "too few iterations to fit a rate"),
+                        (dict(max_iters=1), "stopped at the iteration cap")]:
+        out = tmp_path / str(len(why))
+        run_experiment(exp, exp.Config(**{**TINY["strongly-convex"], **update}), out, progress=False)
+        claims, _ = build_report(out)
+        at1 = pd.read_csv(out / "summary.csv").query("hL == 1.0 and method.str.startswith('odelora')")
+        assert len(at1) == 2 and (at1.status == ("converged" if "few" in why else "cap")).all(), at1
+        rated = [c for c in claims if "ODELoRA" in c.claim and "h = 1/L" in c.claim]
+        assert len(rated) == 2 and all(c.verdict == "INCONCLUSIVE" and why in c.note for c in rated), rated
+    exp = get_experiment("trajectory-fidelity")
+    run_experiment(exp, exp.Config(**{**TINY["trajectory-fidelity"], "T": 1e-7, "methods": ["euler"]}), tmp_path / "tf", progress=False)
+    claims, _ = build_report(tmp_path / "tf")
+    (c,) = [c for c in claims if c.claim.startswith("euler:")]
+    assert pd.read_csv(tmp_path / "tf" / "results.csv").error.max() < 1e-11
+    assert c.verdict == "INCONCLUSIVE" and "too few to fit a slope" in c.note, c
+
+
 def test_report_rebuilds_from_files_alone(tmp_path):
     exp, cfg = _tiny_ms()
     run_experiment(exp, cfg, tmp_path, progress=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -403,6 +404,15 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc) or "rerun the same command to resume (cases already saved are kept)"
         print(f"\nodelora: {'terminated' if got else 'interrupted'}: {msg.removeprefix('interrupted: ')}", file=sys.stderr)
         return 128 + (got[0] if got else signal.SIGINT)
+    except BrokenPipeError:  # `odelora ... | head`: the reader left; results are written before anything is printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141  # 128 + SIGPIPE, as a shell reports it
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"odelora: cannot write {exc.filename or 'a result file'}: {exc.strerror}; free some space and rerun the same "
+              "command to resume (files are written whole or not at all: cases already saved are kept)", file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -363,6 +363,9 @@ def claim_folder(out: Path, exp: Experiment, cfg: ExperimentConfig) -> None:
 def grid_cases(exp: Experiment, cfg: ExperimentConfig) -> list[dict]:
     """The config's cases; a config that yields one case twice (a value listed twice) is refused."""
     cases = exp.cases(cfg)
+    if not cases:
+        raise SystemExit(f"{exp.name}: the config gives no case to run: its values leave every case out (see the keys' "
+                         f"descriptions in odelora run {exp.name} --help)")
     ids = [case_id(c) for c in cases]
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
@@ -443,6 +446,13 @@ def _progress(name: str, total: int, done: int, show: bool):
     return tqdm(total=total, initial=done, desc=name, unit="case", disable=not show, leave=False, mininterval=2.0)
 
 
+def _hold_stops() -> dict:
+    """Ignore SIGINT and SIGTERM (in the main thread); returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
 def run_experiment(
     exp: Experiment, cfg: ExperimentConfig, out: Path, *, jobs: int = 1, progress: bool = True
 ) -> pd.DataFrame:
@@ -480,7 +490,7 @@ def run_experiment(
     bar = _progress(exp.name, len(cases), len(cases) - len(todo), progress)
     cfg_data = cfg.model_dump()
     tasks = [(exp, cfg_data, c) for c in todo]
-    pool = None
+    pool, held = None, {}
     try:
         if jobs <= 1 or len(todo) <= 1:
             results = map(_run_one, tasks)
@@ -501,6 +511,7 @@ def run_experiment(
                    prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
         raise SystemExit(str(exc)) from None
     except KeyboardInterrupt:
+        held = _hold_stops()  # a second Ctrl-C would cut the saving and the workers' shutdown short
         done = len(cases) - len(todo) + len(timings)
         _save_meta(out, meta, earlier, interrupted=True, cases=len(cases), ran=len(timings), timings=timings, cpu=cpu,
                    prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
@@ -513,6 +524,8 @@ def run_experiment(
             pool.terminate()
             pool.join()
         bar.close()
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
     _save_meta(out, meta, earlier, interrupted=False, cases=len(cases), ran=len(todo), timings=timings, cpu=cpu,
                prepared=prepared, wall=time.perf_counter() - t0, jobs=jobs)
     df = read_results(out, cases)

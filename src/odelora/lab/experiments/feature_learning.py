@@ -48,7 +48,7 @@ class Config(ExperimentConfig):
     widths: NonEmpty(PositiveInt) = Field([64, 128, 256, 512, 1024, 2048, 4096], description="input widths n")
     rank: PositiveInt = Field(4, description="LoRA rank r")
     batch: PositiveInt = Field(8, description="inputs per step")
-    steps: PositiveInt = Field(10, description="steps per run (terms are averaged over steps >= 2)")
+    steps: int = Field(10, ge=3, description="steps per run (terms are averaged over steps >= 2, counted from 0)")
     rules: NonEmpty(Rule) = Field(list(RULES), description="learning-rate rules: " + "; ".join(
         f"{k}: {v[0]}, lr_B/lr_A = {ratio_text(k)}" for k, v in RULES.items()))
     constants: NonEmpty(PositiveFloat) = Field([0.01, 0.1, 1.0], description="constants c in the rates (lr_A = c n^-pA)")

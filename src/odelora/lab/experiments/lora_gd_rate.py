@@ -26,7 +26,7 @@ from ..core import Claim, Experiment, ExperimentConfig, NonEmpty, merged_with
 from ._common import curve_styles, gave_back_progress, save_csv, save_fig
 
 RULES = {
-    "theory": "k / (4 sqrt(2) L (||V||^2 + ||grad_W L||)), k a multiple of the theory step (capped at 1 before k)",
+    "theory": "k / (4 sqrt(2) L (||V||^2 + ||grad_W L||)), k a multiple of the theory step (capped at 1 before k; logistic-bbc only, where L is known)",
     "constant": "c",
     "practical-gradW": "min(c / (||V||^2 + ||grad_W L||), 1)",
     "practical-loss": "min(c / (||V||^2 + sqrt(loss)), 1)",

@@ -267,7 +267,7 @@ class PinnExperiment(Experiment):
                        budget=cfg.budget, eval_every=cfg.eval_every, rtol=cfg.adaptive_rtol, spike_factor=cfg.spike_factor)
         last = len(run.rows) - 1
         rows = [dict(r, lr=case["lr"], final=i == last, finite=run.finite, reason=run.reason, spikes=run.spikes, steps=run.steps,
-                     rejected=run.rejected, t=run.t, seconds=round(run.seconds, 3), pretrained_error=info["error_mu0"],
+                     rejected=run.rejected, t=run.t, pretrained_error=info["error_mu0"],
                      start_error=info["error_mu1"]) for i, r in enumerate(run.rows)]
         return rows
 
