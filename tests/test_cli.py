@@ -41,6 +41,8 @@ def one_line_error(capsys, args) -> str:
     (["kappas=[]"], "kappas: List should have at least 1 item"),
     (["seeds=[]"], "seeds: Input should be a valid integer"),
     (["seeds=0"], "seeds: Input should be greater than 0"),
+    (["seeds=true"], "seeds: Input should be a valid integer (got True)"),  # was taken as 1
+    (["m=12.0"], "m: Input should be a valid integer (got 12.0)"),
     (["no_such_key=1"], "unknown key 'no_such_key'"),
     (["m"], "--set expects KEY=VALUE"),
     (["tol=.inf"], "tol: Input should be a finite number"),

@@ -44,7 +44,7 @@ def NonEmpty(item):  # noqa: N802  (a type constructor)
 class ExperimentConfig(BaseModel):
     """Base of every experiment config: typed, validated, unknown keys rejected."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
     seeds: PositiveInt = Field(3, description="number of random seeds (0, 1, ...)")
 
 
