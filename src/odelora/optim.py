@@ -383,9 +383,15 @@ class ODELoRA(torch.optim.Optimizer):
         stiff = self.flow.default_retraction(True) != "none"  # the flows whose factor ODE is stiff near B = 0
         _warn_about_starts(self.store, stiff and self.tableau.adaptive and self.retraction.velocity == "factors")
 
-    # GradScaler.step (fp16) gives this step the loss scale and the inf/NaN flag as attributes
-    # instead of unscaling .grad itself, so that the step can refuse closures (_scaler_skips)
-    _step_supports_amp_scaling = True
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by torch's ``GradScaler.step`` (fp16 loss scaling): where True, it calls
+        :meth:`step` with its scale and inf flag set on the optimizer instead of unscaling ``.grad``
+        and skipping the step itself. True only where such a step is refused: multi-stage methods
+        and a pending stage closure take gradients of backward calls the scaler never sees. With
+        Euler the scaler unscales and skips as for any optimizer (accelerate tells a skipped step
+        by the step not being called)."""
+        return self.tableau.stages > 1 or self._stage_closure is not None
 
     # ------------------------------------------------------------------ pairs
     @property
@@ -467,15 +473,9 @@ class ODELoRA(torch.optim.Optimizer):
         Without a closure the first stage is the gradients already in ``.grad``: enough for Euler;
         other methods need a closure, passed here or by :meth:`set_stage_closure`.
         """
-        try:
-            return self._step(closure)
-        except BaseException:
-            for key in ("grad_scale", "found_inf"):  # set by GradScaler.step, which deletes them only on return
-                self.__dict__.pop(key, None)
-            raise
-
-    def _step(self, closure):
-        if self._scaler_skips(closure) or (closure is None and self._stage_closure is None and self._idle_probe()):
+        if "found_inf" in self.__dict__:  # under GradScaler.step: see _step_supports_amp_scaling
+            self._refuse_grad_scaler()
+        if closure is None and self._stage_closure is None and self._idle_probe():
             self._stage_closure, self._stage_loss = None, None  # taken, as a step takes them
             return None
         self._follow_moves()
@@ -493,31 +493,16 @@ class ODELoRA(torch.optim.Optimizer):
         self._commit(move, fld, res)
         return fld.loss
 
-    def _scaler_skips(self, closure) -> bool:
-        """Under ``GradScaler.step`` (fp16 loss scaling; see ``_step_supports_amp_scaling``): whether
-        the scaler found inf/NaN in the gradients, on any rank that steps with this one; the step
-        is then skipped, as the scaler skips any optimizer's, and the scaler lowers its scale.
-        Otherwise the gradients in ``.grad`` (the companion's too) are divided by the scale, unless
-        ``scaler.unscale_(optimizer)`` did so already. Closures are refused there: the gradients
-        of their backward come scaled by a factor that this step cannot know."""
-        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step for the call only
-        if found_inf is None:
-            return False
-        if closure is not None or self._stage_closure is not None or self.tableau.stages > 1:
-            raise ValueError(
-                "GradScaler.step(optimizer, ...) with a closure or a multi-stage method: each stage's backward would be "
-                "scaled by a factor this step cannot see. With fp16 loss scaling use method='euler' and "
-                "scaler.step(optimizer) without a closure; for other methods train in bfloat16 (no scaler needed) "
-                "or float32"
-            )
-        finite = torch.as_tensor(found_inf).sum() == 0  # (the int 0 where no parameter had a gradient)
-        if not bool(self._agree_all(finite)):
-            return True
-        scale = getattr(self, "grad_scale", None)  # None where scaler.unscale_(optimizer) ran before
-        grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if scale is not None and grads:
-            torch._foreach_mul_(grads, 1.0 / float(scale))
-        return False
+    def _refuse_grad_scaler(self) -> None:
+        for key in ("grad_scale", "found_inf"):  # GradScaler.step deletes them only where the step returns
+            self.__dict__.pop(key, None)
+        self._stage_closure, self._stage_loss = None, None
+        raise ValueError(
+            f"GradScaler.step(optimizer) with method {self.tableau.name!r}: its {self.tableau.stages} gradients per step "
+            "come from closure calls whose backward the scaler does not unscale. With fp16 loss scaling use "
+            "method='euler' and scaler.step(optimizer) without a closure; for other methods train in bfloat16 (no "
+            "scaler needed) or float32"
+        )
 
     def _idle_probe(self) -> bool:
         """Whether this step has nothing to do at all: every group's lr (the companion's too) 0 and
@@ -799,7 +784,7 @@ class ODELoRA(torch.optim.Optimizer):
         """Everything but torch's hooks (as torch's optimizers), a pending stage closure and the
         packed pairs (rebuilt from the param groups): ``copy.deepcopy`` and ``pickle`` of a model
         with its optimizer give one that steps as the original would."""
-        skip = {"_stage_closure", "_stage_loss", "_store"}
+        skip = {"_stage_closure", "_stage_loss", "_store", "grad_scale", "found_inf"}  # (the last two: GradScaler's, for one call)
         return {k: v for k, v in self.__dict__.items() if k not in skip and not k.startswith("_optimizer_")}
 
     def __setstate__(self, state: dict) -> None:
