@@ -357,11 +357,20 @@ def test_a_full_disk_and_a_reader_that_leaves_end_in_one_line(capsys, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("odelora: cannot write") and "No space left on device" in err and "\n" not in err, err
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    p = subprocess.Popen([sys.executable, "-m", "odelora.lab.cli", "run", "trajectory-fidelity", "--quick", "--no-progress",
-                          "--out", str(tmp_path / "p")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
-    p.stdout.close()  # `odelora ... | head -0`
-    assert p.wait(timeout=300) == 141 and b"Traceback" not in p.stderr.read()
-    p.stderr.close()
+    with open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "odelora.lab.cli", "run", "trajectory-fidelity", "--quick", "--no-progress",
+                              "--out", str(tmp_path / "p")], stdout=subprocess.PIPE, stderr=err, env=env, cwd=tmp_path)
+        p.stdout.close()  # `odelora ... | head -0`
+        assert p.wait(timeout=300) == 141
+    assert "Traceback" not in (tmp_path / "err").read_text()
+    exp_cls = type(get_experiment("trajectory-fidelity"))  # a broken pipe elsewhere is an error, not a reader that left
+
+    def broken(self, cfg, case):
+        raise BrokenPipeError(32, "a pipe of its own")
+
+    monkeypatch.setattr(exp_cls, "run_case", broken)
+    with pytest.raises(BrokenPipeError, match="a pipe of its own"):
+        cli(["run", "trajectory-fidelity", "--quick", "--no-progress", "--out", str(tmp_path / "q")])
 
 
 def test_a_damaged_config_or_meta_gets_one_line_and_a_takeover_drops_the_old_meta(capsys, tmp_path):

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import errno
 import os
+import select
 import signal
 import sys
 import threading
@@ -387,6 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has left (poll reports an error on its end), not
+    another pipe; if so, stdout is pointed at /dev/null, so that Python's last flush raises no
+    second error."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this platform, or no stdout file
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     got = []
 
@@ -404,9 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc) or "rerun the same command to resume (cases already saved are kept)"
         print(f"\nodelora: {'terminated' if got else 'interrupted'}: {msg.removeprefix('interrupted: ')}", file=sys.stderr)
         return 128 + (got[0] if got else signal.SIGINT)
-    except BrokenPipeError:  # `odelora ... | head`: the reader left; results are written before anything is printed
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
-        return 141  # 128 + SIGPIPE, as a shell reports it
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        return 141  # `odelora ... | head` after the reader left: 128 + SIGPIPE, as a shell reports it
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
