@@ -368,6 +368,7 @@ def test_a_full_disk_and_a_reader_that_leaves_end_in_one_line(capsys, tmp_path, 
     def broken(self, cfg, case):
         raise BrokenPipeError(32, "a pipe of its own")
 
+    monkeypatch.undo()  # the disk has room again
     monkeypatch.setattr(exp_cls, "run_case", broken)
     with pytest.raises(BrokenPipeError, match="a pipe of its own"):
         cli(["run", "trajectory-fidelity", "--quick", "--no-progress", "--out", str(tmp_path / "q")])
