@@ -88,6 +88,10 @@ def test_bad_config_files(capsys, tmp_path):
     js = tmp_path / "c.json"
     js.write_text('{"seeds": 1,}')  # YAML would take the trailing comma; a .json file is read as JSON
     assert "not valid JSON at line 1, column 13" in one_line_error(capsys, args + [str(js)])
+    js.write_text('{"seeds": 1, "seeds": 2}')  # a key given twice: both parsers kept the last one
+    assert "key 'seeds' given twice in one object" in one_line_error(capsys, args + [str(js)])
+    bad.write_text("config:\n  seeds: 1\n  m: 6\n  seeds: 2\n")
+    assert "at line 4, column 3: key 'seeds' given twice" in one_line_error(capsys, args + [str(bad)])
     assert "a file; give the folder a run wrote" in one_line_error(capsys, ["report", str(js)])
     from odelora.lab.runner import load_config
 

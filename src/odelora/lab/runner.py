@@ -72,6 +72,31 @@ def config_error(name: str, cls: type[ExperimentConfig], err: ValidationError) -
     return f"invalid config for {name}: {'; '.join(parts)}. Valid keys: {', '.join(cls.model_fields)} (see odelora run {name} --help)"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _KeyTwice(ValueError):
+    pass
+
+
+def _unique_json_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise _KeyTwice(f"key {twice!r} given twice in one object")
+    return dict(pairs)
+
+
 def _read_config_file(config_file: str, name: str) -> dict:
     path = Path(config_file)
     try:
@@ -81,7 +106,9 @@ def _read_config_file(config_file: str, name: str) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise SystemExit(f"--config {config_file}: cannot read it ({type(exc).__name__})") from None
     try:
-        loaded = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        loaded = json.loads(text, object_pairs_hook=_unique_json_keys) if path.suffix.lower() == ".json" else yaml.load(text, _UniqueKeyLoader)
+    except _KeyTwice as exc:
+        raise SystemExit(f"--config {config_file}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise SystemExit(f"--config {config_file}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except yaml.YAMLError as exc:
