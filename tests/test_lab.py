@@ -298,6 +298,20 @@ def test_runs_too_fast_or_too_short_to_fit_a_rate_leave_the_rate_claims_inconclu
     assert c.verdict == "INCONCLUSIVE" and "too few to fit a slope" in c.note, c
 
 
+def test_a_run_whose_config_leaves_every_claim_out_says_so(tmp_path):
+    """lora-mf's claims need the random start: without it the report's claims table was empty,
+    unexplained (and its plot warned about a legend without entries)."""
+    import warnings
+
+    exp = get_experiment("lora-mf")
+    cfg = exp.quick_config().model_copy(update=dict(settings=["misaligned"], inits=["spectral-one"]))
+    run_experiment(exp, cfg, tmp_path, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        claims, report = build_report(tmp_path)
+    assert claims == [] and "No claim is judged from this run" in report.read_text()
+
+
 def test_report_rebuilds_from_files_alone(tmp_path):
     exp, cfg = _tiny_ms()
     run_experiment(exp, cfg, tmp_path, progress=False)

@@ -21,6 +21,9 @@ def _cell(s) -> str:
 
 
 def claims_markdown(claims: list[Claim]) -> str:
+    if not claims:
+        return ("No claim is judged from this run: each needs cases that its config leaves out (an init, a setting "
+                "or a method; `odelora run EXPERIMENT --help` describes the keys).")
     lines = ["| # | verdict | claim | prediction | measured |", "|---|---|---|---|---|"]
     for i, c in enumerate(claims, 1):
         lines.append(f"| {i} | **{c.verdict}** | {_cell(c.claim)} | {_cell(c.prediction)} | {_cell(c.measured)} |")

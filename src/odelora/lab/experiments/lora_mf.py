@@ -439,6 +439,7 @@ class LoraMF(Experiment):
 
             axes[0].legend(handles=[Line2D([], [], color=f"C{i}", label=f"alpha = {a:g}") for i, a in enumerate(alphas)]
                            + [Line2D([], [], color="k", ls=styles[i], label=i) for i in sorted(sub.init.unique())], fontsize=7)
-            axes[3].legend(fontsize=7)
+            if axes[3].get_legend_handles_labels()[0]:  # (a random start was run)
+                axes[3].legend(fontsize=7)
             figs.append(save_fig(fig, out, f"dynamics_{setting.replace('<', 'lt').replace('>', 'gt')}.png"))
         return figs
