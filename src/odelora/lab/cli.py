@@ -145,7 +145,9 @@ def _run(exp, cfg, args) -> int:
         todo = pending_cases(exp, cfg, out)
         est = estimate_seconds(exp, cfg, todo, args.jobs, machine_speed())
         saved = f" ({total - len(todo)} saved, {len(todo)} to run)" if len(todo) < total else ""
-        print(f"{exp.name}: {total} cases{saved}, expected about {_minutes(est)} with {args.jobs} job(s)", flush=True)
+        cores = os.cpu_count() or 1
+        over = f" (on {cores} CPU core(s): they share them, and the estimate counts {cores})" if args.jobs > cores else ""
+        print(f"{exp.name}: {total} cases{saved}, expected about {_minutes(est)} with {args.jobs} job(s){over}", flush=True)
         run_experiment(exp, cfg, out, jobs=args.jobs, progress=not args.no_progress)
         claims, report = build_report(out)
     _print_claims(claims)
