@@ -79,6 +79,7 @@ def test_odelora_finetunes_a_pinn_through_deepxde(pretrained, method, iterations
     for n, p in net.named_parameters():
         changed = not torch.equal(p.detach(), before[n])
         assert changed == ("lora_B" in n or "lora_A" in n), n
+        assert p.requires_grad == ("lora_" in n), n  # DeepXDE's evaluations called net.requires_grad_()
 
 
 def test_an_inverse_problems_variable_trains_as_a_companion():
@@ -108,3 +109,27 @@ def test_an_inverse_problems_variable_trains_as_a_companion():
     (c_moved, loss_moved), (c_held, loss_held) = train(1e-2), train(0.0)
     assert c_held == 2.0 and abs(c_moved - 2.0) > 0.1
     assert loss_moved < 0.95 * loss_held  # 2.34 against 2.63 here; 3.14 with C's gradient negated
+
+
+def test_the_base_stays_frozen_through_deepxdes_training_and_the_net_pickles():
+    """DeepXDE's pytorch Model calls ``net.requires_grad_()`` after every evaluation: that undid
+    add_lora's freeze, and an optimizer built afterwards from ``requires_grad``
+    (``create_odelora_optimizer``) handed every base weight to its AdamW companion."""
+    import pickle
+
+    from odelora.integrations.peft import create_odelora_optimizer
+
+    dde.config.set_random_seed(0)
+    net = add_lora(dde.nn.FNN([1, 8, 8, 1], "tanh", "Glorot normal"), r=2)
+    model = dde.Model(poisson(1.0), net)
+    model.compile(ODELoRA(lora_pairs(net), lr=1e-3))
+    model.train(iterations=2, display_every=10**6, verbose=0)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable), trainable
+    opt = create_odelora_optimizer(net, lr=1e-3)
+    assert len(opt.pairs) == 3 and opt._companion is None
+    copy = pickle.loads(pickle.dumps(net))
+    copy.requires_grad_()
+    assert {n for n, p in copy.named_parameters() if p.requires_grad} == trainable
+    del net.requires_grad_  # torch's own method back
+    assert all(p.requires_grad for p in net.requires_grad_().parameters())

@@ -99,6 +99,28 @@ def test_tangent_project_matches_reference(rng):
     np.testing.assert_allclose(P, projection_reference(G, B, A), atol=1e-12)
 
 
+def test_tangent_project_of_rank_deficient_factors_and_bad_shapes(rng):
+    """At PEFT's B = 0 the projection is G PV and at a rank-1 B it projects on B's one column
+    (numpy); QR's arbitrary basis for the missing directions made it basis-dependent (1.97 off
+    under a permutation of rows). Factors that are no pair, or a G of another shape, are refused."""
+    G, A = rng.standard_normal((7, 6)), rng.standard_normal((3, 6))
+    V = np.linalg.svd(A.T, full_matrices=False)[0]
+    P = tangent_project(*(torch.from_numpy(x) for x in (G, np.zeros((7, 3)), A))).numpy()
+    np.testing.assert_allclose(P, G @ V @ V.T, atol=1e-12)
+    b = rng.standard_normal((7, 1))
+    B = b @ rng.standard_normal((1, 3))  # rank 1
+    u = b / np.linalg.norm(b)
+    P = tangent_project(*(torch.from_numpy(x) for x in (G, B, A))).numpy()
+    np.testing.assert_allclose(P, u @ u.T @ G + G @ V @ V.T - u @ u.T @ G @ V @ V.T, atol=1e-12)
+    with pytest.raises(ValueError, match=r"B \(7, 3\) and A \(4, 6\) are not a LoRA pair"):
+        tangent_project(torch.zeros(7, 6), torch.zeros(7, 3), torch.zeros(4, 6))
+    with pytest.raises(ValueError, match=r"G \(7, 5\) is not a gradient of B @ A"):
+        tangent_project(torch.zeros(7, 5), torch.zeros(7, 3), torch.zeros(3, 6))
+    for f in (balance, imbalance):
+        with pytest.raises(ValueError, match="not a LoRA pair"):
+            f(torch.zeros(5), torch.zeros(5, 3))
+
+
 @pytest.mark.parametrize("m,n,a,p", [(30, 20, 4, 4), (30, 20, 4, 12), (5, 20, 4, 4), (30, 3, 2, 6)])
 def test_truncate_is_the_best_rank_r_approximation(m, n, a, p, rng):
     """Against numpy's SVD of the dense sum, also with rank-deficient extra blocks (a rank-1

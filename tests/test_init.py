@@ -144,6 +144,40 @@ def test_spectral_start_spans_the_top_singular_subspaces_and_points_downhill():
             assert torch.equal(p, base_w[n]), n
 
 
+def test_spectral_start_from_a_rank_deficient_or_zero_gradient_fills_only_what_it_determines():
+    """A batch of one gives a rank-1 gradient: the start is alpha^2 u1 v1^T (numpy's SVD of the
+    dense gradient) and the other directions start as PEFT's (B = 0 there), with a warning; rounding
+    picked them before, with full weight (float32 and float64 starts 0.016 apart against 0.01 for
+    the real part). A zero gradient starts at B = 0, its singular values +0."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5)).double()
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=3, target_modules=["0"]))
+    (x,) = adapted_layers(model)
+    X, Y = torch.randn(1, 6, dtype=torch.float64), torch.randn(1, 5, dtype=torch.float64)
+    G = torch.autograd.grad(((base(X) - Y) ** 2).sum(), base[0].weight)[0].numpy()  # independent: the plain layer
+    U, _, Vt = np.linalg.svd(-G)
+    alpha = 0.1
+
+    def closure():
+        model.zero_grad()
+        ((model(X) - Y) ** 2).sum().backward()
+
+    with pytest.warns(RuntimeWarning, match=r"fewer than r directions of .*\(1 of 3\).*B = 0 there"):
+        S = spectral_(model, closure, alpha)
+    product = (x.scale * x.B @ x.A).detach().numpy()
+    np.testing.assert_allclose(product, alpha**2 * np.outer(U[:, 0], Vt[0]), atol=1e-12)
+    assert torch.equal(x.B[:, 1:], torch.zeros(5, 2, dtype=x.B.dtype))
+    np.testing.assert_allclose((x.A @ x.A.T).detach().numpy(), alpha**2 / x.scale * np.eye(3), atol=1e-12)
+    with pytest.warns(RuntimeWarning, match=r"\(0 of 3\)"):
+        S = spectral_(model, lambda: (0.0 * model(X).sum()).backward(), alpha)
+    (s,) = S.values()
+    assert not bool(x.B.any()) and not bool(torch.signbit(s).any())
+    zero = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=0, target_modules=["0"]))
+    for start in (lambda: spectral_(zero, closure, alpha), lambda: gaussian_(zero, alpha)):  # a ZeroDivisionError before
+        with pytest.raises(ValueError, match=r"scaling .* must be positive.*\(0\): give lora_alpha > 0"):
+            start()
+
+
 def test_spectral_start_of_one_adapter_leaves_the_other_alone():
     base, model, layers, X, Y, closure = _setup(adapter="first")
     model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["inp", "out"]))

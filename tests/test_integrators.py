@@ -6,7 +6,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from odelora import flows
-from odelora.integrators import TABLEAUS, StepController, Tableau, get_tableau, integrate
+from odelora.integrators import TABLEAUS, NonFiniteError, StepController, Tableau, get_tableau, integrate
 
 M, N, R = 6, 5, 2
 
@@ -114,6 +114,24 @@ def test_errors_are_clear():
             integrate(f, [torch.ones(2)], (0, 1), method=method, h=h)
     with pytest.raises(ValueError, match=r"unknown method \['rk4'\]"):
         integrate(f, [torch.ones(2)], (0, 1), method=["rk4"])
+
+
+def test_late_or_infinite_time_spans_and_non_finite_flows():
+    """dy/dt = -y over half a unit starting at t = 1e12: the end test scaled with |t1|, not the span,
+    and returned y0 untouched (t1 = inf too); a NaN flow came back as a NaN state from fixed steps
+    and as a tolerance failure from adaptive ones."""
+    f = lambda y: [-y[0]]
+    for t0 in (0.0, 1e9, 1e12):
+        res = integrate(f, [torch.ones(1, dtype=torch.float64)], (t0, t0 + 0.5), method="dopri5", rtol=1e-10, atol=1e-12)
+        assert float(res.y[0]) == pytest.approx(math.exp(-0.5), rel=1e-3 if t0 else 1e-9), t0  # t's own rounding at 1e12: 1e-4
+    for span in [(0.0, math.inf), (-math.inf, 0.0), (0.0, 1.0, 2.0)]:
+        with pytest.raises(ValueError, match="t_span must be"):
+            integrate(f, [torch.ones(1)], span, method="dopri5")
+    for method, h in [("euler", 0.1), ("rk4", 0.1), ("dopri5", None)]:
+        with pytest.raises(NonFiniteError, match="flow at the state at t=0 is not finite"):
+            integrate(lambda y: [y[0] * math.nan], [torch.ones(1)], (0, 1), method=method, h=h)
+    with pytest.raises(TypeError, match="y0 must be a list of tensors"):
+        integrate(f, [np.ones(1)], (0, 1), method="dopri5")
 
 
 def test_atol_zero_accepts_components_that_do_not_move():

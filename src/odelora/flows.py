@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .geometry import Frame, Tangent, compute_dtype, damped_inverse, default_damping, factor_frame, tall_mm
+from .geometry import Frame, Tangent, check_pair, compute_dtype, damped_inverse, default_damping, factor_frame, tall_mm
 
 __all__ = ["Flow", "gradient", "scaled", "balanced", "FLOWS", "get_flow", "check_damping"]
 
@@ -69,11 +69,7 @@ class Flow:
 
 
 def _check_shapes(B, A, gB, gA):
-    if B.shape[-1] != A.shape[-2] or B.shape[:-2] != A.shape[:-2]:
-        raise ValueError(
-            f"B {tuple(B.shape)} and A {tuple(A.shape)} are not a LoRA pair: expected B (..., m, r) "
-            "and A (..., r, n) with the same r and batch dimensions"
-        )
+    check_pair(B, A)
     if gB.shape != B.shape or gA.shape != A.shape:
         raise ValueError(
             f"gradient shapes {tuple(gB.shape)}, {tuple(gA.shape)} differ from the factors' "

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_pair",
     "compute_dtype",
     "default_damping",
     "Frame",
@@ -374,11 +375,19 @@ def balance_frame(B: Tensor, A: Tensor, fr: Frame | None = None) -> tuple[Tensor
     return balanced_factors(tall_mm(fr.UB, W), S, tall_mm(fr.UA, Z), B.shape[-1], near=(B, A), overlaps=over)
 
 
+def check_pair(B: Tensor, A: Tensor) -> None:
+    """Refuse tensors that are not LoRA factors ``B`` (..., m, r) and ``A`` (..., r, n)."""
+    if B.dim() < 2 or A.dim() < 2 or B.shape[-1] != A.shape[-2] or B.shape[:-2] != A.shape[:-2]:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} are not a LoRA pair: expected B (..., m, r) and "
+                         "A (..., r, n) with the same r and batch dimensions")
+
+
 def balance(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     """Refactor ``B @ A`` so that ``B.T @ B == A @ A.T`` (both carry the singular values of BA),
     choosing among such factorizations the one closest to ``(B, A)``. The product is unchanged up
     to rounding; computed in the compute precision, returned in the input dtype. A rank-deficient
     product gives factors with matching zero directions (``B = 0`` balances to ``(0, 0)``)."""
+    check_pair(B, A)
     dt = compute_dtype(B, A)
     Bn, An, _ = balance_frame(B.to(dt), A.to(dt))
     return Bn.to(B.dtype), An.to(A.dtype)
@@ -388,6 +397,7 @@ def imbalance(B: Tensor, A: Tensor, frame: Frame | None = None) -> Tensor:
     """``||B.T B - A A.T||_F / (||B.T B||_F + ||A A.T||_F)`` per pair, in [0, 1]: 0 for balanced
     factors, 1 when one factor is zero and the other is not (PEFT's start), 0 when both are.
     With the pair's ``frame`` the Gram matrices come from it."""
+    check_pair(B, A)
     dt = compute_dtype(B, A)
     if frame is not None:
         MB, MA = frame.grams()
@@ -399,13 +409,24 @@ def imbalance(B: Tensor, A: Tensor, frame: Frame | None = None) -> Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
+def _column_basis(X: Tensor) -> Tensor:
+    """Orthonormal columns spanning the column space of ``X`` (..., m, k), with zero columns for
+    its directions at rounding level (:func:`drop_rounding`'s ``tau``): a rank-revealing basis."""
+    U, S, _ = torch.linalg.svd(X, full_matrices=False)
+    return U * (S > _rounding_scale(S)).unsqueeze(-2)
+
+
 def tangent_project(G: Tensor, B: Tensor, A: Tensor) -> Tensor:
     """Orthogonal projection of ``G`` (..., m, n) on the tangent space of the rank-r matrices at
     ``X = B @ A``: ``PU G + G PV - PU G PV`` with PU, PV the projectors on the column space of B and
-    the row space of A (full-rank factors). A dense reference for tests and diagnostics."""
+    the row space of A, from their SVDs (directions at rounding level left out: at ``B = 0`` it
+    is ``G PV``, the flows' velocity at PEFT's start). A dense reference for tests and diagnostics."""
+    check_pair(B, A)
+    if G.shape[-2:] != (B.shape[-2], A.shape[-1]):
+        raise ValueError(f"G {tuple(G.shape)} is not a gradient of B @ A ({B.shape[-2]} x {A.shape[-1]})")
     dt = compute_dtype(G, B, A)
-    QB = torch.linalg.qr(B.to(dt))[0]
-    QA = torch.linalg.qr(A.to(dt).mT)[0]
+    QB = _column_basis(B.to(dt))
+    QA = _column_basis(A.to(dt).mT)
     G = G.to(dt)
     UG = QB @ (QB.mT @ G)
     return UG + (G - UG) @ QA @ QA.mT

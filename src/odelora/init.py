@@ -29,6 +29,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ._warnings import warn
+
 __all__ = ["AdaptedLayer", "adapted_layers", "dense_gradients", "gaussian_", "spectral_"]
 
 
@@ -80,6 +82,16 @@ def adapted_layers(model: nn.Module, adapter: str | Iterable[str] | None = None)
     return out
 
 
+def _scaled(layers: list[AdaptedLayer]) -> list[AdaptedLayer]:
+    """The layers, refusing a scaling that is not positive (``lora_alpha = 0``): ``alpha`` is the
+    size of ``sqrt(s) B`` and ``sqrt(s) A``, which no factors reach there."""
+    bad = [f"{x.name} ({x.scale:g})" for x in layers if not (x.scale > 0 and math.isfinite(x.scale))]
+    if bad:
+        raise ValueError(f"LoRA scaling s = lora_alpha / r (or / sqrt(r)) must be positive for a start of size alpha; not so "
+                         f"for {', '.join(bad)}: give lora_alpha > 0")
+    return layers
+
+
 def _matrix_layers(layers: list[AdaptedLayer]) -> list[AdaptedLayer]:
     bad = [x.name for x in layers if x.A.ndim != 2 or x.B.ndim != 2 or x.base is None]
     if bad:
@@ -98,7 +110,7 @@ def dense_gradients(model: nn.Module, closure: Callable[[], object], adapter: st
     at least float32). Base weights are neither changed nor given ``requires_grad``; the ``.grad``
     of every parameter of ``model`` is restored to what it was before the call.
     """
-    layers = _matrix_layers(adapted_layers(model, adapter))
+    layers = _scaled(_matrix_layers(adapted_layers(model, adapter)))
     by_path: dict[str, AdaptedLayer] = {}
     for x in layers:
         by_path.setdefault(x.path, x)
@@ -149,7 +161,7 @@ def gaussian_(model: nn.Module, alpha: float, *, adapter: str | Iterable[str] | 
     layer's scaling: ``sqrt(s) A ~ N(0, alpha^2)``). Returns the names of the layers set."""
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    layers = adapted_layers(model, adapter)
+    layers = _scaled(adapted_layers(model, adapter))
     for x in layers:
         x.B.zero_()
         noise = torch.randn(x.A.shape, generator=generator, dtype=torch.float64, device=generator.device if generator is not None else "cpu")
@@ -168,6 +180,12 @@ def spectral_(model: nn.Module, closure: Callable[[], object], alpha: float, *,
     (``<s B A, -G> = alpha^2 (S_1 + ... + S_r) >= 0``), and the factors are balanced
     (``B^T B = A A^T = alpha^2 / s I``). Base weights are not changed. Returns the top-r singular
     values of ``-G`` per layer name.
+
+    A gradient of rank k < r (a batch smaller than r, a zero gradient) determines only k
+    directions: its singular values below ``eps^(3/4)`` of the largest (``eps`` of the gradient's
+    dtype) are rounding, whose vectors LAPACK picks arbitrarily. Those directions start as PEFT's
+    (``B``'s column 0, ``A``'s row ``alpha/sqrt(s)`` times a singular vector), so that the product
+    is ``alpha^2 U_k V_k^T``, and a warning names the layer.
     """
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
@@ -179,13 +197,20 @@ def spectral_(model: nn.Module, closure: Callable[[], object], alpha: float, *,
                              "Give this layer a rank <= min(out, in) or leave it out of the adapter (PEFT's target_modules, "
                              "or add_lora's target for DeepXDE), or start it with gaussian_")
     grads = dense_gradients(model, closure, adapter)
-    sing = {}
+    sing, short = {}, []
     for x in layers:
         r = x.A.shape[0]
-        G = grads[x.path].to(torch.float64)
-        U, S, Vh = torch.linalg.svd(-G, full_matrices=False)
+        G = grads[x.path]
+        U, S, Vh = torch.linalg.svd(-G.to(torch.float64), full_matrices=False)
+        S = torch.where(S > 0, S, 0.0)[:r]  # (LAPACK may return -0.0)
+        known = S > torch.finfo(G.dtype).eps ** 0.75 * S[0]
         c = alpha / math.sqrt(x.scale)
-        x.B.copy_(c * U[:, :r])
+        x.B.copy_(c * U[:, :r] * known)
         x.A.copy_(c * Vh[:r])
-        sing[x.name] = S[:r].to(torch.float32)
+        sing[x.name] = S.to(torch.float32)
+        if not bool(known.all()):
+            short.append(f"{x.name} ({int(known.sum())} of {r})")
+    if short:
+        warn("spectral_: the gradient determines fewer than r directions of " + ", ".join(short) + "; the others start as "
+             "PEFT's (B = 0 there). A larger batch in the closure gives more", RuntimeWarning)
     return sing

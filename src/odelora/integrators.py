@@ -418,6 +418,17 @@ class IntegrationResult:
     y: Any = None
 
 
+def _finite_flow(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``f`` with a :class:`NonFiniteError` where a velocity holds NaN or inf (for tensor states,
+    which, unlike factors, no retraction checks): a rejected try, or an error at the start."""
+    def checked(y):
+        k = f(y)
+        if not all(bool(torch.isfinite(v).all()) for v in k):
+            raise NonFiniteError("the flow returned NaN or inf")
+        return k
+    return checked
+
+
 def integrate(
     f: Callable[[Any], Any],
     y0: Sequence[Tensor],
@@ -444,13 +455,17 @@ def integrate(
     parts (for LoRA factors, of :class:`odelora.retractions.Factors`).
     """
     tab = get_tableau(method)
+    if not (isinstance(t_span, Sequence) and len(t_span) == 2):
+        raise ValueError(f"t_span must be (t0, t1), got {t_span!r}")
     t0, t1 = map(float, t_span)
-    if not t1 > t0:
-        raise ValueError(f"t_span must be increasing, got {t_span}")
+    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+        raise ValueError(f"t_span must be increasing and finite, got {t_span}")
     if not tab.adaptive and h is None:
         raise ValueError(f"fixed-step method {tab.name!r} needs a positive step h")
     if h is not None and not (isinstance(h, numbers.Real) and not isinstance(h, bool) and 0 < h < math.inf):
         raise ValueError(f"h must be a positive finite number (the {'first' if tab.adaptive else 'fixed'} step), got {h!r}")
+    if t_eval is not None and not isinstance(t_eval, (Sequence, Tensor)) and not hasattr(t_eval, "__array__"):
+        raise ValueError(f"t_eval must be a sequence of times, got {t_eval!r}")
     outs = [float(t) for t in (t_eval if t_eval is not None else [t1])]
     if any(b < a for a, b in zip(outs, outs[1:])):  # ys[i] answers t_eval[i]: reordering would swap them silently
         raise ValueError(f"t_eval must be sorted in increasing order (as scipy's solve_ivp requires), got {list(t_eval)}")
@@ -460,22 +475,28 @@ def integrate(
         raise ValueError("integrate: pass rtol and atol to the StepController, or leave controller out")
     ctrl = controller or StepController(rtol=1e-6 if rtol is None else rtol, atol=1e-9 if atol is None else atol)
     space = space or VectorSpace()
-    if isinstance(y0, Tensor):  # iterating it would hand f a list of its rows
+    vector = isinstance(space, VectorSpace)
+    if isinstance(y0, Tensor) or not isinstance(y0, Sequence) or (vector and not all(isinstance(t, Tensor) for t in y0)):
         raise TypeError("y0 must be a list of tensors, the parts of the state (f takes and returns such a list): for one "
                         "tensor y pass [y], and read result.y[0]")
-    y = [t.clone() for t in y0] if isinstance(space, VectorSpace) else list(y0)
+    y = [t.clone() for t in y0] if vector else list(y0)
+    if vector:
+        f = _finite_flow(f)
     parts = len(y)
     stats = SolverStats()
     result = IntegrationResult([], [], stats)
     t, step, first = t0, float(h) if h else (t1 - t0) / 100, None
-    eps = 1e-12 * max(1.0, abs(t1))
+    eps = max(1e-12 * (t1 - t0), 4 * math.ulp(max(abs(t0), abs(t1))))  # where t has reached an output time
     for target in outs + ([t1] if not outs or outs[-1] < t1 - eps else []):
         while target - t > eps:
             if stats.steps >= max_steps:
                 raise RuntimeError(f"integrate: max_steps={max_steps} reached at t={t:.6g}; raise max_steps, or "
                                    + ("loosen rtol and atol" if tab.adaptive else "take a larger h"))
             hh = min(step, target - t)
-            res = attempt(f, y, hh, tab, space, ctrl, parts=parts, max_tries=max_steps - stats.steps, first=first)
+            try:
+                res = attempt(f, y, hh, tab, space, ctrl, parts=parts, max_tries=max_steps - stats.steps, first=first)
+            except NonFiniteError as exc:  # at the state itself: no shorter step helps
+                raise NonFiniteError(f"integrate: the flow at the state at t={t:.6g} is not finite ({exc})") from None
             stats.nfe += res.nfe
             stats.steps += res.rejected + res.accepted
             stats.rejected += res.rejected

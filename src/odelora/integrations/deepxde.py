@@ -1,6 +1,6 @@
 """DeepXDE (pytorch backend): LoRA on a PINN's network, trained by DeepXDE's own loop.
 
-    net = odelora.integrations.deepxde.add_lora(model.net, r=4)     # base weights frozen
+    net = odelora.integrations.deepxde.add_lora(model.net, r=4)     # base weights frozen, also through DeepXDE's train
     opt = ODELoRA(odelora.integrations.peft.lora_pairs(net), lr=1e-2, method="rk4")
     model = dde.Model(data, net); model.compile(opt); model.train(iterations=500)
 
@@ -38,6 +38,21 @@ def add_lora(net: torch.nn.Module, r: int = 4, alpha: float | None = None, targe
 
     cfg = LoraConfig(r=r, lora_alpha=alpha or r, target_modules=target, lora_dropout=0.0)
     inject_adapter_in_model(cfg, net)
-    for name, p in net.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return net
+    net.requires_grad_ = _KeepBaseFrozen(net)
+    return net.requires_grad_()
+
+
+class _KeepBaseFrozen:
+    """``net.requires_grad_`` of a network given LoRA by :func:`add_lora`: the base weights stay
+    frozen. DeepXDE's pytorch ``Model`` calls ``net.requires_grad_()`` after every evaluation,
+    which had unfrozen them: optimizers built from ``requires_grad`` afterwards (PEFT's
+    helpers, ``create_odelora_optimizer``, L-BFGS) trained them too. ``del net.requires_grad_``
+    gives the network torch's method back. (A class, not a closure: the network still pickles.)"""
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+
+    def __call__(self, requires_grad: bool = True) -> torch.nn.Module:
+        for name, p in self.net.named_parameters():
+            p.requires_grad_(requires_grad and "lora_" in name)
+        return self.net
