@@ -176,6 +176,17 @@ def test_spectral_start_from_a_rank_deficient_or_zero_gradient_fills_only_what_i
     for start in (lambda: spectral_(zero, closure, alpha), lambda: gaussian_(zero, alpha)):  # a ZeroDivisionError before
         with pytest.raises(ValueError, match=r"scaling .* must be positive.*\(0\): give lora_alpha > 0"):
             start()
+    assert dense_gradients(zero, lambda: (zero(X) ** 2).sum().backward()).keys() == {"base_model.model.0"}  # needs no scaling
+
+    def autocast_closure():  # bf16 autocast: the gradient's rounding (4e-4 of its largest) passed for directions before
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ((model(X.float()).float() - Y.float()) ** 2).sum()
+        loss.backward()
+
+    model.float()
+    with pytest.warns(RuntimeWarning, match=r"\(1 of 3\)"):
+        spectral_(model, autocast_closure, alpha)
 
 
 def test_spectral_start_of_one_adapter_leaves_the_other_alone():

@@ -121,9 +121,10 @@ def test_late_or_infinite_time_spans_and_non_finite_flows():
     and returned y0 untouched (t1 = inf too); a NaN flow came back as a NaN state from fixed steps
     and as a tolerance failure from adaptive ones."""
     f = lambda y: [-y[0]]
-    for t0 in (0.0, 1e9, 1e12):
-        res = integrate(f, [torch.ones(1, dtype=torch.float64)], (t0, t0 + 0.5), method="dopri5", rtol=1e-10, atol=1e-12)
-        assert float(res.y[0]) == pytest.approx(math.exp(-0.5), rel=1e-3 if t0 else 1e-9), t0  # t's own rounding at 1e12: 1e-4
+    for t0 in (0.0, 1e9, 1e12, 1e14):  # time counted from t0: no rounding of t itself (1e-4 off at 1e12 when it was)
+        for span in [(t0, t0 + 0.5), np.array([t0, t0 + 0.5]), torch.tensor([t0, t0 + 0.5], dtype=torch.float64)]:
+            res = integrate(f, [torch.ones(1, dtype=torch.float64)], span, method="dopri5", rtol=1e-10, atol=1e-12)
+            assert float(res.y[0]) == pytest.approx(math.exp(-0.5), rel=1e-9) and res.ts == [t0 + 0.5], (t0, span)
     for span in [(0.0, math.inf), (-math.inf, 0.0), (0.0, 1.0, 2.0)]:
         with pytest.raises(ValueError, match="t_span must be"):
             integrate(f, [torch.ones(1)], span, method="dopri5")

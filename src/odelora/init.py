@@ -110,7 +110,7 @@ def dense_gradients(model: nn.Module, closure: Callable[[], object], adapter: st
     at least float32). Base weights are neither changed nor given ``requires_grad``; the ``.grad``
     of every parameter of ``model`` is restored to what it was before the call.
     """
-    layers = _scaled(_matrix_layers(adapted_layers(model, adapter)))
+    layers = _matrix_layers(adapted_layers(model, adapter))
     by_path: dict[str, AdaptedLayer] = {}
     for x in layers:
         by_path.setdefault(x.path, x)
@@ -128,7 +128,8 @@ def dense_gradients(model: nn.Module, closure: Callable[[], object], adapter: st
             x = args[0] if args else None
             if not (torch.is_tensor(x) and torch.is_tensor(out) and x.shape[-1] == n and out.shape[-1] == m):
                 raise ValueError(f"{path}: expected a linear base layer with inputs (..., {n}) and outputs (..., {m})")
-            return out + nn.functional.linear(x.to(D.dtype), D).to(out.dtype)
+            with torch.autocast(x.device.type, enabled=False):  # dL/dD in D's precision, not in autocast's bf16/fp16
+                return out + nn.functional.linear(x.to(D.dtype), D).to(out.dtype)
 
         return fwd
 
@@ -189,7 +190,7 @@ def spectral_(model: nn.Module, closure: Callable[[], object], alpha: float, *,
     """
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    layers = _matrix_layers(adapted_layers(model, adapter))
+    layers = _scaled(_matrix_layers(adapted_layers(model, adapter)))
     for x in layers:
         r, (m, n) = x.A.shape[0], (x.B.shape[0], x.A.shape[1])
         if r > min(m, n):
