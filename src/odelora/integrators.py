@@ -521,6 +521,6 @@ def integrate(
                 callback(t0 + el, y)
         if target in outs:
             result.ts.append(target)
-            result.ys.append([x.clone() for x in y] if isinstance(space, VectorSpace) else y)
+            result.ys.append([x.clone() for x in y] if vector else y)
     result.y = y
     return result

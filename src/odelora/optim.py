@@ -476,7 +476,7 @@ class ODELoRA(torch.optim.Optimizer):
         if "found_inf" in self.__dict__:  # under GradScaler.step: see _step_supports_amp_scaling
             self._refuse_grad_scaler()
         if closure is None and self._stage_closure is None and self._idle_probe():
-            self._stage_closure, self._stage_loss = None, None  # taken, as a step takes them
+            self._stage_loss = None  # taken, as a step takes it
             return None
         self._follow_moves()
         source = self._stage_source(closure)
@@ -498,10 +498,10 @@ class ODELoRA(torch.optim.Optimizer):
             self.__dict__.pop(key, None)
         self._stage_closure, self._stage_loss = None, None
         raise ValueError(
-            f"GradScaler.step(optimizer) with method {self.tableau.name!r}: its {self.tableau.stages} gradients per step "
-            "come from closure calls whose backward the scaler does not unscale. With fp16 loss scaling use "
-            "method='euler' and scaler.step(optimizer) without a closure; for other methods train in bfloat16 (no "
-            "scaler needed) or float32"
+            f"GradScaler.step(optimizer) with method {self.tableau.name!r} ({self.tableau.stages} gradient(s) per step) or "
+            "a stage closure: the gradients of closure calls come from a backward the scaler does not unscale. With fp16 "
+            "loss scaling use method='euler' and scaler.step(optimizer) without a closure; for other methods train in "
+            "bfloat16 (no scaler needed) or float32"
         )
 
     def _idle_probe(self) -> bool:
