@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "check_pair",
+    "rounding_scale",
     "compute_dtype",
     "default_damping",
     "Frame",
@@ -281,9 +282,10 @@ def split_project(UL: Tensor, UR: Tensor, M: Tensor, L, R, rank: int):
     return tall_mm(U1, W), S[..., :k], tall_mm(V1, Z), W.mT @ U1tP[..., :a], Z.mT @ (V1.mT @ UR)
 
 
-def _rounding_scale(S: Tensor) -> Tensor:
-    """``tau = eps^(3/4) max(S)`` of :func:`drop_rounding`, per row."""
-    fi = torch.finfo(S.dtype)
+def rounding_scale(S: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``tau = eps^(3/4) max(S)`` of :func:`drop_rounding`, per row: singular values below it are
+    rounding (``eps`` of ``dtype``, the precision ``S`` was computed from; default ``S``'s own)."""
+    fi = torch.finfo(dtype or S.dtype)
     return (fi.eps**0.75 * S.amax(-1, keepdim=True)).clamp_min(fi.tiny)
 
 
@@ -291,7 +293,7 @@ def rounding_rows(S: Tensor) -> Tensor:
     """Per row of ``S``: whether :func:`drop_rounding` can change any of its values, whatever
     ``carried`` says: values above ``512 tau`` come out exactly as they went in (``1 + (tau / S)^6``
     rounds to 1 even in float64)."""
-    return (S < 512 * _rounding_scale(S)).any(-1)
+    return (S < 512 * rounding_scale(S)).any(-1)
 
 
 def reaches_rounding(S: Tensor) -> bool:
@@ -323,7 +325,7 @@ def drop_rounding(S: Tensor, carried: Tensor | None = None) -> Tensor:
     within some tens), and the projected flow never brings such a direction back."""
     fi = torch.finfo(S.dtype)
     S = S.clamp_min(0)
-    tau = _rounding_scale(S)
+    tau = rounding_scale(S)
     if carried is not None:
         tau = tau * (1 - carried.clamp(0, 1))
     return S / (1 + (tau / S.clamp_min(fi.tiny)).pow(6))  # = S x^6 / (x^6 + 1), 0 at S = 0
@@ -413,7 +415,7 @@ def _column_basis(X: Tensor) -> Tensor:
     """Orthonormal columns spanning the column space of ``X`` (..., m, k), with zero columns for
     its directions at rounding level (:func:`drop_rounding`'s ``tau``): a rank-revealing basis."""
     U, S, _ = torch.linalg.svd(X, full_matrices=False)
-    return U * (S > _rounding_scale(S)).unsqueeze(-2)
+    return U * (S > rounding_scale(S)).unsqueeze(-2)
 
 
 def tangent_project(G: Tensor, B: Tensor, A: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._warnings import warn
+from .geometry import rounding_scale
 
 __all__ = ["AdaptedLayer", "adapted_layers", "dense_gradients", "gaussian_", "spectral_"]
 
@@ -204,7 +205,7 @@ def spectral_(model: nn.Module, closure: Callable[[], object], alpha: float, *,
         G = grads[x.path]
         U, S, Vh = torch.linalg.svd(-G.to(torch.float64), full_matrices=False)
         S = torch.where(S > 0, S, 0.0)[:r]  # (LAPACK may return -0.0)
-        known = S > torch.finfo(G.dtype).eps ** 0.75 * S[0]
+        known = S > rounding_scale(S, G.dtype)
         c = alpha / math.sqrt(x.scale)
         x.B.copy_(c * U[:, :r] * known)
         x.A.copy_(c * Vh[:r])
